@@ -1,0 +1,41 @@
+# itvnode — the two commands sites use are `make run` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# torch from the machine's local wheels (x86_64, Python 3.11); override for CUDA images.
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/itvnode: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[engine,seg,eval,dev]'
+	@touch $@
+
+install: $(BIN)/itvnode
+
+run: install
+	$(BIN)/itvnode run
+
+lint: install
+	$(BIN)/ruff check itvnode service worker models bench tests
+	$(BIN)/mypy
+
+test: install
+	tests/peers.sh
+	$(BIN)/ruff check itvnode service worker models bench tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/postprocess.py
+	$(BIN)/python bench/rtstruct.py
+	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/gpu_infer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,72 @@
+"""The ``itvnode`` command.
+
+Each subcommand lives in ``itvnode.commands.<name>`` and exposes ``add_arguments(parser)`` and
+``run(args) -> int``. Command modules keep heavy imports (torch, celery worker) inside ``run`` so
+that ``itvnode serve`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from itvnode import __version__
+
+COMMANDS: dict[str, str] = {
+    "serve": "DICOM Storage SCP (C-ECHO, C-STORE) and the study assembler",
+    "worker": "Celery worker (queues: inference, export)",
+    "run": "the whole node on one machine: SCP + assembler + worker, embedded broker",
+    "status": "studies, phases, states and reasons",
+    "segment": "the whole pipeline on a DICOM folder, no network, no queue",
+    "send": "C-STORE files to a destination (manual resend)",
+    "phantom": "write a synthetic breathing-thorax 4DCT with ground truth",
+    "train": "fine-tune the LoRA adapter on annotated volumes",
+    "evaluate": "Dice / HD95 / MSD report on annotated 4DCTs",
+    "health": "check the running node (exit 0 when healthy)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itvnode", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"itvnode {__version__}")
+    parser.add_argument("--config", help="YAML settings file (also ITVNODE_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"itvnode.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"itvnode.commands.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.config:
+        import os
+
+        os.environ["ITVNODE_CONFIG"] = args.config
+    from service.settings import SettingsError
+
+    try:
+        return int(args._module.run(args) or 0)
+    except SettingsError as exc:
+        print(f"itvnode: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Everything DICOM and network. Never imports torch."""

@@ -1,0 +1,260 @@
+"""Typed settings at the edge: a YAML file plus ``ITVNODE_*`` environment variables.
+
+Precedence (highest first): explicit keyword arguments, environment, YAML file, defaults.
+The YAML file is named by ``ITVNODE_CONFIG`` or passed to :func:`load_settings`.
+Everything inside the node takes plain arguments; only entry points read settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+_AE_RE = re.compile(r"^[ -~]{1,16}$")
+_DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+class SettingsError(ValueError):
+    """Raised with a message that names the offending key."""
+
+
+def _check_ae(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value) or "\\" in value:
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no backslash")
+    return value
+
+
+class TLSSettings(BaseModel):
+    """Paths for DICOM TLS. Enabled when ``cert`` and ``key`` are set."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None  # when set, peers must present a certificate signed by it
+    require_client_cert: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None and self.key is not None
+
+
+class Destination(BaseModel):
+    """A C-STORE destination (PACS or TPS)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSSettings | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        m = _DEST_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"destination {text!r} is not AE@host:port")
+        return cls(ae_title=m["ae"], host=m["host"], port=int(m["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class PhaseRule(BaseModel):
+    """A site rule: a regex on SeriesDescription whose named group ``pct`` is the phase percent."""
+
+    pattern: str
+    field: Literal["SeriesDescription", "ProtocolName", "ImageComments"] = "SeriesDescription"
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        rx = re.compile(v)
+        if "pct" not in rx.groupindex:
+            raise ValueError(f"phase rule {v!r} needs a named group (?P<pct>...)")
+        return v
+
+
+class StructureSetting(BaseModel):
+    """One structure to contour. ``method`` picks SAM 3 (text prompt) or a HU threshold."""
+
+    name: str  # TG-263, <= 16 characters
+    prompt: str = ""
+    color: tuple[int, int, int] = (255, 0, 0)
+    interpreted_type: Literal["EXTERNAL", "ORGAN", "GTV", "CTV", "PTV", "AVOIDANCE", "CONTROL"] = "ORGAN"
+    method: Literal["sam3", "threshold"] = "sam3"
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    hu_range: tuple[float, float] | None = None  # for method=threshold
+    split_laterality: bool = False  # one SAM 3 prompt, split into <name>_L / <name>_R by patient side
+    envelope: bool = False
+    envelope_name: str | None = None  # e.g. "ITV" for GTVp
+    expected_components: int | None = None  # keep this many largest 3D components (None: all above the floor)
+    min_volume_cc: float = 0.05
+
+    @field_validator("name", "envelope_name")
+    @classmethod
+    def _tg263_len(cls, v: str | None) -> str | None:
+        if v is not None and not (1 <= len(v) <= 16):
+            raise ValueError(f"structure name {v!r} must be 1-16 characters (TG-263)")
+        return v
+
+    @model_validator(mode="after")
+    def _method_args(self) -> StructureSetting:
+        if self.method == "sam3" and not self.prompt:
+            raise ValueError(f"structure {self.name}: method sam3 needs a prompt")
+        if self.method == "threshold" and self.hu_range is None:
+            raise ValueError(f"structure {self.name}: method threshold needs hu_range")
+        return self
+
+
+def default_structures() -> list[StructureSetting]:
+    return [
+        StructureSetting(name="External", method="threshold", hu_range=(-350.0, 3000.0),
+                         interpreted_type="EXTERNAL", color=(0, 255, 0)),
+        StructureSetting(name="Lung", prompt="lung", split_laterality=True, color=(0, 128, 255),
+                         interpreted_type="ORGAN", expected_components=1),
+        StructureSetting(name="Heart", prompt="heart", color=(255, 0, 128), interpreted_type="ORGAN",
+                         expected_components=1),
+        StructureSetting(name="GTVp", prompt="lung tumor", color=(255, 0, 0), interpreted_type="GTV",
+                         envelope=True, envelope_name="ITV", min_volume_cc=0.01),
+    ]
+
+
+class Settings(BaseSettings):
+    """Every knob of the node. Env: ``ITVNODE_<FIELD>``; nested: ``ITVNODE_TLS__CERT``."""
+
+    model_config = SettingsConfigDict(env_prefix="ITVNODE_", env_nested_delimiter="__", extra="forbid")
+
+    # DICOM listener
+    ae_title: str = "ITVNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)  # 0: ephemeral (tests)
+    allowed_callers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any caller
+    caller_ips: dict[str, list[str]] = Field(default_factory=dict)  # AE -> allowed peer IPs
+    require_called_ae: bool = True
+    max_associations: int = Field(10, ge=1)
+    maximum_pdu_size: int = 0  # 0: unlimited (DESIGN.md)
+    network_timeout: float = 60.0
+    min_free_bytes: int = Field(2 * 1024**3, ge=0)  # below this, C-STORE answers 0xA700
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    # storage and assembly
+    data_dir: Path = Path("data")
+    quiet_period: float = Field(60.0, ge=0)
+    expected_phases: int | None = Field(10, ge=2)
+    phase_rules: list[PhaseRule] = Field(default_factory=list)
+    assembler_interval: float = Field(1.0, gt=0)
+
+    # queue
+    broker_url: str | None = None  # None: embedded broker under data_dir, no server needed
+    result_backend: str | None = None
+
+    # engine
+    sam3_dir: Path | None = None
+    adapter_dir: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = Field(4, ge=1)
+    structures: list[StructureSetting] = Field(default_factory=default_structures)
+    temporal_min_phases: int = Field(3, ge=1)  # k: contiguous phases a component must be matched in
+    temporal_min_overlap: float = Field(0.1, gt=0, le=1)
+
+    # output
+    layout: Literal["combined", "per-series"] = "combined"
+    write_seg: bool = False
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    export_retry_base: float = Field(30.0, gt=0)  # seconds, doubled each try
+    export_retry_max_delay: float = Field(1800.0, gt=0)
+    export_horizon_hours: float = Field(24.0, gt=0)
+
+    # health
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _split_callers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in (s.strip() for s in v.split(",")) if p]
+        if isinstance(v, list):
+            return [_check_ae(str(x)) for x in v]
+        return v
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _split_destinations(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in (s.strip() for s in v.split(",")) if p]
+        if isinstance(v, list):
+            return [Destination.parse(x) if isinstance(x, str) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [s.name for s in self.structures]
+        if len(names) != len(set(names)):
+            raise ValueError("structures: names must be unique")
+        return self
+
+    # Derived locations: everything lives under data_dir.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the file named by ``ITVNODE_CONFIG`` (set by :func:`load_settings`)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("ITVNODE_CONFIG")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: top level must be a mapping of setting names")
+        return data
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; on error raise :class:`SettingsError` naming each bad key."""
+    if config is not None:
+        os.environ["ITVNODE_CONFIG"] = str(config)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"setting {key!r}: {err['msg']}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read configuration: {exc}") from None
