@@ -88,11 +88,14 @@ class StructureSetting(BaseModel):
     color: tuple[int, int, int] = (255, 0, 0)
     interpreted_type: Literal["EXTERNAL", "ORGAN", "GTV", "CTV", "PTV", "AVOIDANCE", "CONTROL"] = "ORGAN"
     method: Literal["sam3", "threshold"] = "sam3"
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     hu_range: tuple[float, float] | None = None  # for method=threshold
     split_laterality: bool = False  # one SAM 3 prompt, split into <name>_L / <name>_R by patient side
     envelope: bool = False
     envelope_name: str | None = None  # e.g. "ITV" for GTVp
+    # RT ROI Interpreted Type of the envelope: '' makes no claim (ITV is not a DICOM defined term, see
+    # docs/rtstruct.md); keep it stable per site or RayStation duplicates the ROI as "ITV (1)".
+    envelope_interpreted_type: Literal["", "GTV", "CTV", "PTV", "ITV", "ORGAN", "CONTROL"] = ""
     expected_components: int | None = None  # keep this many largest 3D components (None: all above the floor)
     min_volume_cc: float = 0.05
 
@@ -141,6 +144,9 @@ class Settings(BaseSettings):
     maximum_pdu_size: int = 0  # 0: unlimited (DESIGN.md)
     network_timeout: float = 60.0
     min_free_bytes: int = Field(2 * 1024**3, ge=0)  # below this, C-STORE answers 0xA700
+    # fsync each received file and its directory before answering success. Turn off only on storage with
+    # power-loss protection (battery/flash-backed write cache): a power cut could then lose acknowledged data.
+    spool_fsync: bool = True
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     # storage and assembly
@@ -153,23 +159,37 @@ class Settings(BaseSettings):
     # queue
     broker_url: str | None = None  # None: embedded broker under data_dir, no server needed
     result_backend: str | None = None
+    inference_soft_time_limit: float = Field(4 * 3600.0, gt=0)  # seconds per study; hard limit +300 s
+    export_soft_time_limit: float = Field(900.0, gt=0)  # seconds per export item; hard limit +300 s
 
     # engine
     sam3_dir: Path | None = None
     adapter_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(4, ge=1)
+    # SAM 3 input: three HU windows (low, high) -> the three 8-bit-range channels (models/windowing.py)
+    hu_windows: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(-1350.0, 150.0), (-160.0, 240.0), (-1000.0, 1000.0)],
+        min_length=3, max_length=3)
     structures: list[StructureSetting] = Field(default_factory=default_structures)
     temporal_min_phases: int = Field(3, ge=1)  # k: contiguous phases a component must be matched in
     temporal_min_overlap: float = Field(0.1, gt=0, le=1)
+    temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
+    temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
 
     # output
     layout: Literal["combined", "per-series"] = "combined"
     write_seg: bool = False
+    uid_root: str | None = None  # site UID root (e.g. "1.2.826.0.1.3680043.10.123.") for output UIDs
+    rtstruct_holes: Literal["keyhole", "xor"] = "keyhole"  # how contours carry holes (docs/rtstruct.md)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     export_retry_base: float = Field(30.0, gt=0)  # seconds, doubled each try
     export_retry_max_delay: float = Field(1800.0, gt=0)
     export_horizon_hours: float = Field(24.0, gt=0)
+    export_connect_timeout: float = Field(10.0, gt=0)  # TCP connect (and TLS handshake), seconds
+    export_acse_timeout: float = Field(30.0, gt=0)  # wait for A-ASSOCIATE-AC/RJ
+    export_dimse_timeout: float = Field(120.0, gt=0)  # wait for each C-STORE response
+    export_sweep_interval: float = Field(60.0, gt=0)  # how often the service re-enqueues due retries
 
     # health
     http_host: str = "127.0.0.1"

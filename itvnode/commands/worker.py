@@ -1,0 +1,43 @@
+"""``itvnode worker``: a Celery worker consuming ``inference`` and/or ``export``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queues", default="inference,export",
+                        help="comma-separated queues to consume (inference, export); default: both")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="worker processes (default 1: one study per GPU at a time)")
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                        help="Celery pool (prefork is needed for time limits)")
+    parser.add_argument("--hostname", default=None, help="worker node name (default itvnode-<queues>@%%h)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from service.queue import QUEUES
+    from service.settings import load_settings
+    from worker.celery_app import app_from_settings, worker_argv
+
+    settings = load_settings()
+    if args.concurrency < 1:
+        raise SystemExit("itvnode worker: --concurrency must be >= 1")
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown or not queues:
+        raise SystemExit(f"itvnode worker: unknown queue(s) {unknown or queues}: "
+                         f"choose from {', '.join(QUEUES)}")
+    app = app_from_settings(settings)
+    try:
+        argv = worker_argv(app, queues, args.concurrency, pool=args.pool, hostname=args.hostname,
+                           loglevel="DEBUG" if getattr(args, "verbose", False) else settings.log_level)
+    except ValueError as exc:
+        raise SystemExit(f"itvnode worker: {exc}") from None
+    logging.getLogger(__name__).info("starting worker: queues %s, concurrency %d, broker %s",
+                                     ",".join(queues), args.concurrency,
+                                     "embedded" if settings.broker_url is None else "external")
+    app.worker_main(argv=argv)
+    return 0

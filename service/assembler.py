@@ -1,0 +1,581 @@
+"""Study assembly: spool index -> 4D sets -> manifest -> ``itvnode.segment_study`` on the queue.
+
+The assembler keeps no state of its own that matters: every decision is re-derived from the spool index and
+the manifests, so a restart resumes (collecting studies keep collecting, completed-but-unqueued ones are
+queued). :meth:`Assembler.poll_once` takes the clock as an argument so tests drive time.
+
+Grouping: instances are grouped by (StudyInstanceUID, FrameOfReferenceUID); each group is one candidate 4D
+set with its own ``study_key`` and manifest. Series are classified by :mod:`service.phases`. A group without
+any phase series gets no manifest (a plain CT never triggers a job).
+
+Completion of a group (checked every poll):
+
+* *by count*: ``expected_phases`` distinct phases, every phase with the same number of slices at the same
+  positions (tolerance ``position_tol`` mm) and no new instance in the study for ``settle`` seconds
+  (default ``min(2 s, quiet_period)``);
+* *by quiet period*: no new instance for ``quiet_period`` seconds; then the group is ``complete`` when it is a
+  valid 4D set (>= 2 distinct phases, one geometry), otherwise ``held`` with the reason.
+
+Re-sends and late instances:
+
+* while a job is queued / processing / exporting, new content is logged and noted in the manifest
+  (``notes``); the job goes on with what it was queued with;
+* after ``done`` / ``failed``, a re-send with *identical* content (same SOP Instance UIDs) changes nothing;
+  changed content moves the manifest back to ``collecting`` and it is assembled and queued again;
+* a ``held`` study that receives new instances goes back to ``collecting`` and is re-assessed; held studies
+  are also re-assessed once when the assembler starts (after an admin fixed ``phase_rules``, say).
+
+A manifest is only written if its state is still the one the decision was based on (checked under the
+manifest lock), so a worker's concurrent transition is never overwritten.
+
+Enqueue is at-least-once: the manifest is saved ``complete`` first, then the message is sent, then the state
+becomes ``queued`` (only if nobody moved it on meanwhile). A broker failure leaves ``complete`` with the
+reason and is retried after ``enqueue_retry_interval`` seconds, doubling per consecutive failure up to 60 s;
+while the broker is failing no other study tries either, so an unreachable broker (connect timeouts) does not
+stall the loop for every completed study. The segment task must therefore accept a
+manifest in state ``complete`` or ``queued`` and be idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.manifest import (
+    FINISHED,
+    IDENTIFIER_KEYS,
+    IN_FLIGHT,
+    Geometry,
+    IgnoredSeries,
+    Manifest,
+    Note,
+    PhaseEntry,
+    ReferenceEntry,
+    load_manifest,
+    manifest_lock,
+    manifest_path,
+    save_manifest,
+    set_state,
+    study_key,
+    update_manifest,
+    utcnow_iso,
+)
+from service.phases import SeriesClass, SeriesKind, SiteRule, classify_series, compile_rules
+from service.queue import prune_embedded_broker
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+    from service.spool import InstanceMeta, Spool
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str], str]  # study_key -> task id; raises on broker failure
+
+
+@dataclass
+class _Series:
+    uid: str
+    cls: SeriesClass
+    description: str
+    items: list[tuple[InstanceMeta, Path]]
+
+
+@dataclass
+class _Slices:
+    """A series' slices sorted along the normal (``files`` repeats a multi-frame file once per frame)."""
+
+    files: list[Path]
+    positions: np.ndarray  # (n, 3)
+    distinct_files: list[Path]
+
+
+@dataclass
+class Assessment:
+    """What a group currently is. ``problem`` is None for a valid 4D set."""
+
+    problem: str | None
+    phases: list[tuple[_Series, _Slices]] = field(default_factory=list)
+    references: list[tuple[_Series, _Slices | None]] = field(default_factory=list)
+    ignored: list[_Series] = field(default_factory=list)
+    uniform: bool = False  # every phase has the same slices at the same positions
+
+
+def _fingerprint(series: Sequence[_Series]) -> str:
+    h = hashlib.sha256()
+    for uid in sorted(m.sop_instance_uid for s in series for m, _ in s.items):
+        h.update(uid.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def _normal(orientation: Sequence[float]) -> np.ndarray:
+    row = np.asarray(orientation[:3], dtype=float)
+    col = np.asarray(orientation[3:6], dtype=float)
+    n = np.cross(row, col)
+    norm = float(np.linalg.norm(n))
+    return n / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+
+
+def _frame_positions(path: Path) -> list[tuple[float, float, float]] | None:
+    """ImagePositionPatient of every frame of a multi-frame (Enhanced CT) instance."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    out = []
+    for item in ds.get("PerFrameFunctionalGroupsSequence", []):
+        plane = item.get("PlanePositionSequence")
+        if not plane:
+            return None
+        pos = plane[0].get("ImagePositionPatient")
+        if pos is None or len(pos) != 3:
+            return None
+        out.append((float(pos[0]), float(pos[1]), float(pos[2])))
+    return out or None
+
+
+class Assembler:
+    """Turns spooled instances into manifests and queued jobs. Thread-compatible: one caller at a time."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        data_dir: Path,
+        enqueue: Enqueue | None,
+        *,
+        quiet_period: float,
+        expected_phases: int | None,
+        settle: float | None = None,
+        site_rules: Sequence[SiteRule] = (),
+        position_tol: float = 0.01,
+        enqueue_retry_interval: float = 5.0,
+    ) -> None:
+        self.spool = spool
+        self.data_dir = Path(data_dir)
+        self._cwd = os.getcwd()
+        self._data_abs = os.path.abspath(self.data_dir)
+        self._data_prefix = self._data_abs.rstrip(os.sep) + os.sep
+        self.enqueue = enqueue
+        self.quiet_period = float(quiet_period)
+        self.expected_phases = expected_phases
+        self.settle = min(2.0, self.quiet_period) if settle is None else float(settle)
+        self.site_rules = list(site_rules)
+        self.position_tol = float(position_tol)
+        self.enqueue_retry_interval = float(enqueue_retry_interval)
+        self._settled: dict[str, float | None] = {}  # study uid -> last_received when nothing was pending
+        self._broker_retry_at = 0.0  # no enqueue before this time (the broker failed)
+        self._broker_failures = 0
+        self._frames_cache: dict[Path, list[tuple[float, float, float]] | None] = {}
+        self._non4d_logged: set[str] = set()
+        self._held_checked: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, spool: Spool, enqueue: Enqueue | None) -> Assembler:
+        return cls(
+            spool, settings.data_dir, enqueue,
+            quiet_period=settings.quiet_period,
+            expected_phases=settings.expected_phases,
+            site_rules=compile_rules(settings.phase_rules),
+        )
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self, stop_event: threading.Event, interval: float = 1.0) -> None:
+        """Poll until ``stop_event`` is set; an error in one poll is logged and the loop goes on."""
+        log.info("assembler started (quiet period %.1f s, expected phases %s)", self.quiet_period,
+                 self.expected_phases)
+        next_prune = 0.0
+        while not stop_event.is_set():
+            try:
+                self.poll_once(time.time())
+            except Exception:
+                log.exception("assembler poll failed")
+            if time.monotonic() >= next_prune:  # delivered rows of the embedded broker, hourly
+                next_prune = time.monotonic() + 3600.0
+                try:
+                    prune_embedded_broker(self.data_dir)
+                except Exception:
+                    log.exception("pruning the embedded broker failed")
+            stop_event.wait(interval)
+        log.info("assembler stopped")
+
+    def poll_once(self, now: float | None = None) -> list[str]:
+        """Assess every study with something pending; returns the study keys whose manifest changed."""
+        now = time.time() if now is None else now
+        changed: list[str] = []
+        for study_uid in self.spool.study_uids():
+            last = self.spool.last_received(study_uid)
+            if study_uid in self._settled and self._settled[study_uid] == last:
+                continue
+            settled = True
+            groups: dict[str, list[tuple[InstanceMeta, Path]]] = defaultdict(list)
+            for meta, path in self.spool.instances(study_uid):
+                if meta.frame_of_reference_uid:
+                    groups[meta.frame_of_reference_uid].append((meta, path))
+            for for_uid, items in groups.items():
+                try:
+                    group_settled, key = self._process_group(study_uid, for_uid, items, last or now, now)
+                except Exception:
+                    log.exception("assembling study key %s failed", study_key(study_uid, for_uid))
+                    group_settled, key = False, None
+                settled = settled and group_settled
+                if key:
+                    changed.append(key)
+            if settled:
+                self._settled[study_uid] = last
+            else:
+                self._settled.pop(study_uid, None)
+        return changed
+
+    # ------------------------------------------------------------------------------------------ one group
+
+    def _classify(self, items: list[tuple[InstanceMeta, Path]]) -> list[_Series]:
+        by_series: dict[str, list[tuple[InstanceMeta, Path]]] = defaultdict(list)
+        for meta, path in items:
+            by_series[meta.series_instance_uid].append((meta, path))
+        out = []
+        for uid, sitems in sorted(by_series.items()):
+            first = sitems[0][0]
+            cls = classify_series(first, self.site_rules)
+            out.append(_Series(uid, cls, first.series_description, sitems))
+        return out
+
+    def _process_group(self, study_uid: str, for_uid: str, items: list[tuple[InstanceMeta, Path]],
+                       last: float, now: float) -> tuple[bool, str | None]:
+        """Returns (settled, key if the manifest changed)."""
+        key = study_key(study_uid, for_uid)
+        series = self._classify(items)
+        relevant = [s for s in series if s.cls.kind in (SeriesKind.PHASE, SeriesKind.REFERENCE)]
+        path = manifest_path(self.data_dir, key)
+        m = load_manifest(path) if path.exists() else None
+        quiet = now - last >= self.quiet_period
+
+        if m is None and not any(s.cls.kind is SeriesKind.PHASE for s in series):
+            if quiet and key not in self._non4d_logged:
+                self._non4d_logged.add(key)
+                log.info("study key %s: no respiratory phase series among %d series; not a 4DCT, ignored",
+                         key, len(series))
+            return quiet, None
+
+        fp = _fingerprint(relevant)
+        if m is not None and m.state in IN_FLIGHT:
+            if fp != m.fingerprint:
+                # not settled: once the job is done/failed the new content is assembled again
+                return False, self._note_late(path, key, fp)
+            return True, None
+        if m is not None and m.state in FINISHED:
+            if fp == m.fingerprint:
+                return True, None
+            log.info("study key %s: content changed after %s; re-collecting", key, m.state)
+            update_manifest(path, lambda mm: self._recollect(mm, fp))
+            m = load_manifest(path)
+        if m is not None and m.state == "complete" and fp == m.fingerprint:
+            queued = self._try_enqueue(path, key, now)
+            return queued, key if queued else None
+        if m is not None and m.state == "held" and fp == m.fingerprint:
+            if key in self._held_checked:
+                return True, None
+            # once per assembler life (i.e. after a restart, e.g. with new phase rules): re-assess
+            self._held_checked.add(key)
+        seen_state = m.state if m is not None else None
+
+        assessment = self._assess(series)
+        n = len({p[0].cls.percent for p in assessment.phases})
+        by_count = (assessment.problem is None and assessment.uniform and self.expected_phases is not None
+                    and n == self.expected_phases and now - last >= self.settle)
+        if by_count or (quiet and assessment.problem is None):
+            why = (f"all {n} expected phases present with equal slice positions" if by_count
+                   else f"quiet period elapsed with {n} phases"
+                   + (f" ({self.expected_phases} expected)"
+                      if self.expected_phases and n != self.expected_phases else ""))
+            m = self._build(m, study_uid, for_uid, key, assessment, fp)
+            set_state(m, "complete", why)
+            if not self._save_if_state(path, m, seen_state):
+                return False, None
+            log.info("study key %s complete: %s", key, why)
+            queued = self._try_enqueue(path, key, now)
+            return queued, key
+        if quiet:
+            assert assessment.problem is not None
+            if m is not None and m.state == "held" and m.reason == assessment.problem and m.fingerprint == fp:
+                return True, None  # re-assessed after a restart: still held for the same reason
+            m = self._build(m, study_uid, for_uid, key, assessment, fp)
+            set_state(m, "held", assessment.problem)
+            if not self._save_if_state(path, m, seen_state):
+                return False, None
+            log.warning("study key %s held: %s", key, assessment.problem)
+            return True, key
+        # still collecting: keep the manifest's progress current for `itvnode status`
+        if m is None or m.fingerprint != fp or m.state != "collecting":
+            reason = None
+            if m is not None and m.state == "held":
+                reason = "new instances after hold; re-assessing"
+            m = self._build(m, study_uid, for_uid, key, assessment, fp)
+            if m.state != "collecting" or not m.history:
+                set_state(m, "collecting", reason)
+            m.updated_at = utcnow_iso()
+            self._save_if_state(path, m, seen_state)
+            return False, key
+        return False, None
+
+    @staticmethod
+    def _save_if_state(path: Path, m: Manifest, seen_state: str | None) -> bool:
+        """Save ``m`` unless another process changed the manifest's state since it was read."""
+        with manifest_lock(path):
+            current = load_manifest(path).state if path.exists() else None
+            if current != seen_state:
+                log.info("study key %s: state changed to %s meanwhile; not overwritten", m.study_key, current)
+                return False
+            save_manifest(m, path)
+            return True
+
+    @staticmethod
+    def _recollect(m: Manifest, fp: str) -> Manifest:
+        set_state(m, "collecting", f"content changed after {m.state}; re-collecting")
+        m.task_id = None
+        m.fingerprint = None
+        m.late_fingerprint = None
+        return m
+
+    def _note_late(self, path: Path, key: str, fp: str) -> str | None:
+        """Record once per new content that instances arrived while a job is in flight."""
+        if load_manifest(path).late_fingerprint == fp:
+            return None
+
+        def note(m: Manifest) -> Manifest:
+            if m.late_fingerprint == fp or m.state not in IN_FLIGHT:
+                return m
+            log.warning("study key %s: instances arrived after completion (state %s); not re-queued now",
+                        key, m.state)
+            m.late_fingerprint = fp
+            text = (f"instances arrived after completion (state {m.state}); "
+                    "the job continues with the content it was queued with")
+            m.notes.append(Note(at=utcnow_iso(), text=text))
+            m.updated_at = utcnow_iso()
+            return m
+
+        update_manifest(path, note)
+        return key
+
+    def _try_enqueue(self, path: Path, key: str, now: float) -> bool:
+        """Send the job for a ``complete`` manifest; returns True once it is queued (or moved on)."""
+        if self.enqueue is None:
+            return False
+        if now < self._broker_retry_at:
+            return False
+        try:
+            task_id = self.enqueue(key)
+        except Exception as exc:
+            self._broker_failures += 1
+            delay = min(60.0, self.enqueue_retry_interval * 2 ** (self._broker_failures - 1))
+            self._broker_retry_at = now + delay
+            reason = f"enqueue failed, retrying: {exc}"[:300]
+            log.warning("study key %s: %s", key, reason)
+
+            def keep_complete(m: Manifest) -> Manifest:
+                if m.state == "complete" and m.reason != reason:
+                    set_state(m, "complete", reason)
+                return m
+
+            update_manifest(path, keep_complete)
+            return False
+        self._broker_failures = 0
+        self._broker_retry_at = 0.0
+
+        def queued(m: Manifest) -> Manifest:
+            m.task_id = m.task_id or task_id
+            if m.state == "complete":
+                set_state(m, "queued", None)
+            return m
+
+        update_manifest(path, queued)
+        log.info("study key %s queued as task %s", key, task_id)
+        return True
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _slices(self, s: _Series) -> tuple[_Slices | None, str | None]:
+        """Sort a series along its normal; (None, problem) when it cannot be sorted."""
+        metas = [m for m, _ in s.items]
+        orientation = metas[0].image_orientation
+        if orientation is None:
+            return None, f"series {s.uid} has no ImageOrientationPatient"
+        normal = _normal(orientation)
+        multiframe = any((m.number_of_frames or 1) > 1 for m in metas)
+        if multiframe:
+            if len(s.items) != 1:
+                return None, f"series {s.uid}: {len(s.items)} multi-frame instances in one series"
+            p = s.items[0][1]
+            if p not in self._frames_cache:
+                if len(self._frames_cache) > 4096:
+                    self._frames_cache.clear()
+                try:
+                    self._frames_cache[p] = _frame_positions(p)
+                except Exception as exc:
+                    return None, f"series {s.uid}: cannot read frame positions ({type(exc).__name__})"
+            frames = self._frames_cache[p]
+            if frames is None:
+                return None, f"series {s.uid}: multi-frame instance without per-frame positions"
+            pos = np.asarray(frames, dtype=float)
+            order = np.argsort(pos @ normal, kind="stable")
+            return _Slices([p] * len(frames), pos[order], [p]), None
+        if any(m.image_position is None for m in metas):
+            return None, f"series {s.uid} has instances without ImagePositionPatient"
+        pos = np.asarray([m.image_position for m in metas], dtype=float)
+        order = np.argsort(pos @ normal, kind="stable")
+        files = [s.items[i][1] for i in order]
+        return _Slices(files, pos[order], files), None
+
+    def _assess(self, series: list[_Series]) -> Assessment:
+        a = Assessment(problem=None)
+        problems: list[str] = []
+        phases = [s for s in series if s.cls.kind is SeriesKind.PHASE]
+        a.ignored = [s for s in series if s.cls.kind is SeriesKind.OTHER]
+        for s in series:
+            if s.cls.kind is SeriesKind.REFERENCE:
+                sl, _ = self._slices(s)
+                a.references.append((s, sl))
+        by_pct: dict[float, list[_Series]] = defaultdict(list)
+        for s in phases:
+            assert s.cls.percent is not None
+            by_pct[s.cls.percent].append(s)
+        for pct, group in sorted(by_pct.items()):
+            if len(group) > 1:
+                listed = ", ".join(f"{g.uid} ({g.description!r})" for g in group)
+                problems.append(f"{len(group)} series claim phase {pct:g}%: {listed}")
+        for s in sorted(phases, key=lambda s: (s.cls.percent or 0.0, s.uid)):
+            tags = {m.nominal_phase_percent for m, _ in s.items}
+            if len(tags) > 1:
+                problems.append(f"series {s.uid} mixes {len(tags)} respiratory phases in (0020,9245); "
+                                "one series per phase is required")
+                continue
+            sl, problem = self._slices(s)
+            if problem:
+                problems.append(problem)
+            elif sl is not None:
+                a.phases.append((s, sl))
+        if len(by_pct) < 2:
+            problems.append(f"{len(by_pct)} distinct respiratory phase(s) found; a 4D set needs at least 2")
+        if not problems:
+            problems.extend(self._geometry_problems(a.phases))
+        a.uniform = not problems
+        a.problem = "; ".join(problems) if problems else None
+        return a
+
+    def _geometry_problems(self, phases: list[tuple[_Series, _Slices]]) -> list[str]:
+        problems = []
+        first, ref = phases[0]
+        m0 = first.items[0][0]
+        tol = self.position_tol
+        for s, sl in phases:
+            metas = [m for m, _ in s.items]
+            label = f"phase {s.cls.percent:g}% (series {s.uid})"
+            if {(m.rows, m.columns) for m in metas} != {(m0.rows, m0.columns)}:
+                problems.append(f"{label}: rows/columns differ from phase {first.cls.percent:g}%")
+                continue
+            o0 = np.asarray(m0.image_orientation or (), dtype=float)
+            if any(m.image_orientation is None or len(m.image_orientation) != len(o0) for m in metas) or (
+                    float(np.max(np.abs(np.asarray([m.image_orientation for m in metas], dtype=float) - o0)))
+                    > 1e-4):
+                problems.append(f"{label}: ImageOrientationPatient differs from phase {first.cls.percent:g}%")
+                continue
+            along = sl.positions @ _normal(m0.image_orientation or (1, 0, 0, 0, 1, 0))
+            if len(along) > 1 and float(np.min(np.diff(along))) < tol:
+                problems.append(f"{label}: two slices at the same position")
+                continue
+            if len(sl.positions) != len(ref.positions):
+                problems.append(f"{label}: {len(sl.positions)} slices vs {len(ref.positions)} in phase "
+                                f"{first.cls.percent:g}%")
+                continue
+            dev = float(np.max(np.abs(sl.positions - ref.positions))) if len(ref.positions) else 0.0
+            if dev > tol:
+                problems.append(f"{label}: slice positions differ from phase {first.cls.percent:g}% by up to "
+                                f"{dev:.3f} mm (tolerance {tol} mm)")
+        if not problems and len(ref.positions) > 2:
+            along = ref.positions @ _normal(m0.image_orientation or (1, 0, 0, 0, 1, 0))
+            d = np.diff(along)
+            if float(np.max(d) - np.min(d)) > max(tol, 0.01 * float(np.median(d))):
+                problems.append(f"uneven slice spacing ({float(np.min(d)):.3f}..{float(np.max(d)):.3f} mm): "
+                                "slices missing in every phase?")
+        return problems
+
+    # ------------------------------------------------------------------------------------------ manifest
+
+    def _rel(self, p: Path) -> str:
+        """Path relative to data_dir (the manifest contract); absolute when the spool lies elsewhere."""
+        s = os.fspath(p)
+        if not os.path.isabs(s):
+            s = os.path.join(self._cwd, s)
+        if s.startswith(self._data_prefix) and "/." not in s and "//" not in s:  # fast path, already normal
+            return s[len(self._data_prefix):]
+        absolute = os.path.abspath(s)
+        rel = os.path.relpath(absolute, self._data_abs)
+        return absolute if rel.startswith("..") else Path(rel).as_posix()
+
+    def _build(self, m: Manifest | None, study_uid: str, for_uid: str, key: str, a: Assessment,
+               fp: str) -> Manifest:
+        """Fill phases, references, geometry and identifiers from the current assessment."""
+        if m is None:
+            m = Manifest(study_key=key, study_instance_uid=study_uid, frame_of_reference_uid=for_uid)
+        m.fingerprint = fp
+        m.phases = [
+            PhaseEntry(percent=float(s.cls.percent or 0.0), series_instance_uid=s.uid,
+                       series_description=s.description, slices=len(sl.positions),
+                       files=[self._rel(f) for f in sl.distinct_files])
+            for s, sl in a.phases
+        ]
+        m.references = [
+            ReferenceEntry(kind=s.cls.reference or "AVG",  # type: ignore[arg-type]
+                           series_instance_uid=s.uid, series_description=s.description,
+                           files=[self._rel(f) for f in _ref_files(s, sl)])
+            for s, sl in a.references
+        ]
+        if a.phases:
+            s0, sl0 = a.phases[0]
+            meta0, path0 = s0.items[0]
+            header = _read_header(sl0.distinct_files[0] if sl0.distinct_files else path0)
+            spacing = header.get("pixel_spacing") or [0.0, 0.0]
+            along = sl0.positions @ _normal(meta0.image_orientation or (1, 0, 0, 0, 1, 0))
+            m.geometry = Geometry(
+                rows=int(meta0.rows or 0), columns=int(meta0.columns or 0),
+                pixel_spacing=[float(v) for v in spacing],
+                image_orientation=[float(v) for v in (meta0.image_orientation or ())],
+                positions=[[float(v) for v in p] for p in sl0.positions],
+                slice_spacing=float(np.median(np.diff(along))) if len(along) > 1 else 0.0,
+            )
+            m.identifiers = header.get("identifiers") or {}
+        m.ignored_series = [
+            IgnoredSeries(series_instance_uid=s.uid, series_description=s.description,
+                          why=s.cls.note or "not a respiratory phase") for s in a.ignored]
+        return m
+
+
+def _ref_files(s: _Series, sl: _Slices | None) -> list[Path]:
+    return sl.distinct_files if sl is not None else [p for _, p in s.items]
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """PixelSpacing and the identifiers the RTSTRUCT needs, from one file (pixels not read)."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    spacing = ds.get("PixelSpacing")
+    if spacing is None:
+        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            seq = ds.get(groups)
+            if seq and seq[0].get("PixelMeasuresSequence"):
+                spacing = seq[0].PixelMeasuresSequence[0].get("PixelSpacing")
+                if spacing is not None:
+                    break
+    identifiers = {k: ("" if ds.get(k) is None else str(ds.get(k))) for k in IDENTIFIER_KEYS}
+    return {"pixel_spacing": [float(v) for v in spacing] if spacing is not None else None,
+            "identifiers": identifiers}

@@ -1,0 +1,201 @@
+"""The study manifest: the durable source of truth for one 4DCT study (schema in docs/internal-api.md).
+
+``data_dir/studies/<study_key>/manifest.json``, written atomically (temp file, fsync, rename, fsync of the
+directory). Several processes update it (assembler, segment task, export task): read-modify-write goes
+through :func:`update_manifest`, which holds an exclusive ``flock`` on ``manifest.lock`` next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+State = Literal["collecting", "held", "complete", "queued", "processing", "exporting", "done", "failed"]
+STATES: tuple[str, ...] = (
+    "collecting", "held", "complete", "queued", "processing", "exporting", "done", "failed",
+)
+#: states in which a job exists or existed for the current content
+IN_FLIGHT: frozenset[str] = frozenset({"queued", "processing", "exporting"})
+FINISHED: frozenset[str] = frozenset({"done", "failed"})
+
+IDENTIFIER_KEYS: tuple[str, ...] = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
+    "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+)
+
+
+def utcnow_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class PhaseEntry(BaseModel):
+    percent: float
+    series_instance_uid: str
+    series_description: str = ""
+    slices: int
+    files: list[str] = Field(default_factory=list)  # relative to data_dir, sorted along the slice normal
+
+
+class ReferenceEntry(BaseModel):
+    kind: Literal["AVG", "MIP", "MinIP"]
+    series_instance_uid: str
+    series_description: str = ""
+    files: list[str] = Field(default_factory=list)
+
+
+class Geometry(BaseModel):
+    rows: int
+    columns: int
+    pixel_spacing: list[float]  # [row spacing, column spacing] mm
+    image_orientation: list[float]
+    positions: list[list[float]]  # ImagePositionPatient per slice, in file order
+    slice_spacing: float
+
+
+class HistoryEntry(BaseModel):
+    state: State
+    at: str
+    reason: str | None = None
+
+
+class Note(BaseModel):
+    at: str
+    text: str
+
+
+class IgnoredSeries(BaseModel):
+    series_instance_uid: str
+    series_description: str = ""
+    why: str = ""
+
+
+class Manifest(BaseModel):
+    schema_: int = Field(default=SCHEMA_VERSION, alias="schema")
+    study_key: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    state: State = "collecting"
+    reason: str | None = None
+    phases: list[PhaseEntry] = Field(default_factory=list)
+    references: list[ReferenceEntry] = Field(default_factory=list)
+    geometry: Geometry | None = None
+    identifiers: dict[str, str] = Field(default_factory=dict)
+    history: list[HistoryEntry] = Field(default_factory=list)
+    task_id: str | None = None
+    results: dict[str, Any] = Field(default_factory=dict)
+    # additive fields (not in the first schema draft; readers must tolerate their absence)
+    fingerprint: str | None = None  # sha256 over the SOP Instance UIDs the phases were built from
+    updated_at: str | None = None
+    notes: list[Note] = Field(default_factory=list)  # events that did not change the state
+    late_fingerprint: str | None = None  # content seen after completion (noted once)
+    ignored_series: list[IgnoredSeries] = Field(default_factory=list)  # same FoR, neither phase nor reference
+
+    model_config = {"populate_by_name": True, "extra": "allow"}
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=1)
+
+
+def study_key(study_uid: str, for_uid: str) -> str:
+    """First 16 hex digits of sha256(StudyInstanceUID + "/" + FrameOfReferenceUID)."""
+    return hashlib.sha256(f"{study_uid}/{for_uid}".encode()).hexdigest()[:16]
+
+
+def studies_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "studies"
+
+
+def manifest_path(data_dir: Path, key: str) -> Path:
+    return studies_dir(data_dir) / key / "manifest.json"
+
+
+def load_manifest(path: Path) -> Manifest:
+    return Manifest.model_validate_json(Path(path).read_bytes())
+
+
+def save_manifest(m: Manifest, path: Path) -> None:
+    """Atomic and durable: temp file in the same directory, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = m.to_json().encode()
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def set_state(m: Manifest, state: str, reason: str | None = None) -> Manifest:
+    """Move ``m`` to ``state`` (same state allowed: records a note) and append to its history."""
+    if state not in STATES:
+        raise ValueError(f"unknown manifest state {state!r}")
+    now = utcnow_iso()
+    m.state = state  # type: ignore[assignment]
+    m.reason = reason
+    m.history.append(HistoryEntry(state=state, at=now, reason=reason))  # type: ignore[arg-type]
+    m.updated_at = now
+    return m
+
+
+@contextlib.contextmanager
+def manifest_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock for a read-modify-write of the manifest at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name("manifest.lock"), "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def update_manifest(path: Path, fn: Callable[[Manifest], Manifest | None]) -> Manifest:
+    """Load, apply ``fn`` (mutate in place or return a new one), save — all under the manifest lock."""
+    with manifest_lock(path):
+        m = load_manifest(path)
+        new = fn(m)
+        m = new if new is not None else m
+        save_manifest(m, path)
+        return m
+
+
+def iter_manifests(data_dir: Path) -> Iterator[tuple[Path, Manifest]]:
+    """Every readable manifest under ``data_dir/studies`` (unreadable ones are logged and skipped)."""
+    root = studies_dir(data_dir)
+    if not root.is_dir():
+        return
+    for path in sorted(root.glob("*/manifest.json")):
+        try:
+            yield path, load_manifest(path)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping unreadable manifest %s: %s", path, exc)
+
+
+def manifest_dict(m: Manifest) -> dict[str, Any]:
+    return json.loads(m.to_json())  # type: ignore[no-any-return]

@@ -1,0 +1,107 @@
+"""What ``itvnode status`` reports: one row per study, from ``data_dir`` only (manifests + spool index).
+
+It reads files the running node writes atomically (manifests) or through SQLite WAL (spool index), so it
+works while ``serve`` and the workers run. Studies in the spool without a manifest have no respiratory phase
+series (yet): they show as ``receiving`` within ``quiet_period`` of their last instance, else ``ignored``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service.manifest import iter_manifests
+
+NO_MANIFEST_REASON = "no respiratory phase series: not a 4DCT, no job"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def collect_status(data_dir: Path, quiet_period: float = 60.0,
+                   now: float | None = None) -> list[dict[str, Any]]:
+    """Rows sorted by last update, newest first."""
+    data_dir = Path(data_dir)
+    now = time.time() if now is None else now
+    rows: list[dict[str, Any]] = []
+    with_manifest: set[str] = set()
+    for _path, m in iter_manifests(data_dir):
+        with_manifest.add(m.study_instance_uid)
+        updated = m.updated_at or (m.history[-1].at if m.history else None)
+        row: dict[str, Any] = {
+            "study_key": m.study_key,
+            "study_instance_uid": m.study_instance_uid,
+            "frame_of_reference_uid": m.frame_of_reference_uid,
+            "state": m.state,
+            "reason": m.reason,
+            "phases": [
+                {"percent": p.percent, "series_instance_uid": p.series_instance_uid, "slices": p.slices}
+                for p in m.phases],
+            "references": [
+                {"kind": r.kind, "series_instance_uid": r.series_instance_uid, "slices": len(r.files)}
+                for r in m.references],
+            "ignored_series": [s.model_dump() for s in m.ignored_series],
+            "task_id": m.task_id,
+            "updated": updated,
+            "notes": [n.model_dump() for n in m.notes],
+        }
+        rows.append(row)
+    spool_index = data_dir / "spool" / "index.sqlite"
+    if spool_index.exists():
+        from service.spool import Spool
+
+        spool = Spool(data_dir / "spool")
+        try:
+            for uid in spool.study_uids():
+                if uid in with_manifest:
+                    continue
+                last = spool.last_received(uid) or now
+                receiving = now - last < quiet_period
+                series = {meta.series_instance_uid for meta, _ in spool.instances(uid)}
+                rows.append({
+                    "study_key": None,
+                    "study_instance_uid": uid,
+                    "frame_of_reference_uid": None,
+                    "state": "receiving" if receiving else "ignored",
+                    "reason": None if receiving else NO_MANIFEST_REASON,
+                    "phases": [],
+                    "references": [],
+                    "series": len(series),
+                    "task_id": None,
+                    "updated": _iso(last),
+                    "notes": [],
+                })
+        finally:
+            spool.close()
+    rows.sort(key=lambda r: r["updated"] or "", reverse=True)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table for people; reasons are printed in full under their row."""
+    if not rows:
+        return "no studies"
+    head = ("STUDY KEY", "STATE", "PHASES", "SLICES", "REFS", "UPDATED", "STUDY INSTANCE UID")
+    lines = []
+    body = []
+    for r in rows:
+        pcts = ",".join(f"{p['percent']:g}" for p in r["phases"]) or "-"
+        slices = sorted({p["slices"] for p in r["phases"]})
+        body.append((
+            r["study_key"] or "-", r["state"], pcts,
+            "/".join(str(s) for s in slices) or "-",
+            ",".join(x["kind"] for x in r["references"]) or "-",
+            (r["updated"] or "-")[:19],
+            r["study_instance_uid"],
+        ))
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines.append(fmt.format(*head).rstrip())
+    for r, b in zip(rows, body, strict=True):
+        lines.append(fmt.format(*b).rstrip())
+        if r.get("reason"):
+            lines.append(f"    reason: {r['reason']}")
+    return "\n".join(lines)
