@@ -1,0 +1,226 @@
+"""Threshold methods: the body outline (External) and, selectable for lungs, air inside the body split L/R.
+
+Both take one phase ``(Z, Y, X)`` HU or all phases ``(P, Z, Y, X)`` (each phase is processed on its own) and
+a voxel spacing ``(dz, dy, dx)`` in mm. Axes follow docs/internal-api.md: x index grows towards patient
+Left.
+
+Body: voxels in ``hu_range``; optionally (``bridge_mm`` > 0) an in-plane opening cuts bridges thinner than
+2 x ``bridge_mm`` so that a couch or board touching the patient through a thin contact detaches (the opened
+boundary is restored afterwards); a couch/table top is recognised as a wide, thin slab and dropped; every
+other 3D component of at least ``min_part_cc`` (and ``min_part_fraction`` of the largest) is kept, because an
+arm beside the torso is body too; holes are filled per slice (which also fills every 3D cavity).
+Limitation: a couch resting on the back over a contact thicker than 2 x ``bridge_mm`` stays attached.
+Full-size phase (120 x 512 x 512): about 3 s without the opening, about 8 s more with it (2-core machine).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+_CONN6 = ndimage.generate_binary_structure(3, 1)
+_PLANE4 = np.zeros((3, 3, 3), dtype=bool)  # 4-connectivity within an axial slice, none across slices
+_PLANE4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _per_phase(hu: np.ndarray) -> tuple[np.ndarray, bool]:
+    arr = np.asarray(hu)
+    if arr.ndim == 3:
+        return arr[None], False
+    if arr.ndim == 4:
+        return arr, True
+    raise ValueError(f"expected (Z, Y, X) or (P, Z, Y, X) HU, got shape {arr.shape}")
+
+
+def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive values (dz, dy, dx) in mm, got {tuple(spacing)}")
+    return float(spacing[0]), float(spacing[1]), float(spacing[2])
+
+
+def _disk(radius_mm: float, dy: float, dx: float) -> np.ndarray | None:
+    """In-plane elliptical footprint (1, h, w) of ``radius_mm``; ``None`` when it would be a single pixel."""
+    ry, rx = int(radius_mm / dy), int(radius_mm / dx)
+    if ry < 1 and rx < 1:
+        return None
+    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
+    disk = ((yy * dy) ** 2 + (xx * dx) ** 2) <= radius_mm**2 + 1e-6
+    return disk[None]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes per axial slice (4-connected background not reaching the slice border).
+
+    One labelling pass over the volume instead of a fill per slice; a cavity enclosed in 3D is enclosed on
+    each of its slices too, so this also fills every 3D hole.
+    """
+    background, n = ndimage.label(~mask, structure=_PLANE4)
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]):
+        outside[np.unique(edge)] = True
+    outside[0] = True  # label 0 is the foreground itself
+    return np.asarray(mask | ~outside[background], dtype=bool)
+
+
+def _is_couch(comp: np.ndarray, dy: float, dx: float, max_thickness_mm: float, min_width_mm: float) -> bool:
+    """A couch/table top is a slab: wide left-right, thin front-back on every slice it occupies."""
+    zs = np.flatnonzero(comp.any(axis=(1, 2)))
+    thick, wide = [], []
+    for k in zs:
+        sl = comp[k]
+        cols = np.flatnonzero(sl.any(axis=0))
+        width = (cols[-1] - cols[0] + 1) * dx
+        thick.append(sl.sum() * dy * dx / width)  # mean AP thickness across its width
+        wide.append(width)
+    return bool(np.median(thick) < max_thickness_mm and np.median(wide) >= min_width_mm)
+
+
+def _body_one(
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    hu_range: tuple[float, float],
+    min_part_cc: float,
+    min_part_fraction: float,
+    bridge_mm: float,
+    couch_thickness_mm: float,
+    couch_min_width_mm: float,
+) -> np.ndarray:
+    dz, dy, dx = spacing
+    lo, hi = hu_range
+    raw = (hu >= lo) & (hu <= hi)
+    if not raw.any():
+        return raw
+    foot = _disk(bridge_mm, dy, dx) if bridge_mm > 0 else None
+    core = ndimage.binary_opening(raw, structure=foot) if foot is not None else raw
+    labels, n = ndimage.label(core, structure=_CONN6)
+    if n == 0:
+        return np.zeros_like(raw)
+    voxel_cc = dz * dy * dx / 1000.0
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_cc
+    objects = ndimage.find_objects(labels)
+    floor = max(min_part_cc, min_part_fraction * float(sizes.max()))
+    keep = np.zeros(n + 1, dtype=bool)
+    couches = 0
+    for i, (size, sl) in enumerate(zip(sizes, objects, strict=True), start=1):
+        if size < floor or sl is None:
+            continue
+        if couch_thickness_mm > 0 and _is_couch(
+            labels[sl] == i, dy, dx, couch_thickness_mm, couch_min_width_mm
+        ):
+            couches += 1
+            continue
+        keep[i] = True
+    if couches:
+        log.debug("threshold body: dropped %d couch-like component(s)", couches)
+    kept = keep[labels]
+    if foot is not None:  # give back the boundary the opening shaved off, but not what it cut loose
+        kept = raw & ndimage.binary_dilation(kept, structure=foot)
+    return fill_holes(kept)
+
+
+def threshold_body(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    hu_range: tuple[float, float] = (-350.0, 3000.0),
+    *,
+    min_part_cc: float = 5.0,
+    min_part_fraction: float = 0.005,
+    bridge_mm: float = 0.0,
+    couch_thickness_mm: float = 20.0,
+    couch_min_width_mm: float = 150.0,
+) -> np.ndarray:
+    """Body outline: bool mask of the same shape as ``hu`` ((Z, Y, X) or (P, Z, Y, X), per phase).
+
+    ``couch_thickness_mm=0`` disables couch removal; ``bridge_mm=0`` disables the opening.
+    """
+    phases, is4d = _per_phase(hu)
+    sp = _check_spacing(spacing)
+    lo, hi = float(hu_range[0]), float(hu_range[1])
+    if not lo < hi:
+        raise ValueError(f"hu_range {hu_range} must be (low, high) with low < high")
+    out = np.stack(
+        [
+            _body_one(
+                p,
+                sp,
+                (lo, hi),
+                min_part_cc,
+                min_part_fraction,
+                bridge_mm,
+                couch_thickness_mm,
+                couch_min_width_mm,
+            )
+            for p in phases
+        ]
+    )
+    return out if is4d else out[0]
+
+
+def _split_lr(comp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split one air component spanning both sides at its thinnest sagittal plane in the middle third."""
+    cols = comp.sum(axis=(0, 1))
+    xs = np.flatnonzero(cols)
+    a, b = xs[0], xs[-1]
+    third = max((b - a) // 3, 1)
+    mid = np.arange(a + third, max(b - third, a + third + 1))
+    cut = int(mid[np.argmin(cols[mid])])
+    right = comp.copy()
+    right[..., cut:] = False
+    left = comp.copy()
+    left[..., :cut] = False
+    return left, right
+
+
+def _lungs_one(
+    hu: np.ndarray, spacing: tuple[float, float, float], body: np.ndarray, hu_max: float, min_volume_cc: float
+) -> tuple[np.ndarray, np.ndarray]:
+    dz, dy, dx = spacing
+    air = (hu < hu_max) & body
+    labels, n = ndimage.label(air, structure=_CONN6)
+    empty = np.zeros_like(air)
+    if n == 0:
+        return empty, empty.copy()
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * (dz * dy * dx / 1000.0)
+    order = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] >= min_volume_cc]
+    if not order:
+        return empty, empty.copy()
+    first = labels == order[0]
+    # Two lungs are two components unless they touch (anterior junction, or through the airway).
+    if len(order) >= 2 and sizes[order[1] - 1] >= 0.2 * sizes[order[0] - 1]:
+        second = labels == order[1]
+        cx1 = np.flatnonzero(first.any(axis=(0, 1))).mean()
+        cx2 = np.flatnonzero(second.any(axis=(0, 1))).mean()
+        return (first, second) if cx1 > cx2 else (second, first)  # larger x index = patient Left
+    return _split_lr(first)
+
+
+def threshold_lungs(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    body: np.ndarray | None = None,
+    hu_max: float = -400.0,
+    min_volume_cc: float = 20.0,
+) -> dict[str, np.ndarray]:
+    """Air (HU < ``hu_max``) inside the body, two largest components, ``{"Lung_L": ..., "Lung_R": ...}``.
+
+    Airway and small gas pockets fall below the size rule; lungs that touch are split at the thinnest sagittal
+    plane. Enclosed soft tissue (vessels, tumour) is not filled in (the lung contour is "lung minus GTV").
+    """
+    phases, is4d = _per_phase(hu)
+    sp = _check_spacing(spacing)
+    if body is None:
+        body = threshold_body(hu, sp)
+    bodies, _ = _per_phase(body)
+    if bodies.shape != phases.shape:
+        raise ValueError(f"body mask shape {bodies.shape} does not match HU {phases.shape}")
+    pairs = [
+        _lungs_one(p, sp, b.astype(bool), hu_max, min_volume_cc) for p, b in zip(phases, bodies, strict=True)
+    ]
+    left = np.stack([p[0] for p in pairs])
+    right = np.stack([p[1] for p in pairs])
+    return {"Lung_L": left if is4d else left[0], "Lung_R": right if is4d else right[0]}
