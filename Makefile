@@ -30,12 +30,11 @@ test: install
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# Each script prints its numbers against a peer measured in the same run.
+BENCHES ?= ingest assembler postprocess artifacts rtstruct export e2e gpu_infer train_memory
+
 bench: install
-	$(BIN)/python bench/ingest.py
-	$(BIN)/python bench/postprocess.py
-	$(BIN)/python bench/rtstruct.py
-	$(BIN)/python bench/e2e.py
-	$(BIN)/python bench/gpu_infer.py
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

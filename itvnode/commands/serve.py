@@ -1,0 +1,84 @@
+"""``itvnode serve``: the Storage SCP plus the study assembler loop (when installed)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+LOG = logging.getLogger("itvnode.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, help="listening port (overrides ITVNODE_PORT)")
+    parser.add_argument("--host", help="listening address (overrides ITVNODE_HOST)")
+    parser.add_argument("--ae-title", help="our AE title (overrides ITVNODE_AE_TITLE)")
+    parser.add_argument("--data-dir", help="spool, manifests, outbox, status (overrides ITVNODE_DATA_DIR)")
+    parser.add_argument("--no-assembler", action="store_true",
+                        help="only receive into the spool; another process assembles studies")
+
+
+def _start_assembler(settings: Any, spool: Any, stop_event: threading.Event) -> tuple[Any, Any]:
+    """Start ``service.assembler.Assembler`` on the shared spool in a background thread.
+
+    Returns ``(thread, enqueuer)``; both None when the assembler module is not installed.
+    """
+    try:
+        from service.assembler import Assembler
+    except ModuleNotFoundError as exc:
+        if exc.name != "service.assembler":
+            raise
+        LOG.warning("service.assembler is not installed: receiving into the spool only")
+        return None, None
+    from service.queue import Enqueuer
+
+    enqueuer = Enqueuer(settings.broker_url, settings.data_dir)
+    assembler = Assembler.from_settings(settings, spool, enqueuer.segment_study)
+    thread = threading.Thread(target=assembler.run, name="assembler", daemon=True,
+                              kwargs={"stop_event": stop_event, "interval": settings.assembler_interval})
+    thread.start()
+    return thread, enqueuer
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.scp import serve
+    from service.settings import load_settings
+    from service.spool import Spool
+
+    overrides: dict[str, Any] = {}
+    for arg, key in (("port", "port"), ("host", "host"), ("ae_title", "ae_title"), ("data_dir", "data_dir")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            overrides[key] = value
+    settings = load_settings(**overrides)
+    logging.getLogger().setLevel(settings.log_level.upper() if not args.verbose else logging.DEBUG)
+    # pynetdicom logs every PDU at INFO; its own warnings and errors are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    stop_event = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        LOG.info("signal %d: stopping", signum)
+        stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_bytes, fsync=settings.spool_fsync)
+    spool.reconcile()  # the index is derived from the durable files: catch up after a power cut
+    if not settings.spool_fsync:
+        LOG.warning("spool_fsync is off: acknowledged instances can be lost on a power cut")
+    thread, enqueuer = (None, None) if args.no_assembler else _start_assembler(settings, spool, stop_event)
+    try:
+        serve(settings, stop_event=stop_event, spool=spool)
+    finally:
+        stop_event.set()
+        if thread is not None:
+            thread.join(timeout=30)
+        if enqueuer is not None:
+            enqueuer.close()
+        spool.close()
+    return 0

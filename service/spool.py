@@ -1,0 +1,733 @@
+"""Durable spool of received instances plus a SQLite (WAL) index of their header fields.
+
+Files live at ``<root>/<study_uid>/<series_uid>/<sop_uid>.dcm`` exactly as received (file meta header +
+the data set bytes the peer sent, no transcoding, no pixel decoding). :meth:`Spool.store` returns only once
+the file and its directory entry are on disk (temp file in the same directory, fsync, atomic rename, fsync
+of the directory) and the index row is committed; a C-STORE is acknowledged only after that.
+
+The files are the durable truth; the index is derived from them. It runs WAL with ``synchronous=NORMAL``
+(committed rows survive a process crash; a power cut may roll back the last few) and :meth:`Spool.reconcile`
+re-indexes any durable file the index lacks — ``itvnode serve`` calls it at start-up. A third fsync per
+instance (the WAL) would cost ~25 % of ingest throughput for no durability gain.
+
+Header checks live here too (:func:`parse_header`, :func:`instance_meta`) so that the SCP and any
+re-indexing share one definition of what an acceptable CT instance is. Each refusal is an exception whose
+DIMSE status is looked up in :mod:`service.dimse_status`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+LOG = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_STORAGE_CLASSES: tuple[str, ...] = (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
+)
+MULTIFRAME_CLASSES = frozenset({ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TMP_SUFFIX = ".part"
+_STALE_TMP_SECONDS = 3600.0
+_NOMINAL_RESP_PHASE = 0x00209245  # Nominal Percentage of Respiratory Phase (not 0020,9241: that is cardiac)
+
+
+class IngestError(Exception):
+    """An instance the node refuses; ``str(exc)`` is a short reason without patient data."""
+
+
+class UndecodableDataset(IngestError):
+    pass
+
+
+class MissingAttribute(IngestError):
+    pass
+
+
+class MissingGeometry(MissingAttribute):
+    pass
+
+
+class InvalidIdentifier(IngestError):
+    pass
+
+
+class SOPClassMismatch(IngestError):
+    pass
+
+
+class SOPInstanceMismatch(IngestError):
+    pass
+
+
+class ModalityMismatch(IngestError):
+    pass
+
+
+class SpoolFull(IngestError):
+    """Free space is below the watermark (or the disk filled up mid-write); nothing was kept."""
+
+
+class SpoolUnavailable(IngestError):
+    """The spool could not be written (permissions, read-only or failing disk); nothing was kept."""
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """Header fields the SCP extracts without decoding pixels."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str | None
+    modality: str
+    series_description: str
+    protocol_name: str
+    image_comments: str
+    image_type: tuple[str, ...]
+    series_number: int | None
+    instance_number: int | None
+    image_position: tuple[float, float, float] | None
+    image_orientation: tuple[float, ...] | None
+    nominal_phase_percent: float | None  # (0020,9245) when present
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> InstanceMeta:
+        d = json.loads(text)
+        for key in ("image_type", "image_position", "image_orientation"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------- header parsing
+
+
+def parse_header(encoded: bytes) -> Dataset:
+    """Decode everything but the pixel data of a Part 10 byte string (``event.encoded_dataset()``).
+
+    pydicom stops silently at a truncated element, so completeness is checked separately: the header must
+    end at a Pixel Data element whose value fits in what was received.
+    """
+    fp = BytesIO(encoded)
+    try:
+        ds = dcmread(fp, stop_before_pixels=True)
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if ts == DeflatedExplicitVRLittleEndian:
+            if "PixelData" not in dcmread(BytesIO(encoded)):
+                raise UndecodableDataset("PixelData missing (data set empty or truncated)")
+        else:
+            _check_pixel_element(encoded, fp.tell(), implicit=ts.is_implicit_VR, little=ts.is_little_endian)
+    except IngestError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError,
+            NotImplementedError, struct.error, zlib.error) as exc:
+        raise UndecodableDataset(f"cannot decode data set: {type(exc).__name__}") from None
+    return ds
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+                       b"UV"})
+
+
+def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bool) -> None:
+    end = "<" if little else ">"
+    if pos + 8 > len(encoded):
+        raise UndecodableDataset("PixelData missing (data set empty or truncated)")
+    group, elem = struct.unpack(end + "HH", encoded[pos:pos + 4])
+    if (group, elem) != (0x7FE0, 0x0010):
+        raise UndecodableDataset(f"data set corrupt or truncated before PixelData ({group:04X},{elem:04X})")
+    if implicit:
+        (length,), start = struct.unpack(end + "L", encoded[pos + 4:pos + 8]), pos + 8
+    elif encoded[pos + 4:pos + 6] in _LONG_VRS:
+        if pos + 12 > len(encoded):
+            raise UndecodableDataset("PixelData truncated")
+        (length,), start = struct.unpack(end + "L", encoded[pos + 8:pos + 12]), pos + 12
+    else:
+        (length,), start = struct.unpack(end + "H", encoded[pos + 6:pos + 8]), pos + 8
+    if length == 0xFFFFFFFF:  # encapsulated: fragments end with a Sequence Delimitation Item
+        if encoded.rfind(struct.pack(end + "HHL", 0xFFFE, 0xE0DD, 0), start) < 0:
+            raise UndecodableDataset("encapsulated PixelData truncated (no sequence delimiter)")
+    elif start + length > len(encoded):
+        raise UndecodableDataset(f"PixelData truncated ({len(encoded) - start} of {length} bytes)")
+
+
+# The validation below reads either a pydicom Dataset or the plain dict of :func:`_fast_header`: both answer
+# ``.get(keyword)`` with pydicom-like values (str, int, float, list of them).
+Header = Dataset | dict[str, Any]
+
+
+def _text(ds: Header, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _int(ds: Header, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        items = [float(v) for v in (value if isinstance(value, Iterable) and not isinstance(value, str)
+                                    else [value])]
+    except (TypeError, ValueError):
+        return None
+    return tuple(items) if len(items) == n else None
+
+
+def _uid(ds: Header, keyword: str, *, required: bool = True) -> str | None:
+    value = _text(ds, keyword)
+    if not value:
+        if required:
+            raise MissingAttribute(f"{keyword} missing")
+        return None
+    if len(value) > 64 or not _UID_RE.match(value):
+        raise InvalidIdentifier(f"{keyword} is not a valid UID")
+    return value
+
+
+def _first_item(ds: Header, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    if not seq:
+        return None
+    try:
+        return seq[0]  # type: ignore[no-any-return]
+    except (IndexError, TypeError):
+        return None
+
+
+def _functional_group(ds: Header, macro: str) -> Dataset | None:
+    """First item of ``macro`` from the per-frame groups of frame 1, else from the shared groups."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        group = _first_item(ds, groups)
+        if group is not None:
+            item = _first_item(group, macro)
+            if item is not None:
+                return item
+    return None
+
+
+def _find_phase_percent(ds: Header) -> float | None:
+    top_value = ds.get("NominalPercentageOfRespiratoryPhase")
+    if top_value is not None:
+        top = _floats(top_value, 1)
+        return top[0] if top else None
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        group = _first_item(ds, groups)
+        if group is None:
+            continue
+        for elem in group:
+            if elem.VR != "SQ":
+                continue
+            for item in elem.value:
+                if _NOMINAL_RESP_PHASE in item:
+                    found = _floats(item[_NOMINAL_RESP_PHASE].value, 1)
+                    if found:
+                        return found[0]
+    return None
+
+
+def instance_meta(ds: Header, transfer_syntax_uid: str, *, negotiated_sop_class: str | None = None,
+                  affected_sop_instance: str | None = None) -> InstanceMeta:
+    """Validate a CT header and extract the index fields; raise an :class:`IngestError` subclass on refusal.
+
+    ``negotiated_sop_class`` / ``affected_sop_instance`` come from the C-STORE request; the data set
+    must agree with them.
+    """
+    sop_class = _uid(ds, "SOPClassUID")
+    assert sop_class is not None
+    if negotiated_sop_class is not None and sop_class != negotiated_sop_class:
+        raise SOPClassMismatch("SOPClassUID differs from the negotiated SOP class")
+    sop_instance = _uid(ds, "SOPInstanceUID")
+    assert sop_instance is not None
+    if affected_sop_instance is not None and sop_instance != affected_sop_instance.strip():
+        raise SOPInstanceMismatch("SOPInstanceUID differs from Affected SOP Instance UID")
+    study = _uid(ds, "StudyInstanceUID")
+    series = _uid(ds, "SeriesInstanceUID")
+    assert study is not None and series is not None
+    modality = _text(ds, "Modality")
+    if sop_class in CT_STORAGE_CLASSES and modality != "CT":
+        raise ModalityMismatch(f"Modality {modality[:8] or '(empty)'!r} in a CT storage SOP class")
+    for_uid = _uid(ds, "FrameOfReferenceUID", required=False)
+
+    multiframe = sop_class in MULTIFRAME_CLASSES
+    if multiframe:
+        plane_pos = _functional_group(ds, "PlanePositionSequence")
+        plane_ori = _functional_group(ds, "PlaneOrientationSequence")
+        measures = _functional_group(ds, "PixelMeasuresSequence")
+        position = _floats(plane_pos.get("ImagePositionPatient") if plane_pos else None, 3)
+        orientation = _floats(plane_ori.get("ImageOrientationPatient") if plane_ori else None, 6)
+        spacing = _floats(measures.get("PixelSpacing") if measures else None, 2)
+    else:
+        position = _floats(ds.get("ImagePositionPatient"), 3)
+        orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+        spacing = _floats(ds.get("PixelSpacing"), 2)
+    missing = [name for name, value in (("FrameOfReferenceUID", for_uid), ("ImagePositionPatient", position),
+                                        ("ImageOrientationPatient", orientation), ("PixelSpacing", spacing))
+               if value is None]
+    if missing:
+        raise MissingGeometry("missing or invalid " + ", ".join(missing))
+
+    image_type = ds.get("ImageType")
+    if not image_type:
+        image_type_t: tuple[str, ...] = ()
+    elif isinstance(image_type, str):
+        image_type_t = (image_type,)
+    else:
+        image_type_t = tuple(str(v) for v in image_type)
+    return InstanceMeta(
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=transfer_syntax_uid,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        frame_of_reference_uid=for_uid,
+        modality=modality,
+        series_description=_text(ds, "SeriesDescription"),
+        protocol_name=_text(ds, "ProtocolName"),
+        image_comments=_text(ds, "ImageComments"),
+        image_type=image_type_t,
+        series_number=_int(ds, "SeriesNumber"),
+        instance_number=_int(ds, "InstanceNumber"),
+        image_position=position,  # type: ignore[arg-type]
+        image_orientation=orientation,
+        nominal_phase_percent=_find_phase_percent(ds),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+    )
+
+
+# (tag, keyword, VR) of every element instance_meta reads from a classic CT header.
+_FAST_TAGS: dict[int, tuple[str, bytes]] = {
+    0x00080005: ("SpecificCharacterSet", b"CS"),
+    0x00080008: ("ImageType", b"CS"),
+    0x00080016: ("SOPClassUID", b"UI"),
+    0x00080018: ("SOPInstanceUID", b"UI"),
+    0x00080060: ("Modality", b"CS"),
+    0x0008103E: ("SeriesDescription", b"LO"),
+    0x00181030: ("ProtocolName", b"LO"),
+    0x0020000D: ("StudyInstanceUID", b"UI"),
+    0x0020000E: ("SeriesInstanceUID", b"UI"),
+    0x00200011: ("SeriesNumber", b"IS"),
+    0x00200013: ("InstanceNumber", b"IS"),
+    0x00200032: ("ImagePositionPatient", b"DS"),
+    0x00200037: ("ImageOrientationPatient", b"DS"),
+    0x00200052: ("FrameOfReferenceUID", b"UI"),
+    0x00204000: ("ImageComments", b"LT"),
+    0x00209245: ("NominalPercentageOfRespiratoryPhase", b"FL"),
+    0x00280008: ("NumberOfFrames", b"IS"),
+    0x00280010: ("Rows", b"US"),
+    0x00280011: ("Columns", b"US"),
+    0x00280030: ("PixelSpacing", b"DS"),
+}
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_UNDEFINED = 0xFFFFFFFF
+
+
+class _NotFast(Exception):
+    """Anything the fast scanner does not handle exactly: pydicom takes over."""
+
+
+def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
+    """(tag, VR or b"", value length, header length) of the element at ``pos``."""
+    group, elem = struct.unpack_from("<HH", buf, pos)
+    tag = group << 16 | elem
+    if group == 0xFFFE or not explicit:
+        (length,) = struct.unpack_from("<L", buf, pos + 4)
+        return tag, b"", length, 8
+    vr = buf[pos + 4:pos + 6]
+    if vr in _LONG_VRS:
+        (length,) = struct.unpack_from("<L", buf, pos + 8)
+        return tag, vr, length, 12
+    (length,) = struct.unpack_from("<H", buf, pos + 6)
+    return tag, vr, length, 8
+
+
+def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int:
+    """Position after an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > 16:
+        raise _NotFast
+    while True:
+        tag, _, length, hdr = _element(buf, pos, explicit)
+        if tag == 0xFFFEE0DD:  # sequence delimitation
+            return pos + 8
+        if tag != 0xFFFEE000:
+            raise _NotFast
+        pos += 8
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: walk its elements to the item delimitation
+            tag, _, length, hdr = _element(buf, pos, explicit)
+            if tag == 0xFFFEE00D:
+                pos += 8
+                break
+            pos += hdr
+            pos = _skip_sequence(buf, pos, explicit, depth + 1) if length == _UNDEFINED else pos + length
+            if pos > len(buf):
+                raise _NotFast
+
+
+def _fast_value(vr: bytes, raw: bytes, encoding: str) -> Any:
+    if vr == b"US":
+        if len(raw) != 2:
+            raise _NotFast
+        return struct.unpack("<H", raw)[0]
+    if vr == b"FL":
+        if len(raw) != 4:
+            raise _NotFast
+        return struct.unpack("<f", raw)[0]
+    text = raw.decode(encoding).rstrip(" \0")
+    if vr == b"UI":
+        return text
+    if vr == b"LT":
+        return text.rstrip()
+    if vr == b"DS":
+        return [float(v) for v in text.split("\\")] if text.strip() else ""
+    if vr == b"IS":
+        return int(text) if text.strip() else ""
+    values = [v.strip() for v in text.split("\\")]
+    if len(values) == 1:
+        return values[0]
+    if vr != b"CS":  # multi-valued LO: leave pydicom's representation to pydicom
+        raise _NotFast
+    return values
+
+
+def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str] | None:
+    """Header fields of a classic CT instance in Explicit/Implicit VR Little Endian, or None.
+
+    Scans element headers with ``struct`` instead of building a pydicom Dataset (the largest per-instance
+    CPU cost of ingest), checks that Pixel Data is complete like :func:`parse_header`, and gives up (None)
+    on anything unusual: other transfer syntaxes or SOP classes, unexpected VRs, character sets other
+    than ASCII / Latin-1 / UTF-8, out-of-order tags, malformed values.
+    """
+    try:
+        if encoded[128:132] != b"DICM":
+            return None
+        tag, _, meta_len, hdr = _element(encoded, 132, True)
+        if tag != 0x00020000:
+            return None
+        pos, meta_end = 132 + hdr + 4, 132 + hdr + 4 + struct.unpack_from("<L", encoded, 132 + hdr)[0]
+        ts = ""
+        while pos < meta_end:
+            tag, _, length, hdr = _element(encoded, pos, True)
+            if tag == 0x00020010:
+                ts = encoded[pos + hdr:pos + hdr + length].decode("ascii").rstrip(" \0")
+            pos += hdr + length
+        if ts not in (_EXPLICIT_LE, _IMPLICIT_LE) or pos != meta_end:
+            return None
+        explicit = ts == _EXPLICIT_LE
+        raw: dict[int, tuple[bytes, bytes]] = {}
+        last, end = -1, len(encoded)
+        while True:
+            if pos + 8 > end:
+                return None  # no Pixel Data: pydicom reports it
+            tag, vr, length, hdr = _element(encoded, pos, explicit)
+            if tag == 0x7FE00010:
+                break
+            if tag <= last or tag >> 16 in (0x0002, 0xFFFE):
+                return None
+            last = tag
+            if length == _UNDEFINED:
+                if tag in _FAST_TAGS:
+                    return None
+                pos = _skip_sequence(encoded, pos + hdr, explicit)
+            else:
+                if tag in _FAST_TAGS:
+                    want = _FAST_TAGS[tag][1]
+                    if explicit and vr != want:
+                        return None
+                    raw[tag] = (want, encoded[pos + hdr:pos + hdr + length])
+                pos += hdr + length
+            if pos > end:
+                return None
+        _check_pixel_element(encoded, pos, implicit=not explicit, little=True)
+        charset = raw.pop(0x00080005, (b"", b""))[1].decode("ascii").strip(" \0")
+        if charset not in ("", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"):
+            return None
+        encoding = "utf-8" if charset == "ISO_IR 192" else "latin-1"
+        values = {_FAST_TAGS[t][0]: _fast_value(vr, v, encoding) for t, (vr, v) in raw.items()}
+    except (_NotFast, IngestError, struct.error, ValueError, UnicodeDecodeError, IndexError):
+        return None
+    if values.get("SOPClassUID") != CT_IMAGE_STORAGE:
+        return None
+    return values, ts
+
+
+def meta_from_bytes(encoded: bytes, **kwargs: Any) -> InstanceMeta:
+    """Parse and validate a Part 10 byte string (see :func:`instance_meta` for ``kwargs``).
+
+    Classic CT in little-endian VR goes through :func:`_fast_header` (a ~20x cheaper scan); anything it
+    does not handle exactly is parsed by pydicom, which also produces every refusal reason.
+    """
+    fast = _fast_header(encoded)
+    if fast is not None:
+        return instance_meta(fast[0], fast[1], **kwargs)
+    return meta_via_pydicom(encoded, **kwargs)
+
+
+def meta_via_pydicom(encoded: bytes, **kwargs: Any) -> InstanceMeta:
+    """:func:`meta_from_bytes` without the fast scan (any SOP class, transfer syntax or character set)."""
+    ds = parse_header(encoded)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    try:
+        return instance_meta(ds, ts, **kwargs)
+    except IngestError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        # a malformed value pydicom only notices when the element is accessed
+        raise UndecodableDataset(f"cannot decode header value: {type(exc).__name__}") from None
+
+
+# --------------------------------------------------------------------------------------------- the spool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    meta TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, received_at);
+"""
+
+
+class Spool:
+    """Local-directory spool; every method is thread-safe (one SQLite connection behind a lock).
+
+    ``min_free_bytes``: :meth:`store` refuses with :class:`SpoolFull` when the file would leave less than this
+    free on the spool's file system. ``fsync=False`` is for tests and benchmarks only.
+    """
+
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._known_dirs: set[Path] = set()
+        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=30.0,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'NORMAL' if fsync else 'OFF'}")
+        self._db.executescript(_SCHEMA)
+        self._remove_stale_parts()
+
+    # -- writing
+
+    def store(self, meta: InstanceMeta, encoded: bytes) -> Path:
+        """Write ``encoded`` durably then index it; idempotent per SOP Instance UID. Returns the file path."""
+        for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
+            if not _UID_RE.match(uid) or len(uid) > 64:
+                raise InvalidIdentifier("UID not usable as a spool path")
+        if self.free_bytes() - len(encoded) < self.min_free_bytes:
+            raise SpoolFull("spool below its free-space watermark")
+        series_dir = self.root / meta.study_instance_uid / meta.series_instance_uid
+        final = series_dir / f"{meta.sop_instance_uid}.dcm"
+        tmp = series_dir / f".{meta.sop_instance_uid}.{threading.get_ident()}{_TMP_SUFFIX}"
+        for attempt in (1, 2):
+            try:
+                self._ensure_dir(series_dir)
+                self._write_durably(tmp, final, encoded)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise SpoolUnavailable("spool directory vanished during the write") from None
+                self._known_dirs.discard(series_dir)  # removed behind our back (e.g. a purge): recreate
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpoolFull("spool file system is full") from None
+                name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                raise SpoolUnavailable(f"spool write failed: {name}") from None
+        self._index(meta, final, len(encoded))
+        return final
+
+    def _write_durably(self, tmp: Path, final: Path, encoded: bytes) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(encoded)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(final.parent)
+
+    def _ensure_dir(self, series_dir: Path) -> None:
+        if series_dir in self._known_dirs:
+            return
+        with self._lock:
+            created = []
+            for d in (series_dir.parent, series_dir):
+                if not d.is_dir():
+                    d.mkdir(exist_ok=True)
+                    created.append(d)
+            if self.fsync:
+                for d in created:
+                    _fsync_dir(d.parent)
+            self._known_dirs.add(series_dir)
+
+    def _index(self, meta: InstanceMeta, path: Path, size: int, received_at: float | None = None) -> None:
+        rel = path.relative_to(self.root).as_posix()
+        with self._lock:
+            old = self._db.execute("SELECT path FROM instances WHERE sop_instance_uid = ?",
+                                   (meta.sop_instance_uid,)).fetchone()
+            self._db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, rel, size,
+                 time.time() if received_at is None else received_at, meta.to_json()),
+            )
+        if old is not None and old[0] != rel:
+            # Same instance re-sent under another study/series: keep only the newest copy.
+            (self.root / old[0]).unlink(missing_ok=True)
+            LOG.warning("instance moved within the spool: %s -> %s", old[0], rel)
+
+    def remove_study(self, study_uid: str) -> int:
+        """Delete a study's files and index rows (after export); returns the number of instances removed."""
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM instances WHERE study_instance_uid = ?",
+                                    (study_uid,)).fetchall()
+            self._db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
+            self._known_dirs = {d for d in self._known_dirs if d.parent.name != study_uid}
+        if _UID_RE.match(study_uid):
+            shutil.rmtree(self.root / study_uid, ignore_errors=True)
+        return len(rows)
+
+    # -- reading
+
+    def study_uids(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT study_instance_uid FROM instances ORDER BY study_instance_uid").fetchall()
+        return [r[0] for r in rows]
+
+    def instances(self, study_uid: str) -> list[tuple[InstanceMeta, Path]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT meta, path FROM instances WHERE study_instance_uid = ? ORDER BY series_instance_uid, "
+                "received_at", (study_uid,)).fetchall()
+        return [(InstanceMeta.from_json(m), self.root / p) for m, p in rows]
+
+    def last_received(self, study_uid: str) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(received_at) FROM instances WHERE study_instance_uid = ?",
+                                   (study_uid,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- recovery
+
+    def reconcile(self) -> tuple[int, int]:
+        """Make the index match the files: index durable files it lacks, drop rows whose file is gone.
+
+        Returns ``(indexed, dropped)``. Files that fail today's header rules are left alone and logged.
+        """
+        with self._lock:
+            rows = dict(self._db.execute("SELECT path, sop_instance_uid FROM instances").fetchall())
+        on_disk = {p.relative_to(self.root).as_posix(): p for p in self.root.glob("*/*/*.dcm")}
+        indexed = dropped = 0
+        for rel, path in on_disk.items():
+            if rel in rows:
+                continue
+            try:
+                raw = path.read_bytes()
+                meta = meta_from_bytes(raw)
+            except (OSError, IngestError) as exc:
+                LOG.warning("spool file %s not indexed: %s", rel, exc)
+                continue
+            if path != self.root / meta.study_instance_uid / meta.series_instance_uid / \
+                    f"{meta.sop_instance_uid}.dcm":
+                LOG.warning("spool file %s does not match its header UIDs; not indexed", rel)
+                continue
+            self._index(meta, path, len(raw), received_at=path.stat().st_mtime)
+            indexed += 1
+        gone = [rel for rel in rows if rel not in on_disk]
+        if gone:
+            with self._lock:
+                self._db.executemany("DELETE FROM instances WHERE path = ?", [(g,) for g in gone])
+            dropped = len(gone)
+        if indexed or dropped:
+            LOG.warning("spool index reconciled: %d file(s) re-indexed, %d missing file(s) dropped", indexed,
+                        dropped)
+        return indexed, dropped
+
+    def _remove_stale_parts(self) -> None:
+        """Drop temp files left by a crash mid-write (old enough not to belong to a live writer)."""
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for part in self.root.glob(f"*/*/.*{_TMP_SUFFIX}"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+            except OSError:
+                pass
