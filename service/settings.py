@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     structures: list[StructureSetting] = Field(default_factory=default_structures)
     temporal_min_phases: int = Field(3, ge=1)  # k: contiguous phases a component must be matched in
     temporal_min_overlap: float = Field(0.1, gt=0, le=1)
+    # annotated data (train / evaluate): RTSTRUCT ROI name (regex, full match, case-insensitive) -> structure
+    # name, e.g. {"(?i)lung[ _]?left": "Lung_L", "GTV.*": "GTVp"}; unmapped ROIs keep their base name
+    roi_map: dict[str, str] = Field(default_factory=dict)
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
 

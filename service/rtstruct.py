@@ -1,0 +1,515 @@
+"""RT Structure Set writing: per-phase contours and envelopes (ITV) of a 4DCT, as DICOM RTSTRUCT.
+
+Layouts (docs/rtstruct.md):
+
+- ``combined``: one RTSTRUCT with every structure on every phase (``GTVp^P40``) plus the envelopes (``ITV``),
+  referencing every phase series (and the AVG/MIP reference series when given, which then carries the ITV).
+- ``per-series``: one RTSTRUCT per phase series with that phase's structures and the envelopes, plus one per
+  reference series (AVG/MIP) holding the envelopes only.
+
+Output UIDs derive from the study key, the algorithm versions, the layout and the referenced series, so a
+re-run replaces the previous objects at the receiver instead of duplicating them. Contours trace voxel edges
+(:mod:`service.contours`). ContourData values are written as DS strings of at most 12 characters (0.1 um).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RTStructureSetStorage,
+    generate_uid,
+)
+
+from itvnode import __version__
+from service.contours import mask_to_contours
+from service.volume import Geometry
+
+if TYPE_CHECKING:
+    from service.settings import StructureSetting
+
+log = logging.getLogger(__name__)
+
+Layout = Literal["combined", "per-series"]
+LAYOUTS: tuple[str, ...] = ("combined", "per-series")
+HOLE_MODES: tuple[str, ...] = ("keyhole", "xor")
+MANUFACTURER = "itvnode"
+REVIEW_NOTE = "AUTOMATIC CONTOURS - review before clinical use"
+# RT Referenced Study: Detached Study Management (retired); the value RT writers commonly use (rt-utils too).
+_STUDY_REF_CLASS = "1.2.840.10008.3.1.2.3.1"
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
+_GEOMETRIC_TYPE = Tag(0x3006, 0x0042)
+_N_POINTS = Tag(0x3006, 0x0046)
+_CONTOUR_NUMBER = Tag(0x3006, 0x0048)
+_REF_CLASS = Tag(0x0008, 0x1150)
+_REF_INSTANCE = Tag(0x0008, 0x1155)
+_REF_FRAME = Tag(0x0008, 0x1160)
+_MAX_EXPLICIT_LEN = 0xFFFE  # 16-bit length of DS in explicit VR
+
+
+@dataclass(frozen=True)
+class RoiStyle:
+    """Display colour and RT ROI Interpreted Type ('' = no claim, a Type 2 empty value)."""
+
+    color: tuple[int, int, int] = (255, 0, 0)
+    interpreted_type: str = ""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What produced the masks; goes into ROIGenerationDescription, SoftwareVersions and the UIDs."""
+
+    model: str = "SAM 3"
+    model_version: str = "unknown"
+    adapter_version: str = "none"
+
+    @property
+    def description(self) -> str:
+        return f"itvnode {__version__}; {self.model} {self.model_version}; LoRA {self.adapter_version}"
+
+
+@dataclass(frozen=True)
+class _Roi:
+    name: str
+    style: RoiStyle
+    mask: np.ndarray  # (Z, Y, X) bool
+    geometry: Geometry  # series whose slices the contours reference
+
+
+@dataclass
+class _Plan:
+    key: str  # referenced-series part of the UID entropy
+    label_suffix: str
+    series: list[Geometry] = field(default_factory=list)
+    rois: list[_Roi] = field(default_factory=list)
+
+
+def phase_label(percent: float) -> str:
+    """``40.0 -> 'P40'``, ``12.5 -> 'P12.5'``."""
+    return f"P{percent:g}"
+
+
+def roi_name(base: str, percent: float) -> str:
+    """Per-phase ROI name, TG-263 style ``<name>^P<percent>``, at most 16 characters (base truncated)."""
+    suffix = "^" + phase_label(percent)
+    return base[: 16 - len(suffix)] + suffix
+
+
+def styles_from_settings(structures: Sequence[StructureSetting]) -> dict[str, RoiStyle]:
+    """Styles keyed by every name the engine emits (``Lung_L``/``Lung_R`` for split structures, envelopes)."""
+    out: dict[str, RoiStyle] = {}
+    for s in structures:
+        style = RoiStyle(tuple(s.color), s.interpreted_type)  # type: ignore[arg-type]
+        names = [f"{s.name}_L", f"{s.name}_R"] if s.split_laterality else [s.name]
+        for n in names:
+            out[n] = style
+        if s.envelope:
+            out[s.envelope_name or f"{s.name}_ITV"] = RoiStyle(
+                tuple(s.color),  # type: ignore[arg-type]
+                s.envelope_interpreted_type,
+            )
+    return out
+
+
+def _ds(v: float) -> str:
+    s = f"{v:.4f}".rstrip("0").rstrip(".")
+    return "0" if s == "-0" else s
+
+
+def _ds_texts(points: list[np.ndarray]) -> list[bytes]:
+    """ContourData of each contour as DS text: 4 decimals (0.1 um), trailing zeros dropped, <= 16 characters.
+
+    Vertices lie on a half-pixel lattice, so an ROI has few distinct coordinates: format each once.
+    """
+    if not points:
+        return []
+    flat = np.round(np.concatenate([p.ravel() for p in points]), 4)
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    text = np.array([_ds(v) for v in uniq.tolist()], dtype=object)[inverse]
+    out, start = [], 0
+    for p in points:
+        b = "\\".join(text[start : start + p.size].tolist()).encode("ascii")
+        start += p.size
+        out.append(b + b" " if len(b) % 2 else b)
+    return out
+
+
+def _raw(tag: BaseTag, vr: str, text: str, pad: bytes = b" ") -> RawDataElement:
+    """An element given as its encoded value: pydicom copies the bytes instead of validating and converting.
+
+    Contours are the bulk of a structure set (10^4 items, 10^6 coordinates): building them as regular
+    elements (and ContourData as DSfloat objects) would dominate the run time. The values are ASCII, so
+    their bytes are the same in explicit and implicit VR; :func:`_encoded_as_raw` tells the writer so.
+    """
+    b = text.encode("ascii")
+    if len(b) % 2:
+        b += pad
+    return RawDataElement(tag, vr, len(b), b, 0, False, True)
+
+
+def _image_ref(geom: Geometry, k: int) -> Dataset:
+    item = Dataset()
+    item[_REF_CLASS] = _raw(_REF_CLASS, "UI", geom.sop_class_uids[k], b"\0")
+    item[_REF_INSTANCE] = _raw(_REF_INSTANCE, "UI", geom.sop_instance_uids[k], b"\0")
+    frame = geom.frame_numbers[k]
+    if frame is not None:
+        item[_REF_FRAME] = _raw(_REF_FRAME, "IS", str(frame))
+    return item
+
+
+def _contour_sequence(roi: _Roi, keyhole: bool) -> tuple[list[Dataset], int]:
+    g = roi.geometry
+    contours = mask_to_contours(roi.mask, g.positions, g.pixel_spacing, g.orientation, keyhole=keyhole)
+    items: list[Dataset] = []
+    longest = 0
+    texts = _ds_texts([c.points for c in contours])
+    for n, (c, data) in enumerate(zip(contours, texts, strict=True), start=1):
+        item = Dataset()
+        item.ContourImageSequence = DicomSequence([_image_ref(g, c.slice_index)])
+        item[_GEOMETRIC_TYPE] = _raw(_GEOMETRIC_TYPE, "CS", "CLOSED_PLANAR")
+        item[_N_POINTS] = _raw(_N_POINTS, "IS", str(len(c.points)))
+        item[_CONTOUR_NUMBER] = _raw(_CONTOUR_NUMBER, "IS", str(n))
+        longest = max(longest, len(data))
+        item[_CONTOUR_DATA] = RawDataElement(_CONTOUR_DATA, "DS", len(data), data, 0, False, True)
+        items.append(item)
+    return items, longest
+
+
+def _encoded_as_raw(ds: Dataset, implicit: bool) -> None:
+    """Mark every nested item as already encoded in the output syntax, so its raw elements are copied."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if elem is None or elem.is_raw or elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            item.set_original_encoding(implicit, True, item._character_set)
+            _encoded_as_raw(item, implicit)
+
+
+def deterministic_uid(prefix: str | None, *parts: str) -> UID:
+    """A UID derived from ``parts`` under ``prefix`` (pydicom's root when None; never a random 2.25 UUID).
+
+    A site's UID root gets its trailing dot added; <= 40 characters leave >= 23 digits of hash.
+    """
+    if not prefix:
+        return generate_uid(entropy_srcs=list(parts))
+    if not prefix.endswith("."):
+        prefix += "."
+    if not re.fullmatch(r"([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.", prefix) or len(prefix) > 40:
+        raise ValueError(f"UID root {prefix!r}: digits and dots, no leading zeros, at most 40 characters")
+    return generate_uid(prefix=prefix, entropy_srcs=list(parts))
+
+
+def _check_inputs(
+    geometries: Sequence[Geometry],
+    phase_percents: Sequence[float],
+    masks: Mapping[str, np.ndarray],
+    envelopes: Mapping[str, np.ndarray],
+) -> None:
+    if not geometries:
+        raise ValueError("no phase geometries")
+    if len(geometries) != len(phase_percents):
+        raise ValueError(f"{len(geometries)} phase geometries but {len(phase_percents)} phase percents")
+    g0 = geometries[0]
+    for g in geometries[1:]:
+        if not g.same_grid(g0):
+            raise ValueError(
+                f"series {g.series_instance_uid} does not share the grid of {g0.series_instance_uid}"
+            )
+    if not masks and not envelopes:
+        raise ValueError("no structures to write (a structure set needs at least one ROI)")
+    if len({g.series_instance_uid for g in geometries}) != len(geometries):
+        raise ValueError("two phases share one SeriesInstanceUID")
+    if len({g.study_instance_uid for g in geometries}) != 1:
+        raise ValueError("phase series belong to different studies")
+    shape4 = (len(geometries), *g0.shape)
+    for name, m in masks.items():
+        if m.shape != shape4:
+            raise ValueError(f"mask {name!r} has shape {m.shape}, expected (phases, z, y, x) = {shape4}")
+    for name, m in envelopes.items():
+        if m.shape != g0.shape:
+            raise ValueError(f"envelope {name!r} has shape {m.shape}, expected (z, y, x) = {g0.shape}")
+    names = [roi_name(n, p) for n in masks for p in phase_percents] + list(envelopes)
+    if len(names) != len(set(names)):
+        raise ValueError(f"ROI names collide after the 16-character limit: {sorted(names)}")
+
+
+def _plans(
+    layout: str,
+    geometries: Sequence[Geometry],
+    phase_percents: Sequence[float],
+    masks: Mapping[str, np.ndarray],
+    envelopes: Mapping[str, np.ndarray],
+    styles: Mapping[str, RoiStyle],
+    references: Mapping[str, Geometry],
+) -> list[_Plan]:
+    g0 = geometries[0]
+    refs = {}
+    for kind, g in references.items():
+        if g.same_grid(g0):
+            refs[kind] = g
+        else:
+            log.warning(
+                "reference series %s (%s) does not share the phase grid: not referenced",
+                g.series_instance_uid,
+                kind,
+            )
+
+    def style(name: str) -> RoiStyle:
+        return styles.get(name, RoiStyle())
+
+    def phase_rois(p: int) -> list[_Roi]:
+        return [_Roi(roi_name(n, phase_percents[p]), style(n), m[p], geometries[p]) for n, m in masks.items()]
+
+    if layout == "combined":
+        env_geom = next(iter(refs.values()), g0)
+        plan = _Plan("combined", "4D", series=list(geometries) + list(refs.values()))
+        for n, m in masks.items():  # structure-major: GTVp^P0 .. GTVp^P90, then the next structure
+            plan.rois.extend(
+                _Roi(roi_name(n, pct), style(n), m[p], geometries[p]) for p, pct in enumerate(phase_percents)
+            )
+        plan.rois.extend(_Roi(n, style(n), e, env_geom) for n, e in envelopes.items())
+        return [plan]
+    if layout == "per-series":
+        plans = []
+        for p, g in enumerate(geometries):
+            plan = _Plan(
+                g.series_instance_uid, phase_label(phase_percents[p]), series=[g], rois=phase_rois(p)
+            )
+            plan.rois.extend(_Roi(n, style(n), e, g) for n, e in envelopes.items())
+            plans.append(plan)
+        for kind, g in refs.items() if envelopes else ():
+            plans.append(
+                _Plan(
+                    g.series_instance_uid,
+                    kind,
+                    series=[g],
+                    rois=[_Roi(n, style(n), e, g) for n, e in envelopes.items()],
+                )
+            )
+        return plans
+    raise ValueError(f"unknown RTSTRUCT layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def build_rtstructs(
+    *,
+    study_key: str,
+    identifiers: Mapping[str, str],
+    geometries: Sequence[Geometry],
+    phase_percents: Sequence[float],
+    masks: Mapping[str, np.ndarray],
+    envelopes: Mapping[str, np.ndarray],
+    styles: Mapping[str, RoiStyle] | None = None,
+    algorithm: Algorithm | None = None,
+    layout: str = "combined",
+    references: Mapping[str, Geometry] | None = None,
+    skipped: Mapping[str, str] | None = None,
+    uid_prefix: str | None = None,
+    series_number: int = 901,
+    holes: str = "keyhole",
+    now: datetime | None = None,
+) -> list[Dataset]:
+    """Build the RTSTRUCT(s) of one 4DCT.
+
+    ``geometries``/``phase_percents``: one per phase, in the order of the masks' P axis. ``masks``: structure
+    name -> bool (P, Z, Y, X); ``envelopes``: name (e.g. ``ITV``) -> bool (Z, Y, X). ``identifiers``: the
+    manifest's patient/study attributes. ``references``: kind (``AVG``/``MIP``) -> geometry of a reference
+    series. ``skipped``: structure -> reason, listed in StructureSetDescription. ``uid_prefix``: the site's
+    UID root (ending in '.'); default pydicom's. Empty masks give an ROI without ContourSequence. ``holes``:
+    ``keyhole`` (one contour per outer boundary, holes cut in through a zero-width channel: right for
+    receivers that OR or XOR the contours of a slice) or ``xor`` (holes as separate inner contours).
+    """
+    if holes not in HOLE_MODES:
+        raise ValueError(f"unknown hole encoding {holes!r}; expected one of {HOLE_MODES}")
+    algorithm = algorithm or Algorithm()
+    styles = styles or {}
+    references = references or {}
+    skipped = skipped or {}
+    now = now or datetime.now(UTC)
+    _check_inputs(geometries, phase_percents, masks, envelopes)
+    plans = _plans(layout, geometries, phase_percents, masks, envelopes, styles, references)
+    version_key = f"{algorithm.model} {algorithm.model_version} {algorithm.adapter_version}"
+    out = []
+    for i, plan in enumerate(plans):
+        series_uid = deterministic_uid(uid_prefix, study_key, version_key, layout, plan.key, "series")
+        sop_uid = deterministic_uid(uid_prefix, study_key, version_key, layout, plan.key, "instance")
+        ds = _dataset(
+            plan,
+            identifiers,
+            algorithm,
+            skipped,
+            series_uid,
+            sop_uid,
+            series_number + i,
+            now,
+            holes == "keyhole",
+        )
+        out.append(ds)
+        log.info(
+            "study %s: RTSTRUCT %s (%s, %s): %d ROIs, %d contours",
+            study_key,
+            sop_uid,
+            layout,
+            plan.label_suffix,
+            len(plan.rois),
+            sum(len(r.get("ContourSequence", [])) for r in ds.ROIContourSequence),
+        )
+    return out
+
+
+def _description(algorithm: Algorithm, skipped: Mapping[str, str]) -> str:
+    text = f"{REVIEW_NOTE}. Generated by {algorithm.description}."
+    if skipped:
+        text += " Not contoured: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."
+    return text[:1024]
+
+
+def _dataset(
+    plan: _Plan,
+    identifiers: Mapping[str, str],
+    algorithm: Algorithm,
+    skipped: Mapping[str, str],
+    series_uid: UID,
+    sop_uid: UID,
+    series_number: int,
+    now: datetime,
+    keyhole: bool,
+) -> Dataset:
+    g0 = plan.series[0]
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds = Dataset()
+    texts = [str(v) for v in identifiers.values()]
+    if any(not t.isascii() for t in texts):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    # SOP Common
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    # Patient, General Study (Type 2 attributes present even when empty)
+    for key in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        setattr(ds, key, str(identifiers.get(key, "") or ""))
+    if identifiers.get("StudyDescription"):
+        ds.StudyDescription = str(identifiers["StudyDescription"])
+    ds.StudyInstanceUID = g0.study_instance_uid
+    # RT Series
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = f"itvnode {plan.label_suffix} - review before clinical use"[:64]
+    ds.OperatorsName = ""
+    # General Equipment
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "itvnode 4DCT auto-contouring"
+    ds.SoftwareVersions = [
+        f"itvnode {__version__}",
+        f"{algorithm.model} {algorithm.model_version}"[:64],
+        f"LoRA {algorithm.adapter_version}"[:64],
+    ]
+    # Frame of Reference
+    ds.FrameOfReferenceUID = g0.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    # Structure Set
+    ds.StructureSetLabel = f"AUTO {plan.label_suffix}"[:16]
+    ds.StructureSetName = f"itvnode {plan.label_suffix}"[:64]
+    ds.StructureSetDescription = _description(algorithm, skipped)
+    ds.InstanceNumber = 1
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_of_reference(plan)])
+    # Approval: machine output is never approved
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    ssroi, roic, obs = [], [], []
+    longest = 0
+    for number, roi in enumerate(plan.rois, start=1):
+        s = Dataset()
+        s.ROINumber = number
+        s.ReferencedFrameOfReferenceUID = g0.frame_of_reference_uid
+        s.ROIName = roi.name
+        s.ROIGenerationAlgorithm = "AUTOMATIC"
+        s.ROIGenerationDescription = algorithm.description[:64]
+        ssroi.append(s)
+        c = Dataset()
+        c.ReferencedROINumber = number
+        c.ROIDisplayColor = list(roi.style.color)
+        items, n_bytes = _contour_sequence(roi, keyhole)
+        longest = max(longest, n_bytes)
+        if items:  # Type 3: an empty structure keeps its ROI without contours
+            c.ContourSequence = DicomSequence(items)
+        roic.append(c)
+        o = Dataset()
+        o.ObservationNumber = number
+        o.ReferencedROINumber = number
+        o.ROIObservationLabel = roi.name
+        o.RTROIInterpretedType = roi.style.interpreted_type
+        o.ROIInterpreter = ""
+        obs.append(o)
+    ds.StructureSetROISequence = DicomSequence(ssroi)
+    ds.ROIContourSequence = DicomSequence(roic)
+    ds.RTROIObservationsSequence = DicomSequence(obs)
+
+    # DS lengths are 16-bit in explicit VR; a very long contour needs the implicit syntax.
+    implicit = longest > _MAX_EXPLICIT_LEN
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"ITVNODE_{__version__}"[:16]
+    ds.file_meta = meta
+    _encoded_as_raw(ds, implicit)
+    return ds
+
+
+def _frame_of_reference(plan: _Plan) -> Dataset:
+    series_items = []
+    for g in plan.series:
+        s = Dataset()
+        s.SeriesInstanceUID = g.series_instance_uid
+        s.ContourImageSequence = DicomSequence([_image_ref(g, k) for k in range(len(g.sop_instance_uids))])
+        series_items.append(s)
+    study = Dataset()
+    study.ReferencedSOPClassUID = _STUDY_REF_CLASS
+    study.ReferencedSOPInstanceUID = plan.series[0].study_instance_uid
+    study.RTReferencedSeriesSequence = DicomSequence(series_items)
+    f = Dataset()
+    f.FrameOfReferenceUID = plan.series[0].frame_of_reference_uid
+    f.RTReferencedStudySequence = DicomSequence([study])
+    return f
+
+
+def write_rtstruct(ds: Dataset, out_dir: str | Path) -> Path:
+    """Write ``RS.<SOPInstanceUID>.dcm`` under ``out_dir`` (atomic rename); a re-run overwrites that name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"RS.{ds.SOPInstanceUID}.dcm"
+    tmp = path.with_suffix(".dcm.tmp")
+    implicit = ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    ds.save_as(tmp, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    tmp.replace(path)
+    return path
