@@ -1,0 +1,546 @@
+"""The segmentation pipeline of one study, a plain function (the Celery task and ``itvnode segment`` call it).
+
+manifest -> 4D HU volume + geometry (service.volume) -> engine (models.engine.segment_volume: SAM 3 per slice,
+temporal filter, connectivity, ITV) -> RTSTRUCT(s) (service.rtstruct) -> result files kept with the study ->
+outbox (service.outbox) -> export enqueued.
+
+State lives in the manifest (``processing`` -> ``exporting`` -> ``done`` | ``failed``) with the reason and the
+timings of each stage under ``results``; nothing else is needed to resume or to report.
+
+Idempotency (a re-delivered or re-queued message):
+
+* the same task id that already finished the study does nothing;
+* a finished study (``exporting``/``done``) whose result files are kept is not computed again: its outbox item
+  is re-enqueued while still active, or its files are put into a fresh outbox item (same SOP Instance UIDs, so
+  the receiver replaces instead of duplicating) when the earlier delivery is finished;
+* otherwise the study is computed; output UIDs are deterministic, so a computation interrupted by a crash and
+  run again produces the same objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest
+from service.outbox import Outbox, RetryPolicy
+from service.settings import Destination
+from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles, temporal_params
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = "results"  # data_dir/studies/<key>/results: the RTSTRUCT(s) and qa.json of the last run
+QA_FILE = "qa.json"
+RUNNABLE_STATES = frozenset({"complete", "queued", "processing", "failed", "exporting", "done"})
+
+EnqueueExport = Callable[[str], Any]
+
+
+class PipelineError(RuntimeError):
+    """A study cannot be processed; the message is the reason recorded in the manifest."""
+
+
+@dataclass
+class StudyOutcome:
+    study_key: str
+    state: str
+    reason: str | None = None
+    files: list[Path] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    computed: bool = False  # False when an earlier result was re-used (re-send) or nothing was done
+
+
+class _Stages:
+    """Wall time per stage, in the order run."""
+
+    def __init__(self, study_key: str) -> None:
+        self.study_key = study_key
+        self.timings: dict[str, float] = {}
+        self.current = ""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.current = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+        log.info("study %s: %s done in %.2f s", self.study_key, name, self.timings[name])
+
+
+def results_dir(data_dir: Path, study_key: str) -> Path:
+    return manifest_path(data_dir, study_key).parent / RESULTS_DIR
+
+
+def _receive_timings(data_dir: Path, m: Manifest) -> dict[str, float]:
+    """``receive`` (first to last instance) and ``quiet`` (last instance to queued) from the spool index."""
+    index = Path(data_dir) / "spool" / "index.sqlite"
+    out: dict[str, float] = {}
+    if not index.exists():
+        return out
+    try:
+        con = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5.0)
+        try:
+            row = con.execute(
+                "SELECT MIN(received_at), MAX(received_at) FROM instances WHERE study_instance_uid = ?",
+                (m.study_instance_uid,),
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        log.debug("study %s: no receive timings: %s", m.study_key, exc)
+        return out
+    if not row or row[0] is None:
+        return out
+    first, last = float(row[0]), float(row[1])
+    out["receive"] = round(last - first, 4)
+    # the assembler's decision: the first "complete" after the last "collecting"
+    start = max((i for i, h in enumerate(m.history) if h.state == "collecting"), default=-1)
+    assembled = [h.at for h in m.history[start + 1 :] if h.state in ("complete", "queued")][:1]
+    if assembled:
+        try:
+            at = datetime.fromisoformat(assembled[-1].replace("Z", "+00:00")).timestamp()
+            out["quiet"] = round(max(0.0, at - last), 4)
+        except ValueError:
+            pass
+    return out
+
+
+def _update(path: Path, fn: Callable[[Manifest], None]) -> Manifest:
+    def apply(m: Manifest) -> Manifest:
+        fn(m)
+        return m
+
+    return update_manifest(path, apply)
+
+
+def _kept_files(data_dir: Path, m: Manifest) -> list[Path]:
+    names = m.results.get("files") or []
+    files = [Path(data_dir) / n for n in names]
+    return files if files and all(f.is_file() for f in files) else []
+
+
+def _worker_identity() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid()}
+
+
+def _algorithm(seg: LoadedSegmenter) -> Any:
+    from service.rtstruct import Algorithm
+
+    info = seg.version_info
+    if seg.segmenter is None:
+        return Algorithm(model="SAM 3", model_version="not loaded", adapter_version="none")
+    adapter = info.get("adapter")
+    adapter_version = "none"
+    if isinstance(adapter, dict):
+        adapter_version = f"{adapter.get('name', 'adapter')} {str(adapter.get('sha256', ''))[:12]}".strip()
+    name = str(info.get("model", "SAM 3"))
+    version = str(info.get("version", "unknown"))
+    version = version[len(name) :].strip() if version.startswith(name) else version  # name is its prefix
+    model = f"{name} (UNTRAINED)" if info.get("trained") is False else name
+    return Algorithm(model=model, model_version=version or "unknown", adapter_version=adapter_version)
+
+
+def process_study(
+    study_key: str,
+    data_dir: Path,
+    config: EngineConfig,
+    segmenter: LoadedSegmenter | Callable[[], LoadedSegmenter],
+    destinations: Sequence[Destination],
+    *,
+    enqueue_export: EnqueueExport | None = None,
+    retry_policy: RetryPolicy | None = None,
+    task_id: str | None = None,
+    uid_prefix: str | None = None,
+    worker_info: dict[str, Any] | None = None,
+) -> StudyOutcome:
+    """Segment the study ``study_key`` under ``data_dir`` and hand its RTSTRUCT(s) to the outbox.
+
+    ``segmenter``: the process's :class:`LoadedSegmenter`, or a function returning it (called once the study
+    is marked ``processing``; its time is the ``model`` stage). Its ``segmenter`` None: SAM 3 structures are
+    skipped with its ``unavailable_reason``). ``destinations``: where the export sends the result (none: the
+    result is kept with the study and the study is ``done`` with a note). ``enqueue_export(item_id)`` queues
+    the delivery; None leaves that to the outbox sweep. Failures are recorded in the manifest (state
+    ``failed`` with the stage and reason) and re-raised.
+    """
+    data_dir = Path(data_dir)
+    path = manifest_path(data_dir, study_key)
+    if not path.is_file():
+        raise PipelineError(f"study {study_key}: no manifest at {path}")
+    m = load_manifest(path)
+    if m.state not in RUNNABLE_STATES:
+        reason = f"state is {m.state!r}{f' ({m.reason})' if m.reason else ''}: not assembled, nothing to do"
+        log.warning("study %s: %s", study_key, reason)
+        return StudyOutcome(study_key, m.state, reason)
+
+    handled = list(m.results.get("task_ids") or [])
+    if task_id is not None and task_id in handled and m.state in ("exporting", "done"):
+        log.info(
+            "study %s: task %s already finished this study (duplicate delivery): nothing to do",
+            study_key,
+            task_id,
+        )
+        return StudyOutcome(
+            study_key, m.state, "duplicate delivery", item_ids=list(m.results.get("items", []))
+        )
+
+    outbox = Outbox(data_dir / "outbox", retry_policy or RetryPolicy())
+    kept = _kept_files(data_dir, m)
+    export_failed = m.state == "failed" and bool(m.results.get("items"))
+    if kept and (m.state in ("exporting", "done") or export_failed):
+        return _resend(path, m, kept, outbox, destinations, enqueue_export, task_id)
+
+    stages = _Stages(study_key)
+    stages.timings.update(_receive_timings(data_dir, m))
+
+    def start(mm: Manifest) -> None:
+        set_state(mm, "processing", None)
+        mm.task_id = task_id
+        mm.results = {
+            "timings": dict(stages.timings),
+            "worker": worker_info or _worker_identity(),
+            "task_ids": handled,
+            "started_at": time.time(),
+        }
+
+    _update(path, start)
+    log.info("study %s: processing (task %s, %d phases)", study_key, task_id, len(m.phases))
+    try:
+        with stages.stage("model"):
+            segmenter = segmenter() if callable(segmenter) else segmenter
+        outcome = _compute(study_key, data_dir, m, config, segmenter, stages, uid_prefix)
+        with stages.stage("outbox"):
+            item_ids = _to_outbox(outbox, outcome.files, destinations, study_key)
+    except BaseException as exc:  # SoftTimeLimitExceeded is a BaseException in some Celery versions
+        reason = f"{stages.current or 'setup'}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, PipelineError | ValueError):
+            reason = f"{stages.current}: {exc}"
+
+        def failed(mm: Manifest) -> None:
+            set_state(mm, "failed", reason[:2000])
+            mm.results["timings"] = dict(stages.timings)
+
+        try:
+            _update(path, failed)
+        except Exception:  # never hide the original error behind a manifest problem
+            log.exception("study %s: could not record the failure", study_key)
+        log.error("study %s FAILED at %s: %s", study_key, stages.current, reason)
+        raise
+
+    outcome.item_ids = item_ids
+    seg_loaded = segmenter if isinstance(segmenter, LoadedSegmenter) else LoadedSegmenter(None)
+    outcome.timings = stages.timings
+    rel_files = [str(f.relative_to(data_dir)) for f in outcome.files]
+    if item_ids:
+        state, note = "exporting", None
+    else:
+        state = "done"
+        note = f"no destinations configured: RTSTRUCT kept in {results_dir(data_dir, study_key)}"
+        log.warning("study %s: %s", study_key, note)
+    if note is None:
+        note = skipped_note(outcome.skipped)
+
+    def finished(mm: Manifest) -> None:
+        set_state(mm, state, note[:2000] if note else None)
+        mm.results.update(
+            {
+                "timings": stages.timings,
+                "files": rel_files,
+                "items": item_ids,
+                "skipped": outcome.skipped,
+                "task_ids": [*handled, task_id] if task_id else handled,
+                "finished_at": time.time(),
+                "rtstruct_sop_instance_uids": outcome_uids(outcome.files),
+                "algorithm": _algorithm_dict(seg_loaded),
+            }
+        )
+
+    _update(path, finished)
+    outcome.state, outcome.reason = state, note
+    _enqueue(study_key, item_ids, enqueue_export)
+    return outcome
+
+
+def skipped_note(skipped: dict[str, str] | None) -> str | None:
+    """The reason text that keeps skipped structures visible in ``itvnode status``."""
+    if not skipped:
+        return None
+    return "skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+
+
+def _algorithm_dict(seg: LoadedSegmenter) -> dict[str, Any]:
+    a = _algorithm(seg)
+    return {
+        "model": a.model,
+        "model_version": a.model_version,
+        "adapter_version": a.adapter_version,
+        "sam3": "loaded" if seg.segmenter is not None else (seg.unavailable_reason or "not loaded"),
+    }
+
+
+def outcome_uids(files: Sequence[Path]) -> list[str]:
+    from pydicom.filereader import read_file_meta_info
+
+    return [str(read_file_meta_info(f).MediaStorageSOPInstanceUID) for f in files]
+
+
+def _compute(
+    study_key: str,
+    data_dir: Path,
+    m: Manifest,
+    config: EngineConfig,
+    segmenter: LoadedSegmenter,
+    stages: _Stages,
+    uid_prefix: str | None,
+) -> StudyOutcome:
+    from models.engine import segment_volume
+    from service.rtstruct import build_rtstructs, write_rtstruct
+    from service.volume import VolumeError, read_phases, read_series
+
+    if not m.phases:
+        raise PipelineError("the manifest lists no phases")
+    with stages.stage("load"):
+        try:
+            hu, geoms = read_phases(m, data_dir)
+        except VolumeError as exc:
+            raise PipelineError(f"phases rejected: {exc}") from exc
+        references: dict[str, Any] = {}
+        for ref in m.references:
+            try:
+                _, g = read_series([data_dir / f for f in ref.files])
+            except VolumeError as exc:
+                log.warning(
+                    "study %s: reference series %s (%s) not used: %s",
+                    study_key,
+                    ref.kind,
+                    ref.series_instance_uid,
+                    exc,
+                )
+                continue
+            if g.same_grid(geoms[0]):
+                references[ref.kind] = g
+            else:
+                log.warning(
+                    "study %s: reference series %s is on another grid: not referenced", study_key, ref.kind
+                )
+    spacing = geoms[0].spacing
+    log.info("study %s: volume %s, spacing %s mm", study_key, hu.shape, spacing)
+
+    with stages.stage("engine"):
+        result = segment_volume(
+            hu,
+            spacing,
+            list(config.structures),
+            segmenter.segmenter,
+            temporal=temporal_params(config),
+            phase_percents=[p.percent for p in m.phases],
+            study_key=study_key,
+        )
+    del hu
+    engine_total = stages.timings.pop("engine")
+    timing = result.qa.get("timing_s") if isinstance(result.qa, dict) else None
+    post = float(timing.get("postprocess", 0.0)) if isinstance(timing, dict) else 0.0
+    stages.timings["inference"] = round(max(0.0, engine_total - post), 4)  # SAM 3 + threshold structures
+    stages.timings["filter"] = round(post, 4)  # temporal filter, connectivity, envelopes, QA
+
+    skipped = dict(result.skipped)
+    if segmenter.segmenter is None and segmenter.unavailable_reason:
+        # the engine only knows "no segmenter": say why (missing directory, incomplete files, bad weights)
+        skipped = {k: segmenter.unavailable_reason for k in skipped}
+    if skipped:
+        log.warning(
+            "study %s: structures SKIPPED: %s", study_key, "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        )
+
+    with stages.stage("rtstruct"):
+        datasets = build_rtstructs(
+            study_key=study_key,
+            identifiers=m.identifiers,
+            geometries=geoms,
+            phase_percents=[p.percent for p in m.phases],
+            masks=result.masks,
+            envelopes=result.envelopes,
+            styles=roi_styles(config),
+            algorithm=_algorithm(segmenter),
+            layout=config.layout,
+            references=references,
+            skipped=skipped,
+            uid_prefix=uid_prefix or config.uid_root,
+            holes=config.rtstruct_holes,
+        )
+        out_dir = results_dir(data_dir, study_key)
+        for stale in out_dir.parent.glob(f".{RESULTS_DIR}.*"):  # left by a worker killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out_dir.with_name(f".{RESULTS_DIR}.{uuid.uuid4().hex}")
+        staging.mkdir(parents=True)
+        try:
+            files = [write_rtstruct(ds, staging) for ds in datasets]
+            qa = {
+                "study_key": study_key,
+                "qa": _jsonable(result.qa),
+                "skipped": skipped,
+                "timings": stages.timings,
+                "algorithm": _algorithm_dict(segmenter),
+                "layout": config.layout,
+                "files": [f.name for f in files],
+            }
+            (staging / QA_FILE).write_text(json.dumps(qa, indent=1) + "\n")
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            staging.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        files = [out_dir / f.name for f in files]
+    return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    """QA numbers as plain JSON (numpy scalars/arrays converted)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _to_outbox(
+    outbox: Outbox, files: Sequence[Path], destinations: Sequence[Destination], study_key: str
+) -> list[str]:
+    if not destinations or not files:
+        return []
+    item = outbox.put(list(files), list(destinations), study_key=study_key)
+    if item.finished:
+        # This exact result was already delivered (e.g. a crash after export, then a re-run): send it again
+        # as a new item; the receiver replaces the objects (same SOP Instance UIDs).
+        item = outbox.put(
+            list(files),
+            list(destinations),
+            study_key=study_key,
+            item_id=f"{item.item_id[:15]}-{uuid.uuid4().hex[:8]}",
+        )
+    return [item.item_id]
+
+
+def _enqueue(study_key: str, item_ids: Sequence[str], enqueue_export: EnqueueExport | None) -> None:
+    if enqueue_export is None:
+        return
+    for item_id in item_ids:
+        try:
+            enqueue_export(item_id)
+            log.info("study %s: export of outbox item %s enqueued", study_key, item_id)
+        except Exception as exc:  # the outbox sweep re-enqueues due items
+            log.error(
+                "study %s: could not enqueue export of %s (%s); the outbox sweep will retry",
+                study_key,
+                item_id,
+                exc,
+            )
+
+
+def _resend(
+    path: Path,
+    m: Manifest,
+    kept: list[Path],
+    outbox: Outbox,
+    destinations: Sequence[Destination],
+    enqueue_export: EnqueueExport | None,
+    task_id: str | None,
+) -> StudyOutcome:
+    """A finished study asked again: send the kept result (same UIDs) instead of computing it twice."""
+    key = m.study_key
+    active = [i for i in (m.results.get("items") or []) if (item := outbox.find(i)) and not item.finished]
+    item_ids = active or _to_outbox(outbox, kept, destinations, key)
+    log.info(
+        "study %s: already computed (%s); re-sending %d file(s) via outbox item(s) %s",
+        key,
+        m.state,
+        len(kept),
+        ", ".join(item_ids) or "(none: no destinations)",
+    )
+
+    def note(mm: Manifest) -> None:
+        if item_ids:
+            set_state(mm, "exporting", "re-send of the kept result")
+        mm.results["items"] = item_ids or mm.results.get("items", [])
+        if task_id:
+            mm.results["task_ids"] = [*(mm.results.get("task_ids") or []), task_id]
+
+    _update(path, note)
+    _enqueue(key, item_ids, enqueue_export)
+    return StudyOutcome(key, "exporting" if item_ids else m.state, "re-send", files=kept, item_ids=item_ids)
+
+
+def sync_export_state(data_dir: Path, study_key: str, outbox: Outbox | None = None) -> str | None:
+    """Mirror the outbox state of a study's items into its manifest: ``done`` once every destination has the
+    result, ``failed`` (with the dead-letter reason) when one gave up, else ``exporting`` with the last error.
+
+    Called after each export attempt. Returns the new state (None when the study has no manifest or items).
+    """
+    path = manifest_path(Path(data_dir), study_key)
+    if not path.is_file():
+        return None
+    outbox = outbox or Outbox(Path(data_dir) / "outbox")
+    m = load_manifest(path)
+    item_ids = list(m.results.get("items") or [])
+    if not item_ids or m.state not in ("exporting", "done", "failed"):
+        return None
+    states: list[tuple[str, Any]] = []
+    for item_id in item_ids:
+        item = outbox.find(item_id)
+        if item is not None:
+            states.extend(item.destinations.items())
+    if not states:
+        return None
+    dead = [(k, st) for k, st in states if st.status == "dead"]
+    pending = [(k, st) for k, st in states if st.status == "pending"]
+    reason: str | None
+    if dead:
+        state = "failed"
+        reason = "export failed: " + "; ".join(
+            f"{k}: {st.dead_reason} (dead letter {st.dead_letter})" for k, st in dead
+        )
+    elif pending:
+        state = "exporting"
+        errs = [
+            f"{k}: attempt {st.attempts} failed ({st.last_error}); retrying"
+            for k, st in pending
+            if st.last_error
+        ]
+        reason = "; ".join(errs) or skipped_note(m.results.get("skipped"))
+    else:
+        state = "done"
+        reason = skipped_note(m.results.get("skipped"))
+    if state == m.state and reason == m.reason:
+        return state
+
+    def apply(mm: Manifest) -> None:
+        if mm.state in ("exporting", "done", "failed") and (mm.state, mm.reason) != (state, reason):
+            set_state(mm, state, reason[:2000] if reason else None)
+            if state == "done":
+                now = time.time()
+                mm.results["delivered_at"] = now
+                started = mm.results.get("finished_at")
+                if isinstance(started, int | float):
+                    mm.results.setdefault("timings", {})["export"] = round(now - started, 4)
+
+    _update(path, apply)
+    log.log(
+        logging.ERROR if state == "failed" else logging.INFO,
+        "study %s: %s%s",
+        study_key,
+        state,
+        f" ({reason})" if reason else "",
+    )
+    return state
