@@ -1,1 +1,1 @@
-"""Numbers only: arrays in, masks out. Never imports pydicom. torch is imported lazily by the SAM 3 modules."""
+"""Numbers only: arrays in, masks out. Never imports pydicom; torch only in the SAM 3 and training modules."""
