@@ -179,6 +179,7 @@ class Settings(BaseSettings):
     roi_map: dict[str, str] = Field(default_factory=dict)
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
+    temporal_match: Literal["iou", "overlap"] = "iou"  # how temporal_min_overlap is measured
 
     # output
     layout: Literal["combined", "per-series"] = "combined"

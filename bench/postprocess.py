@@ -1,0 +1,345 @@
+"""Post-processing speed and memory: temporal filter + connectivity + ITV on a clinical-size 4DCT.
+
+Masks: the full-size breathing phantom (10 phases x 150 x 512 x 512, 0.98 x 0.98 x 2.5 mm) with the artifacts
+of bench/artifacts.py (boundary noise, specks, one-phase blobs, a dropped phase) for the five ROIs External,
+Lung_L, Lung_R, Heart, GTVp. Generated once into a cache file (bit-packed), then unpacked fresh for each run.
+
+Measured in this process, post-processing only (models.engine.postprocess):
+
+* wall time of our implementation (best and median of ``--repeat`` runs);
+* peak RSS while it runs: VmHWM after resetting it (``/proc/self/clear_refs``) just before the call; it
+  includes the input masks (5 x 393 MB) that any implementation must hold. Goal: <= 3 s and <= 4 GB on 2
+  cores;
+* the same rules written the straightforward way (the naive peer below: full-volume int32 labels, a Python
+  loop over every component for sizes / overlaps / rendering, full-volume hole filling, no threads), the
+  ratio, and a voxel-exact comparison of both outputs.
+
+    .venv/bin/python bench/postprocess.py                 # full size, about 2-4 minutes the first time
+    .venv/bin/python bench/postprocess.py --size medium   # 10 x 64 x 256 x 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.connectivity import ConnectivityParams  # noqa: E402
+from models.engine import OutputStructure, connectivity_params, output_structures, postprocess  # noqa: E402
+from models.structures import default_structures  # noqa: E402
+from models.temporal import TemporalParams  # noqa: E402
+
+ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
+GB = 1024**3
+
+
+# -- measurement ---------------------------------------------------------------------------------------------
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+def build_cache(path: Path, size: str, seed: int) -> None:
+    """Phantom truth + injected artifacts, bit-packed along x, saved as .npz (run in a child process)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from artifacts import inject_artifacts, phantom_spec
+
+    from models.phantom import make_phantom
+
+    ph = make_phantom(phantom_spec(size, seed=seed))
+    n_ph = ph.shape[0]
+    gt = {k: np.empty(ph.shape, bool) for k in ROIS}
+    x = ph.shape[3]
+    for p in range(n_ph):
+        packed = ph.phase_masks_packed(p)
+        for k in ROIS:
+            gt[k][p] = np.unpackbits(packed[k], axis=-1, count=x).astype(bool)
+    inj = inject_artifacts(gt, ph.spacing, seed=seed)
+    out: dict[str, np.ndarray] = {k: np.packbits(inj.masks[k] if k in inj.masks else gt[k], axis=-1)
+                                  for k in ROIS}
+    out["spacing"] = np.asarray(ph.spacing)
+    out["shape"] = np.asarray(ph.shape)
+    np.savez(path, **out)  # type: ignore[arg-type]
+
+
+def load_cache(path: Path) -> tuple[dict[str, np.ndarray], tuple[float, float, float], tuple[int, ...]]:
+    with np.load(path) as z:
+        packed = {k: z[k] for k in ROIS}
+        sp = tuple(float(v) for v in z["spacing"])
+        shape = tuple(int(v) for v in z["shape"])
+    return packed, (sp[0], sp[1], sp[2]), shape
+
+
+def unpack(packed: dict[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in packed.items():
+        arr = np.empty(shape, bool)
+        for p in range(shape[0]):
+            arr[p] = np.unpackbits(v[p], axis=-1, count=shape[3]).view(bool)
+        out[k] = arr
+    return out
+
+
+# -- the naive peer: same rules, written the straightforward way --------------------------------------------
+
+def _naive_fill(mask: np.ndarray, mode: str, max_hole: int | None) -> np.ndarray:
+    if mode == "none" or not mask.any():
+        return mask
+    if mode == "slice":
+        st = np.zeros((3, 3, 3), bool)
+        st[1] = ndi.generate_binary_structure(2, 1)
+    else:
+        st = ndi.generate_binary_structure(3, 1)
+    lab, n = ndi.label(~mask, st)
+    border = set(np.unique(lab[:, 0, :])) | set(np.unique(lab[:, -1, :])) | set(np.unique(lab[:, :, 0]))
+    border |= set(np.unique(lab[:, :, -1]))
+    if mode == "3d":
+        border |= set(np.unique(lab[0])) | set(np.unique(lab[-1]))
+    sizes = np.bincount(lab.ravel())
+    fill = np.zeros(n + 1, bool)
+    for i in range(1, n + 1):
+        fill[i] = i not in border and (max_hole is None or sizes[i] <= max_hole)
+    mask |= fill[lab]
+    return mask
+
+
+def naive_clean(masks: np.ndarray, spacing: Sequence[float], temporal: TemporalParams | None,
+                conn: ConnectivityParams) -> None:
+    """The temporal + connectivity rules of models/ with per-component Python loops, in place."""
+    n_ph = masks.shape[0]
+    st = ndi.generate_binary_structure(3, temporal.connectivity if temporal else conn.connectivity)
+    labels, objs, sizes = [], [], []
+    for p in range(n_ph):
+        lab, n = ndi.label(masks[p], st)
+        o = ndi.find_objects(lab)
+        labels.append(lab)
+        objs.append(o)
+        sizes.append({i: int(np.count_nonzero(lab[o[i - 1]] == i)) for i in range(1, n + 1)})
+    genuine = {(p, i) for p in range(n_ph) for i in sizes[p]}
+    k = min(temporal.min_phases, n_ph) if temporal else 1
+    if temporal is not None and n_ph > 1 and k > 1:
+        if temporal.max_centroid_mm is not None:
+            raise NotImplementedError("the naive peer implements the overlap rule only")
+
+        def matched(a: int, b: int) -> list[tuple[int, int]]:
+            out = []
+            for i, sl in enumerate(objs[a], 1):
+                other = labels[b][sl][labels[a][sl] == i]
+                other = other[other > 0]
+                for j, c in zip(*np.unique(other, return_counts=True), strict=True):
+                    sa, sb = sizes[a][i], sizes[b][int(j)]
+                    denom = min(sa, sb) if temporal.match == "overlap" else sa + sb - c
+                    if c >= temporal.min_overlap * denom:
+                        out.append((i, int(j)))
+            return out
+
+        adj: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
+        fwd: set[tuple[int, int]] = set()
+        bwd: set[tuple[int, int]] = set()
+        steps = [(p, p + 1) for p in range(n_ph - 1)]
+        if temporal.circular and n_ph > 2:
+            steps.append((n_ph - 1, 0))
+        for a, b in steps:
+            for i, j in matched(a, b):
+                adj[(a, i)].add((b, j))
+                adj[(b, j)].add((a, i))
+                fwd.add((a, i))
+                bwd.add((b, j))
+        if n_ph == 2 and temporal.circular:
+            fwd |= {(1, j) for (_, j) in [n for n in bwd if n[0] == 1]}
+            bwd |= {(0, i) for (_, i) in [n for n in fwd if n[0] == 0]}
+        for d in range(2, temporal.max_gap + 2):
+            for a in range(n_ph):
+                if temporal.circular:
+                    if 2 * d > n_ph or (2 * d == n_ph and a >= n_ph // 2):
+                        continue
+                    b = (a + d) % n_ph
+                elif a + d < n_ph:
+                    b = a + d
+                else:
+                    continue
+                for i, j in matched(a, b):
+                    if (a, i) not in fwd and (b, j) not in bwd:
+                        adj[(a, i)].add((b, j))
+                        adj[(b, j)].add((a, i))
+        seen: set[tuple[int, int]] = set()
+        genuine = set()
+        for start in [(p, i) for p in range(n_ph) for i in sizes[p]]:
+            if start in seen:
+                continue
+            track, queue = {start}, deque([start])
+            while queue:
+                node = queue.popleft()
+                for nb in adj[node]:
+                    if nb not in track:
+                        track.add(nb)
+                        queue.append(nb)
+            seen |= track
+            present = {p for p, _ in track}
+            for node in track:
+                if _naive_block_size(node[0], present, n_ph, temporal.max_gap, temporal.circular) >= k:
+                    genuine.add(node)
+    vcc = float(np.prod(spacing)) / 1000.0
+    max_hole = None if conn.max_hole_cc is None else int(np.floor(conn.max_hole_cc / vcc + 1e-9))
+    for p in range(n_ph):
+        cands = [(i, s) for i, s in sizes[p].items() if (p, i) in genuine and s * vcc >= conn.min_volume_cc]
+        cands.sort(key=lambda t: (-t[1], t[0]))
+        if conn.expected_components is not None:
+            cands = cands[: conn.expected_components]
+        out = np.zeros(masks.shape[1:], bool)
+        for i, _ in cands:
+            sl = objs[p][i - 1]
+            out[sl] |= labels[p][sl] == i
+        masks[p] = _naive_fill(out, conn.fill_holes, max_hole)
+
+
+def _naive_block_size(p: int, present: set[int], n_ph: int, max_gap: int, circular: bool) -> int:
+    """Present phases reachable from ``p`` stepping over at most ``max_gap`` missing phases at a time."""
+    def walk(step: int) -> list[int]:
+        got: list[int] = []
+        cur = p
+        while True:
+            nxt = None
+            for s in range(1, max_gap + 2):
+                q = cur + step * s
+                if circular:
+                    q %= n_ph
+                elif not 0 <= q < n_ph:
+                    break
+                if q == p:
+                    return got + [p]  # went round the circle
+                if q in present:
+                    nxt = q
+                    break
+            if nxt is None:
+                return got
+            got.append(nxt)
+            cur = nxt
+
+    fw = walk(1)
+    if fw and fw[-1] == p:
+        return len(present)
+    return 1 + len(fw) + len(walk(-1))
+
+
+def naive_postprocess(masks: dict[str, np.ndarray], spacing: Sequence[float],
+                      outputs: Sequence[OutputStructure], temporal: TemporalParams) -> dict[str, np.ndarray]:
+    envelopes: dict[str, np.ndarray] = {}
+    for out in outputs:
+        tp = temporal if out.spec.method == "sam3" else None
+        params = connectivity_params(out.spec)
+        if params is not None:
+            naive_clean(masks[out.name], spacing, tp, params)
+        if out.envelope_name:
+            envelopes[out.envelope_name] = np.asarray(masks[out.name].any(axis=0))
+    return envelopes
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("small", "medium", "full"), default="full")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-peer", action="store_true", help="skip the naive peer")
+    ap.add_argument("--cache", type=Path, default=None, help="mask cache (.npz); default under /tmp")
+    ap.add_argument("--build-cache", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.build_cache:
+        build_cache(a.build_cache, a.size, a.seed)
+        return 0
+    # the cache name carries a hash of the generators, so a changed phantom or injector rebuilds it
+    gen = hashlib.sha256((ROOT / "bench" / "artifacts.py").read_bytes()
+                         + (ROOT / "models" / "phantom.py").read_bytes()).hexdigest()[:12]
+    cache = a.cache or Path(f"/tmp/itvnode_bench_postprocess_{a.size}_{a.seed}_{gen}.npz")
+    if not cache.exists():
+        t = time.perf_counter()
+        tmp = cache.with_suffix(".tmp.npz")
+        subprocess.run([sys.executable, __file__, "--size", a.size, "--seed", str(a.seed), "--build-cache",
+                        str(tmp)], check=True)
+        tmp.rename(cache)
+        print(f"built masks cache {cache} in {time.perf_counter() - t:.0f} s")
+    packed, sp, shape = load_cache(cache)
+    outputs = [o for o in output_structures(default_structures()) if o.name in ROIS]
+    temporal = TemporalParams()
+    print(f"masks: {len(ROIS)} ROIs x {shape} bool, spacing {tuple(round(s, 3) for s in sp)} mm; "
+          f"{a.workers} worker thread(s); cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}")
+
+    times, cpus, peaks, incs = [], [], [], []
+    stages: dict[str, float] = defaultdict(float)
+    ours_packed: dict[str, np.ndarray] = {}
+    for r in range(a.repeat):
+        work = unpack(packed, shape)
+        base = rss_bytes("VmRSS")
+        resettable = reset_peak_rss()
+        t, c = time.perf_counter(), time.process_time()
+        envs, reports = postprocess(work, sp, outputs, temporal, a.workers)
+        times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+        if r == 0:
+            for rep in reports.values():
+                for stage, sec in rep.seconds.items():
+                    stages[stage] += sec
+        peak = rss_bytes("VmHWM") if resettable else rss_bytes("ru_maxrss")
+        peaks.append(peak)
+        incs.append(peak - base)
+        if r == 0:
+            ours_packed = {k: np.packbits(v, axis=-1) for k, v in work.items()}
+            ours_packed.update({k: np.packbits(v, axis=-1) for k, v in envs.items()})
+        del work, envs
+    input_gb = len(ROIS) * int(np.prod(shape)) / GB
+    print(f"ours : best {min(times):.2f} s, median {statistics.median(times):.2f} s over {a.repeat} run(s) "
+          f"(CPU {min(cpus):.2f} s); peak RSS {max(peaks) / GB:.2f} GB (inputs {input_gb:.2f} GB; "
+          f"+{max(incs) / GB:.2f} GB working set)")
+    print("where the time goes (first run, wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+          + f", envelopes and the rest {times[0] - sum(stages.values()):.2f}")
+    goal_t, goal_m = min(times) <= 3.0, max(peaks) <= 4 * GB
+    print(f"goal : <= 3 s {'MET' if goal_t else 'NOT MET'}, <= 4 GB {'MET' if goal_m else 'NOT MET'}")
+    if a.no_peer:
+        return 0
+    work = unpack(packed, shape)
+    t, c = time.perf_counter(), time.process_time()
+    envs = naive_postprocess(work, sp, outputs, temporal)
+    t_naive, c_naive = time.perf_counter() - t, time.process_time() - c
+    same = all(np.array_equal(np.packbits(work[k], axis=-1), ours_packed[k]) for k in ROIS)
+    same &= all(np.array_equal(np.packbits(v, axis=-1), ours_packed[k]) for k, v in envs.items())
+    print(f"naive: {t_naive:.2f} s (CPU {c_naive:.2f} s; per-component Python loops, full-volume int32 "
+          "labels, 1 thread)")
+    print(f"ratio: naive / ours = {t_naive / min(times):.1f}x; outputs identical: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The segmentation engine: a 4D HU volume in, cleaned per-phase masks, envelopes (ITV) and QA numbers out.
+
+Order of work (docs/postprocessing.md):
+
+1. Threshold structures (``method="threshold"``, e.g. External) per phase with
+   :func:`models.threshold.threshold_body`.
+2. SAM 3 structures: every slice of every phase goes through ``segmenter.predict`` with all prompts at once
+   (the vision features of a slice are computed once and reused for every prompt), phase by phase and in
+   slice chunks so that only one chunk of probabilities is ever in memory; probabilities are binarised at
+   0.5 (the segmenter applies each structure's ``score_threshold`` to instance scores, see
+   models/inference.py).
+3. Laterality split (``split_laterality``): voxel columns with x index >= the body midline are patient Left
+   (x grows towards patient Left, docs/internal-api.md), the rest Right. The midline of each phase is the x
+   centroid of the External (threshold) structure, or of :func:`threshold_body` when none is configured.
+4. Temporal filter (SAM 3 structures only: a HU threshold is deterministic per phase, and a persistent
+   couch or arm would survive it anyway) -> connectivity and hole filling -> envelope -> QA.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from models.connectivity import CleanReport, ConnectivityParams, FillMode, clean_phases
+from models.envelope import envelope
+from models.qa import QAParams, study_qa
+from models.structures import MAX_NAME_LEN, StructureSpec
+from models.temporal import TemporalParams
+from models.threshold import threshold_body
+
+log = logging.getLogger(__name__)
+
+SAM3_NOT_CONFIGURED = "SAM 3 weights not configured (ITVNODE_SAM3_DIR)"
+PROBABILITY_CUT = 0.5  # the segmenter's probability maps are the union of confident instances at 0.5
+ORGAN_MAX_HOLE_CC = 1.0  # organs: fill pinholes only; a tumour inside a lung stays out of the lung
+THRESHOLD_MIN_PART_CC = 5.0  # models.threshold.threshold_body's own floor for body parts (its default)
+PASSTHROUGH_NOTE = "threshold_body already applied connectivity and hole filling"
+
+
+class Segmenter(Protocol):
+    """What the engine needs of :class:`models.inference.Sam3Segmenter`."""
+
+    def predict(self, slices_hu: np.ndarray, prompts: Sequence[str],
+                score_threshold: float | Mapping[str, float] | None = None) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class OutputStructure:
+    """One ROI the engine produces: a spec, or one side of a spec split by laterality."""
+
+    name: str
+    spec: StructureSpec
+    side: Literal["L", "R"] | None = None
+    envelope_name: str | None = None
+
+
+def output_structures(specs: Sequence[StructureSpec]) -> list[OutputStructure]:
+    """Expand specs into output ROIs (``Lung`` -> ``Lung_L``, ``Lung_R``) with their envelope names.
+
+    An envelope without ``envelope_name`` is called ``<name>^ENV``; a split structure's envelope gets the side
+    suffix (``ITV_L``). Names must stay unique and within 16 characters.
+    """
+    out: list[OutputStructure] = []
+    for spec in specs:
+        env = (spec.envelope_name or f"{spec.name}^ENV") if spec.envelope else None
+        if spec.split_laterality:
+            for side in ("L", "R"):
+                out.append(OutputStructure(f"{spec.name}_{side}", spec, side,  # type: ignore[arg-type]
+                                           f"{env}_{side}" if env else None))
+        else:
+            out.append(OutputStructure(spec.name, spec, None, env))
+    names = [o.name for o in out] + [o.envelope_name for o in out if o.envelope_name]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"structure / envelope names are not unique: {dup}")
+    long = [n for n in names if len(n) > MAX_NAME_LEN]
+    if long:
+        raise ValueError(f"names longer than {MAX_NAME_LEN} characters: {long}")
+    return out
+
+
+def fill_mode(spec: StructureSpec) -> FillMode:
+    """How holes are filled: a body outline per slice, everything else in 3D."""
+    return "slice" if spec.interpreted_type == "EXTERNAL" else "3d"
+
+
+def connectivity_params(spec: StructureSpec) -> ConnectivityParams | None:
+    """Connectivity rules of one structure (docs/postprocessing.md); None: nothing left to do."""
+    if spec.method == "threshold":
+        # threshold_body already keeps the body parts above THRESHOLD_MIN_PART_CC and fills holes per slice
+        # and in 3D: relabelling the body of every phase would change nothing unless a count is set
+        if spec.expected_components is None and spec.min_volume_cc <= THRESHOLD_MIN_PART_CC:
+            return None
+        return ConnectivityParams(spec.expected_components, spec.min_volume_cc, "none")
+    max_hole = ORGAN_MAX_HOLE_CC if spec.interpreted_type in ("ORGAN", "AVOIDANCE", "CONTROL") else None
+    return ConnectivityParams(spec.expected_components, spec.min_volume_cc, fill_mode(spec), max_hole)
+
+
+@dataclass
+class EngineResult:
+    """Per-ROI bool (P, Z, Y, X) masks, per-envelope bool (Z, Y, X), QA dict, and what was skipped and why."""
+
+    masks: dict[str, np.ndarray]
+    envelopes: dict[str, np.ndarray]
+    qa: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
+    raw_masks: dict[str, np.ndarray] | None = None  # before temporal filter / connectivity (keep_raw=True)
+
+
+def body_midlines(body: np.ndarray) -> np.ndarray:
+    """x index of the body centroid per phase of a bool (P, Z, Y, X) body mask; image centre when empty."""
+    out = np.full(body.shape[0], (body.shape[3] - 1) / 2.0)
+    for p in range(body.shape[0]):
+        prof = np.add.reduce(body[p], axis=(0, 1), dtype=np.int64)
+        total = int(prof.sum())
+        if total:
+            out[p] = float(np.dot(prof, np.arange(prof.size))) / total
+    return out
+
+
+def split_sides(mask: np.ndarray, midline_x: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Left, Right) parts of a (..., X) mask: columns with x index >= ``midline_x`` are patient Left."""
+    left_cols = np.arange(mask.shape[-1]) >= midline_x
+    return mask & left_cols, mask & ~left_cols
+
+
+def postprocess(masks: dict[str, np.ndarray], spacing: Sequence[float], outputs: Sequence[OutputStructure],
+                temporal: TemporalParams | None = None, workers: int = 2) -> tuple[dict[str, np.ndarray],
+                                                                                    dict[str, CleanReport]]:
+    """Temporal filter (SAM 3 ROIs), connectivity and hole filling IN PLACE, then envelopes.
+
+    Returns ``(envelopes, reports)``. ROIs missing from ``masks`` (skipped) are ignored.
+    """
+    temporal = temporal or TemporalParams()
+    envelopes: dict[str, np.ndarray] = {}
+    reports: dict[str, CleanReport] = {}
+    for out in outputs:
+        if out.name not in masks:
+            continue
+        t0 = time.perf_counter()
+        tp = temporal if out.spec.method == "sam3" else None
+        params = connectivity_params(out.spec)
+        if params is None:
+            n_ph = masks[out.name].shape[0]
+            reports[out.name] = CleanReport(removed_temporal=[0] * n_ph, removed_connectivity=[0] * n_ph,
+                                            note=PASSTHROUGH_NOTE)
+        else:
+            reports[out.name] = clean_phases(masks[out.name], spacing, tp, params, workers)
+        if out.envelope_name:
+            envelopes[out.envelope_name] = envelope(masks[out.name])
+        r = reports[out.name]
+        log.debug("postprocess %s: %d components, removed %d temporal / %d connectivity in %.2f s", out.name,
+                  sum(r.components), sum(r.removed_temporal), sum(r.removed_connectivity),
+                  time.perf_counter() - t0)
+    return envelopes, reports
+
+
+def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequence[StructureSpec],
+                   segmenter: Segmenter | None, temporal: TemporalParams | None = None, *,
+                   keep_raw: bool = False, workers: int = 2, qa_params: QAParams | None = None,
+                   phase_percents: Sequence[float] | None = None, slices_per_call: int = 32,
+                   study_key: str = "") -> EngineResult:
+    """Segment a 4DCT: HU (P, Z, Y, X) or one phase (Z, Y, X); spacing (dz, dy, dx) in mm."""
+    vol = np.asarray(hu)
+    if vol.ndim == 3:
+        vol = vol[None]
+    if vol.ndim != 4 or min(vol.shape) < 1:
+        raise ValueError(f"hu must be (phases, z, y, x), got shape {np.shape(hu)}")
+    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        raise ValueError(f"spacing must be three positive values (dz, dy, dx), got {tuple(spacing)}")
+    if slices_per_call < 1:
+        raise ValueError("slices_per_call must be >= 1")
+    sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    n_ph = vol.shape[0]
+    outputs = output_structures(structures)
+    t_start = time.perf_counter()
+    masks: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+
+    for spec in structures:
+        if spec.method == "threshold":
+            assert spec.hu_range is not None
+            masks[spec.name] = np.asarray(threshold_body(vol, sp, spec.hu_range), dtype=bool)
+
+    sam_specs = [s for s in structures if s.method == "sam3"]
+    if sam_specs and segmenter is None:
+        for o in outputs:
+            if o.spec.method == "sam3":
+                skipped[o.name] = SAM3_NOT_CONFIGURED
+                if o.envelope_name:
+                    skipped[o.envelope_name] = SAM3_NOT_CONFIGURED
+        log.warning("study %s: %d SAM 3 structure(s) skipped: %s", study_key or "-", len(sam_specs),
+                    SAM3_NOT_CONFIGURED)
+    elif sam_specs:
+        assert segmenter is not None
+        _run_sam3(vol, sp, structures, sam_specs, segmenter, masks, slices_per_call, study_key)
+
+    raw = {k: v.copy() for k, v in masks.items()} if keep_raw else None
+    t_post = time.perf_counter()
+    envelopes, reports = postprocess(masks, sp, outputs, temporal, workers)
+    log.info("study %s: post-processing %d ROI(s) over %d phase(s) in %.2f s", study_key or "-", len(reports),
+             n_ph, time.perf_counter() - t_post)
+    qa = study_qa(masks, sp, envelopes, {k: r.as_dict() for k, r in reports.items()}, skipped, qa_params,
+                  phase_percents)
+    qa["timing_s"] = {"total": round(time.perf_counter() - t_start, 3),
+                      "postprocess": round(time.perf_counter() - t_post, 3)}
+    qa["temporal"] = _temporal_dict(temporal or TemporalParams())
+    ordered = {o.name: masks[o.name] for o in outputs if o.name in masks}
+    return EngineResult(ordered, envelopes, qa, skipped, raw)
+
+
+def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],
+              sam_specs: Sequence[StructureSpec], segmenter: Segmenter, masks: dict[str, np.ndarray],
+              slices_per_call: int, study_key: str) -> None:
+    """Fill ``masks`` with the binarised SAM 3 output of every spec, phase by phase, chunk by chunk."""
+    thresholds: dict[str, float] = {}
+    for s in sam_specs:
+        if s.prompt in thresholds and thresholds[s.prompt] != s.score_threshold:
+            raise ValueError(f"prompt {s.prompt!r} is used with two score thresholds; give each one value")
+        thresholds[s.prompt] = s.score_threshold
+    prompts = list(thresholds)
+    n_ph, n_z = vol.shape[:2]
+    for s in sam_specs:
+        for name in s.output_names:
+            masks[name] = np.zeros(vol.shape, dtype=bool)
+
+    midlines: np.ndarray | None = None
+    if any(s.split_laterality for s in sam_specs):
+        externals = [s.name for s in structures
+                     if s.method == "threshold" and s.interpreted_type == "EXTERNAL" and s.name in masks]
+        body = masks[externals[0]] if externals else None
+        if body is None:
+            body = np.asarray(threshold_body(vol, sp), dtype=bool)
+        midlines = body_midlines(body)
+
+    t0 = time.perf_counter()
+    for p in range(n_ph):
+        for z0 in range(0, n_z, slices_per_call):
+            z1 = min(z0 + slices_per_call, n_z)
+            probs = segmenter.predict(vol[p, z0:z1], prompts, score_threshold=dict(thresholds))
+            for s in sam_specs:
+                m = np.asarray(probs[s.prompt]) >= PROBABILITY_CUT
+                if s.split_laterality:
+                    assert midlines is not None
+                    left, right = split_sides(m, float(midlines[p]))
+                    masks[f"{s.name}_L"][p, z0:z1] = left
+                    masks[f"{s.name}_R"][p, z0:z1] = right
+                else:
+                    masks[s.name][p, z0:z1] = m
+            del probs
+        log.info("study %s: SAM 3 phase %d/%d done (%.1f s)", study_key or "-", p + 1, n_ph,
+                 time.perf_counter() - t0)
+
+
+def _temporal_dict(t: TemporalParams) -> dict[str, Any]:
+    return {"min_phases": t.min_phases, "min_overlap": t.min_overlap, "match": t.match,
+            "max_centroid_mm": t.max_centroid_mm,
+            "centroid_volume_ratio": t.centroid_volume_ratio, "max_gap": t.max_gap, "circular": t.circular,
+            "connectivity": t.connectivity}
