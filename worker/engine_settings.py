@@ -30,11 +30,15 @@ class EngineConfig:
     batch_size: int = 4
     temporal_min_phases: int = 3
     temporal_min_overlap: float = 0.1
+    temporal_match: str = "iou"  # iou | overlap (models.temporal)
+    temporal_max_gap: int = 1
+    temporal_max_centroid_mm: float | None = None
     layout: str = "combined"  # combined | per-series
     write_seg: bool = False
     envelope_types: dict[str, str] = field(default_factory=dict)  # structure name -> its envelope's type
     uid_root: str | None = None  # site UID root for output UIDs (None: pydicom's)
     rtstruct_holes: str = "keyhole"  # keyhole | xor (service.rtstruct)
+    hu_windows: tuple[tuple[float, float], ...] | None = None  # SAM 3 input channels (None: default)
 
     @property
     def needs_sam3(self) -> bool:
@@ -85,11 +89,15 @@ def engine_config(settings: Any) -> EngineConfig:
         batch_size=settings.batch_size,
         temporal_min_phases=settings.temporal_min_phases,
         temporal_min_overlap=settings.temporal_min_overlap,
+        temporal_match=settings.temporal_match,
+        temporal_max_gap=settings.temporal_max_gap,
+        temporal_max_centroid_mm=settings.temporal_max_centroid_mm,
         layout=settings.layout,
         write_seg=settings.write_seg,
         envelope_types={s.name: getattr(s, "envelope_interpreted_type", "") for s in settings.structures},
         uid_root=getattr(settings, "uid_root", None),
         rtstruct_holes=getattr(settings, "rtstruct_holes", "keyhole"),
+        hu_windows=tuple((float(lo), float(hi)) for lo, hi in settings.hu_windows),
     )
 
 
@@ -109,10 +117,16 @@ def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
 def temporal_params(cfg: EngineConfig) -> Any:
     from models.temporal import TemporalParams
 
-    return TemporalParams(min_phases=cfg.temporal_min_phases, min_overlap=cfg.temporal_min_overlap)
+    return TemporalParams(
+        min_phases=cfg.temporal_min_phases,
+        min_overlap=cfg.temporal_min_overlap,
+        match=cfg.temporal_match,  # type: ignore[arg-type]
+        max_gap=cfg.temporal_max_gap,
+        max_centroid_mm=cfg.temporal_max_centroid_mm,
+    )
 
 
-_cache: dict[tuple[str, str, str, int], LoadedSegmenter] = {}
+_cache: dict[tuple[Any, ...], LoadedSegmenter] = {}
 _cache_lock = threading.Lock()
 
 
@@ -127,7 +141,13 @@ def load_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
 
     t0 = time.monotonic()
     try:
-        seg = build_segmenter(cfg.sam3_dir, cfg.adapter_dir, device=cfg.device, batch_size=cfg.batch_size)
+        seg = build_segmenter(
+            cfg.sam3_dir,
+            cfg.adapter_dir,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            windows=cfg.hu_windows,
+        )
     except Sam3LoadError as exc:
         log.warning("SAM 3 unavailable, SAM 3 structures will be SKIPPED: %s", exc)
         # first sentence only: it goes into the RTSTRUCT description and the manifest reason
@@ -144,7 +164,7 @@ def load_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
 
 def get_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
     """The cached :class:`LoadedSegmenter` of this process for ``cfg`` (built on first use)."""
-    key = (str(cfg.sam3_dir), str(cfg.adapter_dir), cfg.device, cfg.batch_size)
+    key = (str(cfg.sam3_dir), str(cfg.adapter_dir), cfg.device, cfg.batch_size, cfg.hu_windows)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is None:
