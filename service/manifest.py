@@ -12,14 +12,14 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from service.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,23 +131,7 @@ def save_manifest(m: Manifest, path: Path) -> None:
     """Atomic and durable: temp file in the same directory, fsync, rename, fsync of the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = m.to_json().encode()
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, m.to_json().encode(), mode=0o644)
 
 
 def set_state(m: Manifest, state: str, reason: str | None = None) -> Manifest:

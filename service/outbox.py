@@ -28,7 +28,6 @@ import errno
 import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -44,6 +43,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 from pydicom.filereader import read_file_meta_info
 
+from service.durable import fsync_dir, fsync_file, write_json_atomic
 from service.settings import Destination
 
 log = logging.getLogger(__name__)
@@ -78,31 +78,6 @@ def read_file_info(path: Path) -> FileInfo:
         raise ValueError(f"file meta information lacks {', '.join(missing)}")
     return FileInfo(Path(path), str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
                     str(meta.TransferSyntaxUID))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old or the new content, never a torn file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -298,7 +273,7 @@ class Outbox:
                 name = f"{info.sop_instance_uid}.dcm"
                 target = staging / "files" / name
                 shutil.copyfile(info.path, target)
-                _fsync_file(target)
+                fsync_file(target)
                 records.append(OutboxFile(name=name, sop_instance_uid=info.sop_instance_uid,
                                           sop_class_uid=info.sop_class_uid,
                                           transfer_syntax_uid=info.transfer_syntax_uid,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
 import shutil
 import sqlite3
@@ -37,6 +36,8 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from service.durable import fsync_dir, write_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -527,14 +528,6 @@ def meta_via_pydicom(encoded: bytes, **kwargs: Any) -> InstanceMeta:
 # --------------------------------------------------------------------------------------------- the spool
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -601,18 +594,7 @@ class Spool:
         return final
 
     def _write_durably(self, tmp: Path, final: Path, encoded: bytes) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            view = memoryview(encoded)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        if self.fsync:
-            _fsync_dir(final.parent)
+        write_atomic(final, encoded, tmp=tmp, fsync=self.fsync)
 
     def _ensure_dir(self, series_dir: Path) -> None:
         if series_dir in self._known_dirs:
@@ -625,7 +607,7 @@ class Spool:
                     created.append(d)
             if self.fsync:
                 for d in created:
-                    _fsync_dir(d.parent)
+                    fsync_dir(d.parent)
             self._known_dirs.add(series_dir)
 
     def _index(self, meta: InstanceMeta, path: Path, size: int, received_at: float | None = None) -> None:
