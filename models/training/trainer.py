@@ -1,0 +1,570 @@
+"""The LoRA training loop: weighted hard-negative sampling, gradient accumulation, bf16 autocast on CUDA,
+checkpoint + resume, per-epoch validation Dice, adapter + ``training.json`` output (docs/training.md).
+
+The base model is frozen; peft adds LoRA matrices to the chosen Linear layers (models/lora.py targets) and,
+optionally, trains whole small modules (``train_modules``, peft ``modules_to_save``: e.g. the mask embedder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.inference import PAD_BOX_LABEL, Sam3Segmenter
+from models.lora import DEFAULT_COMPONENTS, DEFAULT_TARGETS, lora_report, target_regex
+from models.training.dataset import AnnotatedVolume, SliceSample, Target, build_samples
+from models.training.hard_negatives import MiningReport, mine, pixel_candidates
+from models.training.losses import LossWeights, sam3_loss
+from models.training.manifest import build_manifest, write_manifest
+from models.training.sampler import HardNegativeSampler
+from models.windowing import DEFAULT_WINDOWS, PixelNormalisation, Window, to_pixel_values, window_channels
+
+log = logging.getLogger(__name__)
+
+# Short names for modules trained in full (peft modules_to_save); any dotted module name also works.
+TRAIN_MODULE_ALIASES: dict[str, str] = {
+    "mask_embedder": "mask_decoder.mask_embedder",
+    "instance_projection": "mask_decoder.instance_projection",
+    "pixel_decoder": "mask_decoder.pixel_decoder",
+    "presence_head": "detr_decoder.presence_head",
+    "box_head": "detr_decoder.box_head",
+    "scoring": "dot_product_scoring",
+    "text_projection": "text_projection",
+}
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters; validated on construction. An *epoch* is ``steps_per_epoch`` optimizer steps."""
+
+    epochs: int = 10
+    steps_per_epoch: int | None = None  # None: one pass over the training samples
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_components: tuple[str, ...] = DEFAULT_COMPONENTS
+    train_modules: tuple[str, ...] = ()  # fully trained, e.g. ("mask_embedder",)
+    seed: int = 0
+    negative_fraction: float | None = 0.3  # base share of negative slices (None: natural proportion)
+    hard_mix: float = 0.5  # share of draws led by hardness
+    hard_ema: float = 0.5
+    hard_power: float = 1.0
+    mining_every: int = 50  # optimizer steps between mining passes (0: off; online losses still count)
+    mining_pool: int = 256  # slices scored per mining pass
+    band_px: int = 3  # boundary band of hard background pixels
+    hu_tolerance: float | None = 100.0  # low-contrast background pixels: |HU - median HU of structure|
+    loss: LossWeights = field(default_factory=LossWeights)
+    score_threshold: float = 0.5  # for validation Dice, as at inference
+    checkpoint_every: int = 100  # optimizer steps (0: end of each epoch only)
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+
+    def __post_init__(self) -> None:
+        ints = {
+            "epochs": 1,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "lora_r": 1,
+            "warmup_steps": 0,
+            "mining_every": 0,
+            "mining_pool": 0,
+            "band_px": 0,
+            "checkpoint_every": 0,
+        }
+        for k, low in ints.items():
+            if int(getattr(self, k)) < low:
+                raise ValueError(f"{k} must be >= {low}, got {getattr(self, k)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch must be >= 1 or None")
+        if not self.lr > 0:
+            raise ValueError("lr must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_dropout must be in [0, 1)")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError("score_threshold must be in [0, 1]")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train_modules"] = list(resolve_train_modules(self.train_modules))
+        return d
+
+
+def resolve_train_modules(names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(TRAIN_MODULE_ALIASES.get(n, n) for n in names)
+
+
+def apply_training_lora(model: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """peft-wrap ``model`` (LoRA on ``lora_targets`` in ``lora_components``, ``train_modules`` in full)."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = resolve_train_modules(config.train_modules)
+    names = {n for n, _ in model.named_modules()}
+    unknown = [m for m in modules if m not in names]
+    if unknown:
+        raise ValueError(
+            f"train_modules {unknown} are not modules of this model; aliases: {sorted(TRAIN_MODULE_ALIASES)}"
+        )
+    cfg = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        bias="none",
+        target_modules=target_regex(config.lora_targets, config.lora_components),
+        modules_to_save=list(modules) or None,
+    )
+    peft_model = get_peft_model(model, cfg)
+    report = lora_report(peft_model)
+    log.info("%s; fully trained: %s", report, ", ".join(modules) or "none")
+    return peft_model, report
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    targets: list[torch.Tensor]  # per sample (Y, X) float
+    candidates: list[torch.Tensor]  # per sample (Y, X) bool
+    present: torch.Tensor  # (B,) bool
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    history: list[dict[str, Any]]
+    baseline: dict[str, float]  # validation Dice of the untrained (LoRA-initialised = base) model
+    final: dict[str, float]
+    model: Any  # the trained peft model (unmerged)
+
+
+class Trainer:
+    """Holds the model, data and state of one training run; :meth:`fit` runs it."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        volumes: Sequence[AnnotatedVolume],
+        targets: Sequence[Target],
+        train_idx: Sequence[int],
+        val_idx: Sequence[int],
+        config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        windows: Sequence[Window] = DEFAULT_WINDOWS,
+        base_identity: dict[str, Any] | None = None,
+        data_sources: list[dict[str, Any]] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not targets:
+            raise ValueError("nothing to train: no SAM 3 targets")
+        self.config = config
+        self.device = torch.device(device)
+        self.out_dir = Path(out_dir)
+        self.volumes, self.targets = list(volumes), list(targets)
+        self.train_idx, self.val_idx = list(train_idx), list(val_idx)
+        self.windows = tuple(windows)
+        self.processor = processor
+        self.norm = PixelNormalisation.from_processor(processor)
+        self.base_identity = dict(base_identity or {"model": "unknown"})
+        self.data_sources = data_sources or []
+        self.progress = progress
+        self.samples: list[SliceSample] = build_samples(self.volumes, self.targets, self.train_idx)
+        if not any(s.positive for s in self.samples):
+            raise ValueError("no training slice contains any of the targets: check the structure mapping")
+        torch.manual_seed(config.seed)
+        self.model, self.lora = apply_training_lora(model, config)
+        self.model.to(self.device)
+        tok = processor(text=[t.prompt for t in self.targets], return_tensors="pt")
+        self.text_ids = tok["input_ids"].to(self.device)
+        self.text_mask = tok["attention_mask"].to(self.device)
+        self.sampler = HardNegativeSampler(
+            [not s.positive for s in self.samples],
+            seed=config.seed,
+            mix=config.hard_mix,
+            ema=config.hard_ema,
+            power=config.hard_power,
+            negative_fraction=config.negative_fraction,
+        )
+        self.rng = np.random.default_rng(config.seed + 1)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        per_epoch = config.steps_per_epoch or max(
+            1, math.ceil(len(self.samples) / (config.batch_size * config.grad_accum))
+        )
+        self.steps_per_epoch = per_epoch
+        self.total_steps = per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.mining: list[MiningReport] = []
+        self.baseline: dict[str, float] = {}
+        self.epoch_losses: list[float] = []  # optimizer-step losses of the current epoch (checkpointed)
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10 % of the peak."""
+        warm = self.config.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, self.total_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.config.amp and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def make_batch(self, indices: Sequence[int], samples: Sequence[SliceSample] | None = None) -> Batch:
+        samples = samples if samples is not None else self.samples
+        pix, tgts, cands, pres, tids = [], [], [], [], []
+        for i in indices:
+            s = samples[i]
+            vol = self.volumes[s.volume]
+            hu = np.asarray(vol.hu[s.z], dtype=np.float32)
+            tgt = np.zeros(hu.shape, dtype=bool)
+            for m in self.targets[s.target].masks:
+                tgt |= np.asarray(vol.masks[m][s.z], dtype=bool)
+            pix.append(to_pixel_values(window_channels(hu, self.windows, device=self.device), self.norm))
+            tgts.append(torch.from_numpy(tgt.astype(np.float32)).to(self.device))
+            cands.append(
+                torch.from_numpy(pixel_candidates(hu, tgt, self.config.band_px, self.config.hu_tolerance)).to(
+                    self.device
+                )
+            )
+            pres.append(bool(tgt.any()))
+            tids.append(s.target)
+        t = torch.as_tensor(tids, device=self.device)
+        return Batch(
+            torch.cat(pix),
+            self.text_ids[t],
+            self.text_mask[t],
+            tgts,
+            cands,
+            torch.as_tensor(pres, device=self.device),
+        )
+
+    def forward(self, batch: Batch) -> Any:
+        n = batch.pixel_values.shape[0]
+        boxes = torch.zeros(n, 1, 4, device=self.device)
+        labels = torch.full((n, 1), PAD_BOX_LABEL, dtype=torch.long, device=self.device)
+        with self._autocast():
+            return self.model(
+                pixel_values=batch.pixel_values,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                input_boxes=boxes,
+                input_boxes_labels=labels,
+            )
+
+    def loss(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Batch loss (mean), per-sample losses and term means; samples of different grids go separately."""
+        n = len(batch.targets)
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(batch.targets):
+            shapes.setdefault(tuple(t.shape), []).append(i)
+        per = torch.zeros(n, device=self.device)
+        total = torch.zeros((), device=self.device)
+        parts: dict[str, float] = {}
+        for idx in shapes.values():
+            sel = torch.as_tensor(idx, device=self.device)
+            sub = SimpleNamespace(
+                pred_masks=outputs.pred_masks[sel],
+                pred_logits=outputs.pred_logits[sel],
+                presence_logits=None if outputs.presence_logits is None else outputs.presence_logits[sel],
+            )
+            out = sam3_loss(
+                sub,
+                torch.stack([batch.targets[i] for i in idx]),
+                batch.present[sel],
+                torch.stack([batch.candidates[i] for i in idx]),
+                self.config.loss,
+            )
+            total = total + out.total * (len(idx) / n)
+            per[sel] = out.per_sample
+            for k, v in out.parts.items():
+                parts[k] = parts.get(k, 0.0) + v * len(idx) / n
+        return total, per, parts
+
+    @torch.no_grad()
+    def score(self, indices: Sequence[int]) -> np.ndarray:
+        """Per-sample losses without gradients (mining)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = self.make_batch(indices)
+            _, per, _ = self.loss(self.forward(batch), batch)
+        finally:
+            self.model.train(was_training)
+        return per.float().cpu().numpy()
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """3D Dice per target (mean over validation volumes) at the inference rule; ``mean`` over targets."""
+        from models.metrics import dice
+
+        if not self.val_idx:
+            return {}
+        seg = Sam3Segmenter(
+            self.model,
+            self.processor,
+            device=self.device,
+            dtype=torch.bfloat16 if self.config.amp and self.device.type == "cuda" else torch.float32,
+            batch_size=self.config.batch_size,
+            windows=self.windows,
+            score_threshold=self.config.score_threshold,
+            identity=self.base_identity,
+        )
+        try:
+            scores: dict[str, list[float]] = {t.name: [] for t in self.targets}
+            for v in self.val_idx:
+                vol = self.volumes[v]
+                probs = seg.predict(np.asarray(vol.hu), [t.prompt for t in self.targets])
+                for t in self.targets:
+                    scores[t.name].append(dice(probs[t.prompt] >= 0.5, t.mask_of(vol)))
+        finally:
+            self.model.train()
+        out = {k: float(np.mean(v)) for k, v in scores.items()}
+        out["mean"] = float(np.mean(list(out.values())))
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
+        for v in self.volumes:
+            h.update(v.digest().encode())
+        return h.hexdigest()
+
+    def save_checkpoint(self) -> Path:
+        ck = self.out_dir / CHECKPOINT_DIR
+        tmp = self.out_dir / (CHECKPOINT_DIR + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        state = {
+            "step": self.step,
+            "fingerprint": self._fingerprint(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(self.history),
+            "baseline": json.dumps(self.baseline),
+            "mining": json.dumps([dataclasses.asdict(m) for m in self.mining]),
+            "epoch_losses": json.dumps(self.epoch_losses),
+        }
+        torch.save(state, tmp / "state.pt")
+        if ck.exists():
+            old = self.out_dir / (CHECKPOINT_DIR + ".old")
+            ck.replace(old)
+            tmp.replace(ck)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(ck)
+        log.info("checkpoint at step %d -> %s", self.step, ck)
+        return ck
+
+    def load_checkpoint(self) -> bool:
+        """Resume from ``out_dir/checkpoint`` when present; the configuration and data must be the same."""
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        ck = self.out_dir / CHECKPOINT_DIR
+        if not (ck / "state.pt").is_file():
+            return False
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+        if state["fingerprint"] != self._fingerprint():
+            raise ValueError(
+                f"checkpoint {ck} was made with other data or hyper-parameters; use a new output "
+                "directory or delete the checkpoint"
+            )
+        set_peft_model_state_dict(self.model, load_peft_weights(str(ck / "adapter"), device=str(self.device)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.history = json.loads(state["history"])
+        self.baseline = json.loads(state["baseline"])
+        self.mining = [MiningReport(**m) for m in json.loads(state["mining"])]
+        self.epoch_losses = json.loads(state["epoch_losses"])
+        log.info("resumed from %s at step %d", ck, self.step)
+        return True
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        resume: bool = True,
+        stop_after: int | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> TrainResult:
+        """Train to ``epochs``; ``stop_after`` steps ends early leaving a checkpoint (resume tests)."""
+        from tqdm.auto import tqdm
+
+        from models.lora import save_adapter
+
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = resume and self.load_checkpoint()
+        if not resumed:
+            self.baseline = self.validate()
+            log.info("validation Dice before training: %s", _fmt(self.baseline))
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+        )
+        t_epoch, slices = time.perf_counter(), 0
+        stopped = False
+        while self.step < self.total_steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                idx = self.sampler.sample(cfg.batch_size)
+                batch = self.make_batch(idx.tolist())
+                total, per, parts = self.loss(self.forward(batch), batch)
+                (total / cfg.grad_accum).backward()
+                self.sampler.update(idx, per.float().cpu().numpy())
+                step_loss += float(total.detach()) / cfg.grad_accum
+                slices += len(idx)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+                )
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.epoch_losses.append(step_loss)
+            elapsed = time.perf_counter() - t_epoch
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{step_loss:.3f}",
+                slices_s=f"{slices / max(elapsed, 1e-9):.1f}",
+                lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+            )
+            if cfg.mining_every and self.step % cfg.mining_every == 0 and self.step < self.total_steps:
+                self.mining.append(
+                    mine(
+                        self.sampler,
+                        self.score,
+                        pool_size=cfg.mining_pool,
+                        batch_size=cfg.batch_size,
+                        rng=self.rng,
+                        step=self.step,
+                    )
+                )
+            if self.step % self.steps_per_epoch == 0:
+                record: dict[str, Any] = {
+                    "epoch": self.step // self.steps_per_epoch,
+                    "step": self.step,
+                    "train_loss": float(np.mean(self.epoch_losses)),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - t_epoch, 2),
+                    "slices_per_s": round(slices / max(time.perf_counter() - t_epoch, 1e-9), 2),
+                    "val_dice": self.validate(),
+                    "last_terms": parts,
+                }
+                self.history.append(record)
+                log.info(
+                    "epoch %d: loss %.4f, val Dice %s",
+                    record["epoch"],
+                    record["train_loss"],
+                    _fmt(record["val_dice"]),
+                )
+                if on_epoch:
+                    on_epoch(record)
+                t_epoch, slices = time.perf_counter(), 0
+                self.epoch_losses = []
+                self.save_checkpoint()
+            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if stop_after is not None and self.step >= stop_after and self.step < self.total_steps:
+                self.save_checkpoint()
+                stopped = True
+                break
+        bar.close()
+        final = self.history[-1]["val_dice"] if self.history else {}
+        if stopped:
+            return TrainResult(self.out_dir, {}, self.history, self.baseline, final, self.model)
+        save_adapter(self.model, self.out_dir)
+        manifest = build_manifest(
+            base_model=self.base_identity,
+            data=self._data_record(),
+            hyperparameters=cfg.as_dict(),
+            epochs=self.history,
+            lora={
+                "adapted_modules": self.lora.adapted_modules,
+                "trainable_params": self.lora.trainable_params,
+                "total_params": self.lora.total_params,
+                "by_component": self.lora.by_component,
+                "fully_trained_modules": list(resolve_train_modules(cfg.train_modules)),
+            },
+            adapter_dir=self.out_dir,
+            extra={
+                "validation": {
+                    "before": self.baseline,
+                    "after": final,
+                    "metric": "3D Dice at probability 0.5, instance score >= "
+                    f"{cfg.score_threshold}, mean over validation volumes",
+                },
+                "mining": [dataclasses.asdict(m) for m in self.mining][-20:],
+                "steps": self.step,
+                "device": str(self.device),
+            },
+        )
+        write_manifest(manifest, self.out_dir)
+        log.info(
+            "adapter written to %s (validation Dice %s -> %s)", self.out_dir, _fmt(self.baseline), _fmt(final)
+        )
+        return TrainResult(self.out_dir, manifest, self.history, self.baseline, final, self.model)
+
+    def _data_record(self) -> dict[str, Any]:
+        def vol(i: int) -> dict[str, Any]:
+            v = self.volumes[i]
+            return {
+                "name": v.name,
+                "group": v.group,
+                "shape": list(v.hu.shape),
+                "spacing": list(v.spacing),
+                "sha256": v.digest(),
+            }
+
+        n_pos = sum(s.positive for s in self.samples)
+        return {
+            "sources": self.data_sources,
+            "targets": [{"name": t.name, "prompt": t.prompt, "masks": list(t.masks)} for t in self.targets],
+            "train": [vol(i) for i in self.train_idx],
+            "validation": [vol(i) for i in self.val_idx],
+            "train_samples": {"positive": n_pos, "negative": len(self.samples) - n_pos},
+        }
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in d.items()) or "(no validation volumes)"
