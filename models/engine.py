@@ -186,6 +186,15 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
         if spec.method == "threshold":
             assert spec.hu_range is not None
             masks[spec.name] = np.asarray(threshold_body(vol, sp, spec.hu_range), dtype=bool)
+    split_thresholds = [s for s in structures if s.method == "threshold" and s.split_laterality]
+    if split_thresholds:  # midlines from the unsplit body, then each side under its output name
+        midlines = _midlines(vol, sp, structures, masks)
+        for spec in split_thresholds:
+            whole = masks.pop(spec.name)
+            left, right = np.zeros_like(whole), np.zeros_like(whole)
+            for p in range(n_ph):
+                left[p], right[p] = split_sides(whole[p], float(midlines[p]))
+            masks[f"{spec.name}_L"], masks[f"{spec.name}_R"] = left, right
 
     sam_specs = [s for s in structures if s.method == "sam3"]
     if sam_specs and segmenter is None:
@@ -231,12 +240,7 @@ def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Seque
 
     midlines: np.ndarray | None = None
     if any(s.split_laterality for s in sam_specs):
-        externals = [s.name for s in structures
-                     if s.method == "threshold" and s.interpreted_type == "EXTERNAL" and s.name in masks]
-        body = masks[externals[0]] if externals else None
-        if body is None:
-            body = np.asarray(threshold_body(vol, sp), dtype=bool)
-        midlines = body_midlines(body)
+        midlines = _midlines(vol, sp, structures, masks)
 
     t0 = time.perf_counter()
     for p in range(n_ph):
@@ -255,6 +259,15 @@ def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Seque
             del probs
         log.info("study %s: SAM 3 phase %d/%d done (%.1f s)", study_key or "-", p + 1, n_ph,
                  time.perf_counter() - t0)
+
+
+def _midlines(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],
+              masks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-phase body midline (x index): the External (threshold) structure, else :func:`threshold_body`."""
+    externals = [s.name for s in structures
+                 if s.method == "threshold" and s.interpreted_type == "EXTERNAL" and s.name in masks]
+    body = masks[externals[0]] if externals else np.asarray(threshold_body(vol, sp), dtype=bool)
+    return body_midlines(body)
 
 
 def _temporal_dict(t: TemporalParams) -> dict[str, Any]:

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 RESULTS_DIR = "results"  # data_dir/studies/<key>/results: the RTSTRUCT(s) and qa.json of the last run
 QA_FILE = "qa.json"
 RUNNABLE_STATES = frozenset({"complete", "queued", "processing", "failed", "exporting", "done"})
+# Attempts that died mid-processing (pool process killed: OOM, segfault) before a study is failed instead of
+# being re-delivered forever (acks_late + reject_on_worker_lost re-queue the message of a lost worker).
+MAX_INTERRUPTED = 3
 
 EnqueueExport = Callable[[str], Any]
 
@@ -205,6 +208,21 @@ def process_study(
     if kept and (m.state in ("exporting", "done") or export_failed):
         return _resend(path, m, kept, outbox, destinations, enqueue_export, task_id)
 
+    interrupted = interrupted_attempts(m)
+    if interrupted >= MAX_INTERRUPTED:
+        reason = (
+            f"setup: processing was interrupted {interrupted} times (the worker process died: out of "
+            "memory?); not retried automatically"
+        )
+
+        def give_up(mm: Manifest) -> None:
+            if mm.state in ("processing", "queued"):
+                set_state(mm, "failed", reason)
+
+        _update(path, give_up)
+        log.error("study %s FAILED: %s", study_key, reason)
+        raise PipelineError(reason)
+
     stages = _Stages(study_key)
     stages.timings.update(_receive_timings(data_dir, m))
 
@@ -274,6 +292,18 @@ def process_study(
     outcome.state, outcome.reason = state, note
     _enqueue(study_key, item_ids, enqueue_export)
     return outcome
+
+
+def interrupted_attempts(m: Manifest) -> int:
+    """How many times in a row processing started and never finished (no other state in between but
+    ``queued``, which orphan recovery writes)."""
+    n = 0
+    for h in reversed(m.history):
+        if h.state == "processing":
+            n += 1
+        elif h.state != "queued":
+            break
+    return n if m.state in ("processing", "queued") else 0
 
 
 def skipped_note(skipped: dict[str, str] | None) -> str | None:
@@ -390,6 +420,10 @@ def _compute(
         staging.mkdir(parents=True)
         try:
             files = [write_rtstruct(ds, staging) for ds in datasets]
+            if config.write_seg:
+                files += _write_segs(
+                    study_key, data_dir, m, geoms, result, config, segmenter, uid_prefix, staging
+                )
             qa = {
                 "study_key": study_key,
                 "qa": _jsonable(result.qa),
@@ -408,6 +442,50 @@ def _compute(
             raise
         files = [out_dir / f.name for f in files]
     return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True)
+
+
+def _write_segs(
+    study_key: str,
+    data_dir: Path,
+    m: Manifest,
+    geoms: Sequence[Any],
+    result: Any,
+    config: EngineConfig,
+    segmenter: LoadedSegmenter,
+    uid_prefix: str | None,
+    out_dir: Path,
+) -> list[Path]:
+    """Setting ``write_seg``: one binary DICOM SEG per phase series (that phase's ROIs and the envelopes).
+
+    SEG is optional next to the RTSTRUCT: a phase it cannot be built for is logged and left out.
+    """
+    from service.rtstruct import roi_name
+
+    try:
+        from service.seg import build_seg, write_seg
+    except ImportError as exc:  # pragma: no cover - highdicom is the optional extra "seg"
+        log.warning("study %s: write_seg is set but DICOM SEG needs highdicom (extra 'seg'): %s",
+                    study_key, exc)
+        return []
+    out: list[Path] = []
+    for p, (phase, g) in enumerate(zip(m.phases, geoms, strict=True)):
+        segments = {roi_name(n, phase.percent): v[p] for n, v in result.masks.items()}
+        segments.update(result.envelopes)
+        try:
+            ds = build_seg(
+                study_key=study_key,
+                source_files=[data_dir / f for f in phase.files],
+                geometry=g,
+                segments=segments,
+                styles=roi_styles(config),
+                algorithm=_algorithm(segmenter),
+                uid_prefix=uid_prefix or config.uid_root,
+            )
+        except (ImportError, ValueError) as exc:
+            log.warning("study %s: no DICOM SEG for phase %g: %s", study_key, phase.percent, exc)
+            continue
+        out.append(write_seg(ds, out_dir))
+    return out
 
 
 def _jsonable(obj: Any) -> Any:

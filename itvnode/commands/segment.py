@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from service.settings import load_settings
     from service.spool import Spool
     from worker.engine_settings import engine_config, load_segmenter
-    from worker.pipeline import PipelineError, process_study, results_dir
+    from worker.pipeline import RUNNABLE_STATES, PipelineError, process_study, results_dir
 
     log = logging.getLogger("itvnode.segment")
     src = Path(args.dicom_dir)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         status = 0
         for path, m in manifests:
             target = out if len(manifests) == 1 else out / m.study_key
-            if m.state != "complete":
+            if m.state not in RUNNABLE_STATES:  # done/failed in a kept --work-dir: re-send / re-run
                 print(f"study {m.study_key}: {m.state}: {m.reason}", file=sys.stderr)
                 status = 1
                 continue

@@ -428,3 +428,19 @@ def test_segment_command_on_a_folder(tmp_path: Path, e2e_phantom: Any) -> None:
     assert "Not contoured" in ds.StructureSetDescription
     assert {r.ROIName for r in ds.StructureSetROISequence} == {f"External^P{p}" for p in range(0, 100, 10)}
     assert sys.executable  # the same interpreter ran the command
+
+
+def test_segment_command_rerun_with_kept_work_dir(tmp_path: Path, e2e_phantom: Any) -> None:
+    """A second ``itvnode segment --work-dir W`` on the same folder hands out the result again (it used to
+    stop with 'study ...: done' and exit 1, writing nothing to --out)."""
+    env = node_env(tmp_path / "unused", free_port(), broker_url=None, destinations="", sam3_dir=None)
+    outs = []
+    for run in ("a", "b"):
+        res = subprocess.run(
+            itvnode_argv("segment", str(e2e_phantom.root), "--out", str(tmp_path / run),
+                         "--work-dir", str(tmp_path / "work")),
+            env=env, capture_output=True, text=True, timeout=240, cwd=REPO,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+        outs.append(sorted(p.name for p in (tmp_path / run).iterdir()))
+    assert outs[0] == outs[1] and "qa.json" in outs[1] and any(n.startswith("RS.") for n in outs[1])

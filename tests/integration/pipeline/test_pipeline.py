@@ -203,3 +203,47 @@ def test_per_series_layout_one_rtstruct_per_phase_and_reference(assembled: tuple
     assert referenced == {s.series_instance_uid for s in series.series if s.kind in ("phase", "AVG")}
     (item_id,) = out.item_ids
     assert len(Outbox(data_dir / "outbox").get(item_id).files) == len(out.files)
+
+
+def test_study_that_keeps_killing_the_worker_fails_instead_of_looping(
+    assembled: tuple[Path, str, Any],
+) -> None:
+    # acks_late + reject_on_worker_lost re-deliver the message of a pool process that died (OOM kill,
+    # segfault); without a bound the same study would be processed, and kill the worker, forever.
+    from service.manifest import set_state
+
+    data_dir, key, _ = assembled
+    path = manifest_path(data_dir, key)
+    m = load_manifest(path)
+    for _ in range(2):  # two earlier attempts died mid-processing: a third one is still made
+        set_state(m, "processing", None)
+    save_manifest(m, path)
+    assert process_study(key, data_dir, _config(), NO_SAM3, []).computed
+
+    m = load_manifest(path)
+    set_state(m, "collecting", "content changed after done; re-collecting")
+    set_state(m, "complete", None)
+    set_state(m, "queued", None)
+    for i in range(3):
+        set_state(m, "processing", None)
+        if i == 1:  # orphan recovery in between counts too
+            set_state(m, "queued", "worker w stopped during processing; re-queued")
+    save_manifest(m, path)
+    seen: list[int] = []
+    with pytest.raises(PipelineError, match="interrupted 3 times"):
+        process_study(key, data_dir, _config(), lambda: seen.append(1) or NO_SAM3, [])
+    m = load_manifest(path)
+    assert m.state == "failed" and "interrupted 3 times" in (m.reason or "") and not seen
+
+
+def test_write_seg_setting_adds_one_seg_per_phase(assembled: tuple[Path, str, Any]) -> None:
+    # docs/rtstruct.md: settings.write_seg gives one binary DICOM SEG per phase series next to the RTSTRUCT
+    pytest.importorskip("highdicom")
+    data_dir, key, series = assembled
+    out = process_study(key, data_dir, _config(write_seg=True), NO_SAM3, [])
+    segs = [pydicom.dcmread(f) for f in out.files if f.name.startswith("SEG.")]
+    assert len(segs) == len(series.phases)
+    referenced = {s.ReferencedSeriesSequence[0].SeriesInstanceUID for s in segs}
+    assert referenced == {p.series_instance_uid for p in series.phases}
+    assert all(s.Modality == "SEG" for s in segs)
+    assert any(f.name.startswith("RS.") for f in out.files)

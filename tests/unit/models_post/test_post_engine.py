@@ -128,6 +128,25 @@ def test_split_sides_and_midline() -> None:
     assert left[..., 5:].all() and not left[..., :5].any() and (left ^ right).all()
 
 
+def test_threshold_structure_split_by_laterality_is_output(phantom6: Phantom) -> None:
+    # a threshold structure with split_laterality used to vanish: neither in masks nor in skipped
+    specs = [StructureSpec(name="External", method="threshold", hu_range=(-350, 3000),
+                           interpreted_type="EXTERNAL"),
+             StructureSpec(name="Air", method="threshold", hu_range=(-1000, -400), split_laterality=True)]
+    hu = phantom6.hu[:2]
+    res = segment_volume(hu, phantom6.spacing, specs, None)
+    assert list(res.masks) == ["External", "Air_L", "Air_R"] and res.skipped == {}
+    body = res.masks["External"]
+    whole = segment_volume(hu, phantom6.spacing, [specs[0], StructureSpec(
+        name="Air", method="threshold", hu_range=(-1000, -400))], None).masks["Air"]
+    mid = body_midlines(body)
+    for p in range(hu.shape[0]):
+        left, right = split_sides(whole[p], float(mid[p]))
+        assert np.array_equal(res.masks["Air_L"][p], left) and np.array_equal(res.masks["Air_R"][p], right)
+    assert res.masks["Air_L"].any() and res.masks["Air_R"].any()
+    assert set(res.qa["structures"]) == {"External", "Air_L", "Air_R"}
+
+
 def test_conflicting_prompt_thresholds_rejected(phantom6: Phantom, injected: Injected) -> None:
     specs = [StructureSpec(name="A", prompt="heart", score_threshold=0.5),
              StructureSpec(name="B", prompt="heart", score_threshold=0.7)]
