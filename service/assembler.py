@@ -2,7 +2,8 @@
 
 The assembler keeps no state of its own that matters: every decision is re-derived from the spool index and
 the manifests, so a restart resumes (collecting studies keep collecting, completed-but-unqueued ones are
-queued). :meth:`Assembler.poll_once` takes the clock as an argument so tests drive time.
+queued; the quiet period of a collecting study counts from the restart at the earliest, since nobody could
+send while the node was down). :meth:`Assembler.poll_once` takes the clock as an argument so tests drive time.
 
 Grouping: instances are grouped by (StudyInstanceUID, FrameOfReferenceUID); each group is one candidate 4D
 set with its own ``study_key`` and manifest. Series are classified by :mod:`service.phases`. A group without
@@ -177,6 +178,8 @@ class Assembler:
         self._frames_cache: dict[Path, list[tuple[float, float, float]] | None] = {}
         self._non4d_logged: set[str] = set()
         self._held_checked: set[str] = set()
+        # set by run(): while the node was down nobody could send, so that time is not quiet time
+        self._resumed_at: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool, enqueue: Enqueue | None) -> Assembler:
@@ -194,6 +197,7 @@ class Assembler:
         log.info("assembler started (quiet period %.1f s, expected phases %s)", self.quiet_period,
                  self.expected_phases)
         next_prune = 0.0
+        self._resumed_at = time.time()
         while not stop_event.is_set():
             try:
                 self.poll_once(time.time())
@@ -257,7 +261,10 @@ class Assembler:
         relevant = [s for s in series if s.cls.kind in (SeriesKind.PHASE, SeriesKind.REFERENCE)]
         path = manifest_path(self.data_dir, key)
         m = load_manifest(path) if path.exists() else None
-        quiet = now - last >= self.quiet_period
+        quiet_from = last
+        if self._resumed_at is not None and (m is None or m.state == "collecting"):
+            quiet_from = max(last, self._resumed_at)  # a restart: the downtime was not quiet
+        quiet = now - quiet_from >= self.quiet_period
 
         if m is None and not any(s.cls.kind is SeriesKind.PHASE for s in series):
             if quiet and key not in self._non4d_logged:

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dicom",
         action="store_true",
-        help="also C-ECHO the SCP on 127.0.0.1 at ITVNODE_PORT / ITVNODE_AE_TITLE",
+        help="also C-ECHO the SCP at ITVNODE_HOST (127.0.0.1 when it listens on every address), "
+        "ITVNODE_PORT, ITVNODE_AE_TITLE",
     )
     parser.add_argument(
         "--serve",
@@ -25,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per check (default 5)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def local_dicom_host(host: str) -> str:
+    """Where a check on this machine reaches the SCP: its bind address, loopback when it binds them all."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if ok else 1
 
     settings = load_settings()
-    dicom = ("127.0.0.1", settings.port, settings.ae_title) if args.dicom else None
+    dicom = (local_dicom_host(settings.host), settings.port, settings.ae_title) if args.dicom else None
     if args.serve:
         import signal
         import threading

@@ -185,13 +185,14 @@ def run(args: argparse.Namespace) -> int:
 
     http = None
     if not args.no_http:
+        from itvnode.commands.health import local_dicom_host
         from service.health import HealthServer, HealthServerConfig
 
         cfg = HealthServerConfig(
             settings.data_dir,
             settings.broker_url,
             settings.min_free_bytes,
-            ("127.0.0.1", settings.port, settings.ae_title),
+            (local_dicom_host(settings.host), settings.port, settings.ae_title),
         )
         try:
             http = HealthServer(settings.http_host, settings.http_port, cfg).start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -74,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     thread, enqueuer = (None, None) if args.no_assembler else _start_assembler(settings, spool, stop_event)
     try:
         serve(settings, stop_event=stop_event, spool=spool)
+    except OSError as exc:  # at start-up: port taken, address not local, TLS files unreadable
+        print(f"itvnode serve: cannot start the SCP on {settings.host}:{settings.port}: {exc}",
+              file=sys.stderr)
+        return 2
     finally:
         stop_event.set()
         if thread is not None:

@@ -424,3 +424,42 @@ def test_series_mixing_phases_held(phantom_dicom_factory: Factory, spool: Spool,
     asm.poll_once(last + 30)
     m = manifest(data_dir, study_key(ph.study_instance_uid, ph.frame_of_reference_uid))
     assert m.state == "held" and "mixes 4 respiratory phases" in (m.reason or "")
+
+
+def test_downtime_does_not_count_as_quiet(phantom_dicom_factory: Factory, data_dir: Path,
+                                          embedded: Enqueuer) -> None:
+    """Half a study arrived, then the node was down longer than the quiet period (the peer could not send):
+    the restarted loop keeps collecting instead of completing the partial 4D set at once."""
+    import sqlite3
+    import threading
+    import time
+
+    ph = phantom_dicom_factory("siemens", uid_seed="asm-downtime", **SMALL)
+    spool1 = Spool(data_dir / "spool", fsync=False)
+    ingest(spool1, all_files(ph)[:24])  # phases 0 % and 25 % of four
+    spool1.close()
+    with sqlite3.connect(data_dir / "spool" / "index.sqlite") as con:  # received an hour before the restart
+        con.execute("UPDATE instances SET received_at = received_at - 3600")
+    con.close()
+    key = study_key(ph.study_instance_uid, ph.frame_of_reference_uid)
+    spool2 = Spool(data_dir / "spool", fsync=False)
+    stop = threading.Event()
+    try:
+        asm = make_assembler(spool2, data_dir, embedded.segment_study, quiet_period=30.0)
+        loop = threading.Thread(target=asm.run, kwargs={"stop_event": stop, "interval": 0.05})
+        loop.start()
+        deadline = time.monotonic() + 10
+        while not manifest_path(data_dir, key).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few more polls
+        stop.set()
+        loop.join(timeout=10)
+        m = manifest(data_dir, key)
+        assert m.state == "collecting", m.reason
+        assert broker_messages(data_dir) == []
+        # the quiet period runs from the restart: polled a full quiet period later, the set completes
+        assert asm.poll_once(time.time() + 30.5) == [key]
+        assert manifest(data_dir, key).state == "queued"
+    finally:
+        stop.set()
+        spool2.close()

@@ -141,3 +141,25 @@ def test_orphan_recovery_requeues_only_earlier_incarnations(assembled: tuple[Pat
     m = load_manifest(path)
     assert m.state == "queued" and "re-queued" in (m.reason or "")
     assert m.results["task_ids"] == ["killed-task"]  # a late re-delivery of the killed task does nothing
+
+
+def test_health_dicom_echoes_the_configured_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An SCP bound to one address (ITVNODE_HOST) is C-ECHOed there, not on 127.0.0.1."""
+    from service.scp import StorageSCP
+    from service.spool import Spool
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    scp = StorageSCP(spool, host="127.0.0.2", port=0)
+    port = scp.start()
+    try:
+        monkeypatch.setenv("ITVNODE_DATA_DIR", str(tmp_path))
+        monkeypatch.setenv("ITVNODE_MIN_FREE_BYTES", "0")
+        monkeypatch.setenv("ITVNODE_HOST", "127.0.0.2")
+        monkeypatch.setenv("ITVNODE_PORT", str(port))
+        monkeypatch.delenv("ITVNODE_BROKER_URL", raising=False)
+        assert main(["health", "--dicom", "--timeout", "2"]) == 0, capsys.readouterr().out
+        assert f"ok   dicom: C-ECHO to ITVNODE@127.0.0.2:{port} ok" in capsys.readouterr().out
+    finally:
+        scp.stop()
+        spool.close()

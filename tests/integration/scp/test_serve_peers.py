@@ -199,3 +199,22 @@ def test_serve_runs_the_assembler(serve_process, phantom_dicom_factory) -> None:
     m = load_manifest(path)
     assert sorted(p.percent for p in m.phases) == sorted(s.percent for s in written.phases)
     assert all(p.slices == len(written.phases[0].files) for p in m.phases)
+
+
+def test_port_in_use_is_a_message_not_a_traceback(serve_process, tmp_path: Path) -> None:
+    """A second node on a port already taken stops at start with a one-line reason (exit 2)."""
+    import os
+    import sys
+
+    from scp_helpers import ITVNODE, REPO
+
+    node = serve_process()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ITVNODE_")}
+    env.update({"ITVNODE_PORT": str(node.port), "ITVNODE_HOST": "127.0.0.1", "ITVNODE_MIN_FREE_BYTES": "0",
+                "ITVNODE_DATA_DIR": str(tmp_path / "second")})
+    cmd = [str(ITVNODE), "serve"] if ITVNODE.exists() else [sys.executable, "-m", "itvnode.cli", "serve"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"127.0.0.1:{node.port}" in res.stderr and "in use" in res.stderr
+    assert echo_ok(node.port).returncode == 0  # the first node is untouched
