@@ -34,6 +34,7 @@ from models.metrics import compare  # noqa: E402
 from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
 from models.structures import default_structures  # noqa: E402
 from models.temporal import TemporalParams, bounding_box  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 SAM_ROIS = ("Lung_L", "Lung_R", "Heart", "GTVp")
 _CROSS = ndi.generate_binary_structure(3, 1)
@@ -48,12 +49,13 @@ class Injected:
     counts: dict[str, int]  # artifact components injected per ROI
 
 
-def phantom_spec(size: str, n_phases: int = 10, seed: int = 0) -> PhantomSpec:
+def phantom_spec(size: str, n_phases: int = 10, seed: int = 0, **tumour: float) -> PhantomSpec:
+    """``tumour``: optional ``tumour_radius_mm`` / ``tumour_amplitude_mm`` (a small, fast tumour)."""
     if size == "full":
-        return PhantomSpec.full(n_phases=n_phases, shape=(150, 512, 512), seed=seed)
+        return PhantomSpec.full(n_phases=n_phases, shape=(150, 512, 512), seed=seed, **tumour)
     if size == "medium":
-        return PhantomSpec.sized(256, 64, slice_thickness=5.0, n_phases=n_phases, seed=seed)
-    return PhantomSpec.small(n_phases=n_phases, seed=seed)
+        return PhantomSpec.sized(256, 64, slice_thickness=5.0, n_phases=n_phases, seed=seed, **tumour)
+    return PhantomSpec.small(n_phases=n_phases, seed=seed, **tumour)
 
 
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
@@ -159,9 +161,10 @@ def _summary(masks: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, 
     return float(np.mean(ds)), float(np.min(ds)), float(np.mean(hs)), float(np.max(hs)), missed
 
 
-def run(size: str, seed: int, workers: int, k: int) -> int:
+def run(size: str, seed: int, workers: int, k: int, centroid_mm: float | None,
+        tumour: dict[str, float]) -> int:
     t0 = time.perf_counter()
-    ph: Phantom = make_phantom(phantom_spec(size, seed=seed))
+    ph: Phantom = make_phantom(phantom_spec(size, seed=seed, **tumour))
     gt = ph.masks
     sp = ph.spacing
     print(f"phantom {ph.shape} spacing {tuple(round(s, 3) for s in sp)} mm, built in "
@@ -174,7 +177,8 @@ def run(size: str, seed: int, workers: int, k: int) -> int:
     variants: dict[str, dict[str, np.ndarray]] = {"raw": {k: v.copy() for k, v in inj.masks.items()}}
     envs: dict[str, np.ndarray] = {"raw": np.asarray(inj.masks["GTVp"].any(axis=0))}
     times: dict[str, float] = {}
-    for name, temporal in (("connectivity", None), ("temporal+conn", TemporalParams(min_phases=k))):
+    product = TemporalParams(min_phases=k, max_centroid_mm=centroid_mm)
+    for name, temporal in (("connectivity", None), ("temporal+conn", product)):
         work = {k2: v.copy() for k2, v in inj.masks.items()}
         work["External"] = gt["External"].copy()
         t = time.perf_counter()
@@ -225,9 +229,17 @@ def main() -> int:
     ap.add_argument("--size", choices=("small", "medium", "full"), default="medium")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--k", type=int, default=3, help="temporal min_phases")
+    defaults = Settings.model_fields
+    ap.add_argument("--k", type=int, default=defaults["temporal_min_phases"].default,
+                    help="temporal min_phases (default: the product setting)")
+    ap.add_argument("--centroid-mm", type=float, default=defaults["temporal_max_centroid_mm"].default,
+                    help="temporal_max_centroid_mm (default: the product setting; 0: IoU only)")
+    ap.add_argument("--tumour-radius", type=float, help="tumour radius, mm (default: the phantom's)")
+    ap.add_argument("--tumour-amplitude", type=float, help="tumour SI motion, mm (default: the phantom's)")
     a = ap.parse_args()
-    return run(a.size, a.seed, a.workers, a.k)
+    tumour = {k: v for k, v in (("tumour_radius_mm", a.tumour_radius),
+                                ("tumour_amplitude_mm", a.tumour_amplitude)) if v is not None}
+    return run(a.size, a.seed, a.workers, a.k, a.centroid_mm or None, tumour)
 
 
 if __name__ == "__main__":
