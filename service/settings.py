@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 _AE_RE = re.compile(r"^[ -~]{1,16}$")
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -252,14 +254,17 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
 
+_config_file: ContextVar[Path | None] = ContextVar("itvnode_config_file", default=None)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
-    """Reads the file named by ``ITVNODE_CONFIG`` (set by :func:`load_settings`)."""
+    """Reads the file passed to :func:`load_settings`, else the one named by ``ITVNODE_CONFIG``."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("ITVNODE_CONFIG")
+        path = _config_file.get() or os.environ.get("ITVNODE_CONFIG")
         if not path:
             return {}
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -270,8 +275,7 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings; on error raise :class:`SettingsError` naming each bad key."""
-    if config is not None:
-        os.environ["ITVNODE_CONFIG"] = str(config)
+    token = _config_file.set(Path(config) if config is not None else None)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -280,5 +284,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"setting {key!r}: {err['msg']}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except SourceError as exc:  # e.g. ITVNODE_CALLER_IPS that is not JSON
+        raise SettingsError(f"invalid configuration: {exc} (a JSON value is expected)") from None
     except (OSError, yaml.YAMLError) as exc:
         raise SettingsError(f"cannot read configuration: {exc}") from None
+    finally:
+        _config_file.reset(token)
