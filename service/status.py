@@ -47,6 +47,8 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
             "task_id": m.task_id,
             "updated": updated,
             "notes": [n.model_dump() for n in m.notes],
+            # structures the worker could not contour (e.g. no SAM 3 weights), with the reason
+            "skipped": dict(m.results.get("skipped") or {}),
         }
         rows.append(row)
     spool_index = data_dir / "spool" / "index.sqlite"
@@ -73,6 +75,7 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
                     "task_id": None,
                     "updated": _iso(last),
                     "notes": [],
+                    "skipped": {},
                 })
         finally:
             spool.close()

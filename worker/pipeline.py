@@ -270,8 +270,7 @@ def process_study(
         state = "done"
         note = f"no destinations configured: RTSTRUCT kept in {results_dir(data_dir, study_key)}"
         log.warning("study %s: %s", study_key, note)
-    if note is None:
-        note = skipped_note(outcome.skipped)
+    note = "; ".join(n for n in (note, skipped_note(outcome.skipped)) if n) or None
 
     def finished(mm: Manifest) -> None:
         set_state(mm, state, note[:2000] if note else None)

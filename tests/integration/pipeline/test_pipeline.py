@@ -19,6 +19,7 @@ import pytest
 from service.manifest import load_manifest, manifest_path, save_manifest
 from service.outbox import Outbox, RetryPolicy
 from service.settings import Destination, load_settings
+from service.status import collect_status
 from worker.engine_settings import EngineConfig, LoadedSegmenter, engine_config, roi_styles
 from worker.pipeline import PipelineError, process_study, results_dir, sync_export_state
 
@@ -45,6 +46,9 @@ def test_no_destination_keeps_result_done_with_skipped_reason(assembled: tuple[P
     m = load_manifest(manifest_path(data_dir, key))
     assert m.state == "done"
     assert "no destinations configured" in (m.reason or "")
+    assert "skipped: Lung_L: SAM 3 unavailable" in (m.reason or "")  # the status line says both
+    (row,) = [r for r in collect_status(data_dir) if r["study_key"] == key]
+    assert set(row["skipped"]) == {"Lung_L", "Lung_R", "Heart", "GTVp", "ITV"}
     assert set(m.results["skipped"]) == {"Lung_L", "Lung_R", "Heart", "GTVp", "ITV"}
     assert all(v.startswith("SAM 3 unavailable") for v in m.results["skipped"].values())
     assert [h.state for h in m.history][-2:] == ["processing", "done"]
