@@ -55,11 +55,9 @@ def _phantom_study(folder: str) -> Study:
 def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any) -> list[Study]:
     import numpy as np
 
-    from service.assembler import Assembler
+    from service.assembler import assemble_folder
     from service.manifest import iter_manifests
-    from service.phases import compile_rules
     from service.rtstruct_read import find_rtstructs, rtstruct_masks
-    from service.spool import IngestError, Spool, meta_from_bytes
     from service.volume import read_phases
 
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
@@ -67,27 +65,8 @@ def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any) -> list[
     out = []
     with tempfile.TemporaryDirectory(prefix="itvnode-evaluate-") as tmp:
         work = Path(tmp)
-        spool = Spool(work / "spool", fsync=False)
-        try:
-            for f in files:
-                if f in rts:
-                    continue
-                try:
-                    data = f.read_bytes()
-                    spool.store(meta_from_bytes(data), data)
-                except (IngestError, OSError, ValueError):
-                    continue
-            Assembler(
-                spool,
-                work,
-                None,
-                quiet_period=0.0,
-                expected_phases=settings.expected_phases,
-                settle=0.0,
-                site_rules=compile_rules(settings.phase_rules),
-            ).poll_once(time.time() + 1.0)
-        finally:
-            spool.close()
+        assemble_folder([f for f in files if f not in rts], work,
+                        expected_phases=settings.expected_phases, phase_rules=settings.phase_rules)
         for _, m in iter_manifests(work):
             if m.state != "complete":
                 log.warning("study %s not evaluated: %s (%s)", m.study_key, m.state, m.reason)

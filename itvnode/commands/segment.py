@@ -27,31 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", help="keep the working data directory here (default: a temporary one)")
 
 
-def _ingest(files: list[Path], spool: Any) -> tuple[int, dict[str, int]]:
-    from service.spool import IngestError, meta_from_bytes
-
-    stored = 0
-    skipped: dict[str, int] = {}
-    for f in files:
-        try:
-            encoded = f.read_bytes()
-            meta = meta_from_bytes(encoded)
-            spool.store(meta, encoded)
-            stored += 1
-        except (IngestError, OSError, ValueError) as exc:
-            why = type(exc).__name__
-            skipped[why] = skipped.get(why, 0) + 1
-    return stored, skipped
-
-
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from service.assembler import Assembler
+    from service.assembler import assemble_folder
     from service.manifest import iter_manifests, load_manifest
-    from service.phases import compile_rules
     from service.settings import load_settings
-    from service.spool import Spool
     from worker.engine_settings import engine_config, load_segmenter
     from worker.pipeline import RUNNABLE_STATES, PipelineError, process_study, results_dir
 
@@ -76,28 +57,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         t0 = time.perf_counter()
         files = sorted(p for p in src.rglob("*") if p.is_file())
-        spool = Spool(work / "spool", fsync=False)
-        try:
-            stored, skipped_files = _ingest(files, spool)
-            log.info(
-                "read %d DICOM instance(s) from %s in %.1f s%s",
-                stored,
-                src,
-                time.perf_counter() - t0,
-                f"; ignored {skipped_files}" if skipped_files else "",
-            )
-            assembler = Assembler(
-                spool,
-                work,
-                None,
-                quiet_period=0.0,
-                expected_phases=settings.expected_phases,
-                settle=0.0,
-                site_rules=compile_rules(settings.phase_rules),
-            )
-            assembler.poll_once(time.time() + 1.0)
-        finally:
-            spool.close()
+        stored, skipped_files = assemble_folder(
+            files, work, expected_phases=settings.expected_phases, phase_rules=settings.phase_rules
+        )
+        log.info(
+            "read %d DICOM instance(s) from %s in %.1f s%s",
+            stored,
+            src,
+            time.perf_counter() - t0,
+            f"; ignored {skipped_files}" if skipped_files else "",
+        )
         manifests = list(iter_manifests(work))
         if not manifests:
             print(
