@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -38,6 +39,7 @@ from pydicom.uid import (
 
 from itvnode import __version__
 from service.contours import mask_to_contours
+from service.durable import write_atomic
 from service.volume import Geometry
 
 if TYPE_CHECKING:
@@ -503,13 +505,19 @@ def _frame_of_reference(plan: _Plan) -> Dataset:
     return f
 
 
-def write_rtstruct(ds: Dataset, out_dir: str | Path) -> Path:
-    """Write ``RS.<SOPInstanceUID>.dcm`` under ``out_dir`` (atomic rename); a re-run overwrites that name."""
+def write_dataset(ds: Dataset, out_dir: str | Path, prefix: str) -> Path:
+    """Write ``<prefix>.<SOPInstanceUID>.dcm`` under ``out_dir`` durably and atomically, in the transfer
+    syntax of its file meta; a re-run overwrites the same name (deterministic UIDs)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"RS.{ds.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".dcm.tmp")
+    path = out / f"{prefix}.{ds.SOPInstanceUID}.dcm"
+    buf = BytesIO()
     implicit = ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
-    ds.save_as(tmp, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
-    tmp.replace(path)
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    write_atomic(path, buf.getvalue(), mode=0o644)
     return path
+
+
+def write_rtstruct(ds: Dataset, out_dir: str | Path) -> Path:
+    """Write ``RS.<SOPInstanceUID>.dcm`` under ``out_dir``."""
+    return write_dataset(ds, out_dir, "RS")

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from itvnode import __version__
-from service.rtstruct import Algorithm, RoiStyle, deterministic_uid
+from service.rtstruct import Algorithm, RoiStyle, deterministic_uid, write_dataset
 from service.volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,5 @@ def build_seg(
 
 
 def write_seg(seg: Dataset, out_dir: str | Path) -> Path:
-    """Write ``SEG.<SOPInstanceUID>.dcm`` (atomic rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"SEG.{seg.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".dcm.tmp")
-    seg.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    """Write ``SEG.<SOPInstanceUID>.dcm`` under ``out_dir``."""
+    return write_dataset(seg, out_dir, "SEG")
