@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,11 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests" / "integration" / "rtstruct"))  # the same plastimatch peer as the tests
+
+from rtstruct_peers import plastimatch_masks  # noqa: E402
+
+from models.metrics import dice as metric_dice  # noqa: E402
 from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
 from service.phantom_dicom import write_phantom_dicom  # noqa: E402
 from service.rtstruct import Algorithm, build_rtstructs, roi_name, styles_from_settings, write_rtstruct  # noqa: E402
@@ -68,32 +72,9 @@ def phase_geometries(g0: Geometry, n: int) -> list[Geometry]:
     return out
 
 
-def plastimatch(rs: Path, ct_dir: Path, out: Path) -> dict[str, np.ndarray]:
-    import nrrd
-
-    cmd = [
-        "plastimatch",
-        "convert",
-        "--input",
-        str(rs),
-        "--referenced-ct",
-        str(ct_dir),
-        "--output-prefix",
-        str(out),
-        "--prefix-format",
-        "nrrd",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"plastimatch failed on {rs}: {r.stderr[-500:]}")
-    return {f.stem: np.transpose(nrrd.read(str(f))[0], (2, 1, 0)).astype(bool) for f in out.glob("*.nrrd")}
-
-
 def dice(a: np.ndarray, b: np.ndarray | None) -> float:
-    if b is None:
-        return float("nan")
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.count_nonzero(a & b)) / s
+    """Dice against a mask plastimatch may not have produced (NaN then)."""
+    return float("nan") if b is None else metric_dice(a, b)
 
 
 def long_ds(paths: list[Path]) -> int:
@@ -201,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         if "rt-utils" in files:
             round_trip["rt-utils 1.2.7"] = files["rt-utils"][0]
         got = {
-            k: plastimatch(v, ct0.folder, work / "nrrd" / k.replace(" ", "_")) for k, v in round_trip.items()
+            k: plastimatch_masks(v, ct0.folder, work / "nrrd" / k.replace(" ", "_"))
+            for k, v in round_trip.items()
         }
         print(f"{'ROI':<14} {'voxels':>9} " + " ".join(f"{k:>19}" for k in got))
         for name in [*ROIS, "ITV"]:

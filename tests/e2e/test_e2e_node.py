@@ -61,6 +61,18 @@ def _start_worker(
     return w
 
 
+def _serve_with_receiver(
+    procs: list[Proc], tmp: Path, broker_url: str | None, sam3_dir: Path
+) -> tuple[StoreSCP, Path, dict[str, str]]:
+    """A dcmtk storescp destination and ``itvnode serve`` sending to it; returns (receiver, data dir, env)."""
+    rx = StoreSCP(tmp / "rx", tmp)
+    procs.append(rx.proc)
+    data = tmp / "data"
+    env = node_env(data, free_port(), broker_url=broker_url, destinations=rx.destination, sam3_dir=sam3_dir)
+    _start_serve(procs, tmp, env)
+    return rx, data, env
+
+
 def _check_result(rx: StoreSCP, phantom: Any, data_dir: Path) -> dict[str, Any]:
     files = rx.files()
     assert len(files) == 1, f"expected one RTSTRUCT, got {[f.name for f in files]}"
@@ -90,11 +102,7 @@ def test_storescu_to_storescp_through_redis(
     shared_redis: Callable[[int], str],
 ) -> None:
     url = shared_redis(7)
-    rx = StoreSCP(tmp_path / "rx", tmp_path)
-    procs.append(rx.proc)
-    data = tmp_path / "data"
-    env = node_env(data, free_port(), broker_url=url, destinations=rx.destination, sam3_dir=tiny_model_dir)
-    _start_serve(procs, tmp_path, env)
+    rx, data, env = _serve_with_receiver(procs, tmp_path, url, tiny_model_dir)
     worker = _start_worker(procs, tmp_path, env)
     storescu(int(env["ITVNODE_PORT"]), "ITVNODE", [e2e_phantom.root])
     wait_for(
@@ -192,11 +200,7 @@ def test_worker_killed_mid_job_completes_after_restart(
     shared_redis: Callable[[int], str],
 ) -> None:
     url = shared_redis(8)
-    rx = StoreSCP(tmp_path / "rx", tmp_path)
-    procs.append(rx.proc)
-    data = tmp_path / "data"
-    env = node_env(data, free_port(), broker_url=url, destinations=rx.destination, sam3_dir=tiny_model_dir)
-    _start_serve(procs, tmp_path, env)
+    rx, data, env = _serve_with_receiver(procs, tmp_path, url, tiny_model_dir)
     _start_worker(procs, tmp_path, env, queues="export", name="export")
     first = _start_worker(
         procs, tmp_path, env, queues="inference", name="inference-1", hostname="inference@e2e"
@@ -230,13 +234,7 @@ def test_redis_restart_mid_run_loses_nothing(
 ) -> None:
     server = RedisServer(tmp_path / "redis", tmp_path)
     try:
-        rx = StoreSCP(tmp_path / "rx", tmp_path)
-        procs.append(rx.proc)
-        data = tmp_path / "data"
-        env = node_env(
-            data, free_port(), broker_url=server.url, destinations=rx.destination, sam3_dir=tiny_model_dir
-        )
-        _start_serve(procs, tmp_path, env)
+        rx, data, env = _serve_with_receiver(procs, tmp_path, server.url, tiny_model_dir)
         storescu(int(env["ITVNODE_PORT"]), "ITVNODE", [e2e_phantom.root])
         # the job is in Redis only: no worker runs yet
         wait_for(

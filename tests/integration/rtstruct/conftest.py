@@ -4,34 +4,15 @@ and written in both layouts. Peer helpers live in rtstruct_peers.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pydicom
 import pytest
-
-from service.manifest import IDENTIFIER_KEYS
+from rtstruct_study import Study, build, identifiers_of
 
 PHANTOM_10 = dict(
     n_phases=10, shape=(24, 128, 128), pixel_spacing=(2.0, 2.0), slice_thickness=2.0, tumour_radius_mm=8.0
 )
-
-
-@dataclass
-class Study:
-    series: Any  # PhantomSeries
-    gt: Any  # GroundTruth
-    hu: np.ndarray
-    geometries: list[Any]
-    references: dict[str, Any]
-    identifiers: dict[str, str]
-
-
-def identifiers_of(path: Path) -> dict[str, str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return {k: str(ds.get(k, "") or "") for k in IDENTIFIER_KEYS}
 
 
 @pytest.fixture(scope="session")
@@ -50,26 +31,6 @@ def study10(phantom_dicom_factory: Callable[..., Any]) -> Study:
         refs,
         identifiers_of(series.phases[0].files[0]),
     )
-
-
-def build(study: Study, layout: str, **kw: Any) -> list[Any]:
-    from service.rtstruct import Algorithm, build_rtstructs, styles_from_settings
-    from service.settings import default_structures
-
-    args: dict[str, Any] = dict(
-        study_key="0123456789abcdef",
-        identifiers=study.identifiers,
-        geometries=study.geometries,
-        phase_percents=study.gt.phase_percents,
-        masks=study.gt.masks,
-        envelopes={"ITV": study.gt.itv},
-        styles=styles_from_settings(default_structures()),
-        algorithm=Algorithm("SAM 3", "test-random-init", "lora-test-1"),
-        layout=layout,
-        references=study.references,
-    )
-    args.update(kw)
-    return build_rtstructs(**args)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import Study, build
 from rtstruct_peers import DS_RE, dciodvfy, dice, ds_values, plastimatch_masks
+from rtstruct_study import Study, build
 
 from service.rtstruct import Algorithm, RoiStyle, roi_name, write_rtstruct
 

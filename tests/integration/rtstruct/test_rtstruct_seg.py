@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import Study
 from rtstruct_peers import dciodvfy
+from rtstruct_study import Study
 
 from service.rtstruct import Algorithm, styles_from_settings
 from service.settings import default_structures
