@@ -124,15 +124,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def round_itvnode(folder: Path, work: Path, n_files: int, profile_out: Path | None,
-                  fsync: bool = True) -> float:
+                  fsync: bool = True, assembler: bool = False) -> float:
     data = Path(tempfile.mkdtemp(prefix="itv-", dir=work))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ITVNODE_")}
     env.update({"ITVNODE_PORT": str(port), "ITVNODE_HOST": "127.0.0.1", "ITVNODE_DATA_DIR": str(data),
                 "ITVNODE_MIN_FREE_BYTES": "0", "ITVNODE_LOG_LEVEL": "WARNING",
                 "ITVNODE_SPOOL_FSYNC": "true" if fsync else "false"})
-    proc = subprocess.Popen([str(ITVNODE), "serve", "--no-assembler"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    argv = [str(ITVNODE), "serve"] + ([] if assembler else ["--no-assembler"])
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spy = None
     try:
         wait_echo(port, "ITVNODE", proc)
@@ -248,6 +248,8 @@ def main() -> int:
     runners: dict[str, Callable[[], float]] = {
         "itvnode": lambda: round_itvnode(folder, work, n_files, None, fsync=True),
         "itvnode-nofsync": lambda: round_itvnode(folder, work, n_files, None, fsync=False),
+        # as shipped: the assembler thread polls the growing study in the same process (quiet period 60 s)
+        "itvnode+assembler": lambda: round_itvnode(folder, work, n_files, None, fsync=True, assembler=True),
         "storescp": lambda: round_storescp(folder, work, n_files),
     }
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -257,15 +259,17 @@ def main() -> int:
             for name in order:
                 dt = runners[name]()
                 times[name].append(dt)
-                print(f"round {r + 1} {name:15s} {dt:6.2f} s  {mb / dt:7.1f} MB/s  "
+                print(f"round {r + 1} {name:17s} {dt:6.2f} s  {mb / dt:7.1f} MB/s  "
                       f"{n_files / dt:7.1f} files/s", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
         print("\nmedian:")
         for name, dt in med.items():
-            print(f"  {name:15s} {dt:6.2f} s  {mb / dt:7.1f} MB/s  {n_files / dt:7.1f} files/s")
+            print(f"  {name:17s} {dt:6.2f} s  {mb / dt:7.1f} MB/s  {n_files / dt:7.1f} files/s")
         print(f"ratio itvnode/storescp (throughput, fsync on):  {med['storescp'] / med['itvnode']:.2f}")
         off = med["storescp"] / med["itvnode-nofsync"]
         print(f"ratio itvnode/storescp (throughput, fsync off): {off:.2f}  (storescp itself never fsyncs)")
+        shipped = med["storescp"] / med["itvnode+assembler"]
+        print(f"ratio itvnode/storescp (fsync on, with the assembler as shipped): {shipped:.2f}")
         if args.profile:
             if not PY_SPY.exists():
                 print("--profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
