@@ -17,6 +17,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 import weakref
@@ -146,23 +147,55 @@ def _prefer_requestor_order(contexts: list[Any]) -> None:
             cx.transfer_syntax = [first]
 
 
+#: Largest PDU accepted when ``maximum_pdu_size`` is 0 ("unlimited"): a sane bound all the same.
+UNLIMITED_PDU_BOUND = 64 * 1024 * 1024
+#: A-ASSOCIATE-RQ/AC carry presentation contexts and user items: 128 contexts with many transfer syntaxes
+#: stay well below this.
+ASSOCIATION_PDU_BOUND = 1024 * 1024
+_SMALL_PDU_BOUND = 64  # A-ASSOCIATE-RJ, A-RELEASE-RQ/RP and A-ABORT have a 4-byte variable field
+_RECV_CHUNK = 4 * 1024 * 1024  # buffers grow by what actually arrives, never by what a peer claims
+
+
+def pdu_length_limit(pdu_type: int, maximum_pdu_size: int) -> int:
+    """Largest PDU length (the header's length field) accepted for ``pdu_type`` before reading its body.
+
+    P-DATA-TF is bounded by the maximum we advertise (``0`` advertises no limit and is held to
+    :data:`UNLIMITED_PDU_BOUND`); association PDUs are small by nature.
+    """
+    if pdu_type == 0x04:
+        return maximum_pdu_size if maximum_pdu_size > 0 else UNLIMITED_PDU_BOUND
+    if pdu_type in (0x01, 0x02):
+        return ASSOCIATION_PDU_BOUND
+    return _SMALL_PDU_BOUND
+
+
 class _FastSocket(AssociationSocket):
-    """``recv`` into one preallocated buffer instead of 4 KiB ``bytearray.extend`` steps (the stock loop is
-    the largest single cost when a peer sends 512x512 CT slices)."""
+    """``recv`` into preallocated buffers instead of 4 KiB ``bytearray.extend`` steps (the stock loop is
+    the largest single cost when a peer sends 512x512 CT slices). Buffers are at most :data:`_RECV_CHUNK`
+    ahead of the bytes received, so a length a peer merely claims costs no memory."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
+        parts: list[bytearray] = []
         got = 0
         while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:
-                del view
-                return buf[:got]
-            got += n
-        return buf
+            buf = bytearray(min(nr_bytes - got, _RECV_CHUNK))
+            view = memoryview(buf)
+            filled = 0
+            while filled < len(buf):
+                n = sock.recv_into(view[filled:], len(buf) - filled)
+                if not n:
+                    break
+                filled += n
+            del view
+            got += filled
+            parts.append(buf if filled == len(buf) else buf[:filled])
+            if filled < len(buf):  # peer closed
+                break
+        if len(parts) == 1:
+            return parts[0]
+        return bytearray().join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,16 +239,77 @@ class _FastDUL(DULServiceProvider):
         self._wake()
 
     def _read_pdu_data(self) -> None:
-        super()._read_pdu_data()
-        queued = self.event_queue.queue
-        if queued and queued[-1] == "Evt19":  # unrecognised or invalid PDU
-            self._invalid_pdus += 1
-            # pynetdicom answers each further 6 bytes of noise with another A-ABORT and error log line until
-            # the peer hangs up; after the first A-ABORT, hang up ourselves.
-            if self._invalid_pdus > 1 and self.socket is not None and self.socket.socket is not None:
-                LOG.warning("peer %s sends data that is not DICOM; closing the connection",
-                            self.assoc.requestor.address)
-                self.socket.close()
+        """pynetdicom 3.0's PDU read with the length checked before anything is allocated or read.
+
+        A PDU longer than :func:`pdu_length_limit` allows is answered with an A-ABORT (service provider,
+        invalid PDU parameter value) and the connection is closed.
+        """
+        wrapper = self.socket
+        assert wrapper is not None
+        try:
+            header = wrapper.recv(6)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")  # transport closed
+            return
+        if len(header) < 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if not 0x01 <= pdu_type <= 0x07:
+            self._invalid_pdu(f"unknown PDU type 0x{pdu_type:02X}")
+            return
+        limit = pdu_length_limit(pdu_type, int(self.assoc.acceptor.maximum_length or 0))
+        if length > limit:
+            self._refuse_oversized(pdu_type, length, limit)
+            return
+        try:
+            body = wrapper.recv(length)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            LOG.warning("peer %s closed the connection %d bytes into a %d-byte PDU",
+                        self.assoc.requestor.address, len(body), length)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception as exc:
+            self._invalid_pdu(f"undecodable PDU type 0x{pdu_type:02X}: {exc}")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _invalid_pdu(self, why: str) -> None:
+        """Evt19: the state machine answers with an A-ABORT. pynetdicom answers each further 6 bytes of noise
+        with another A-ABORT and error line until the peer hangs up; after the first, hang up ourselves."""
+        self._invalid_pdus += 1
+        self.event_queue.put("Evt19")
+        if self._invalid_pdus == 1:
+            LOG.warning("peer %s sent an invalid PDU (%s); aborting", self.assoc.requestor.address, why)
+        elif self.socket is not None and self.socket.socket is not None:
+            LOG.warning("peer %s sends data that is not DICOM; closing the connection",
+                        self.assoc.requestor.address)
+            self.socket.close()
+
+    def _refuse_oversized(self, pdu_type: int, length: int, limit: int) -> None:
+        """A-ABORT (service provider, invalid PDU parameter value), then close: the rest of the claimed PDU
+        is never read."""
+        LOG.warning("peer %s (%s) announced a %d-byte PDU of type 0x%02X, limit %d; aborting",
+                    self.assoc.requestor.address, str(self.assoc.requestor.ae_title or "?").strip(), length,
+                    pdu_type, limit)
+        wrapper = self.socket
+        if wrapper is not None and wrapper.socket is not None:
+            abort = A_ABORT_RQ()
+            abort.source = 0x02
+            abort.reason_diagnostic = 0x06
+            try:
+                wrapper.socket.sendall(abort.encode())
+            except OSError:
+                pass
+            wrapper.close()  # puts Evt17 (transport closed) on the event queue
+        else:
+            self.event_queue.put("Evt17")
 
     def kill_dul(self) -> None:
         super().kill_dul()
