@@ -56,6 +56,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -227,6 +228,8 @@ class _FastDUL(DULServiceProvider):
         os.set_blocking(self._wake_w, False)
         self._close_pipe = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._invalid_pdus = 0
+        self._connected = False  # the state machine left Sta1: a transport connection exists
+        self._got_request = False  # an A-ASSOCIATE-RQ PDU arrived
 
     def _wake(self) -> None:
         try:
@@ -277,6 +280,7 @@ class _FastDUL(DULServiceProvider):
         except Exception as exc:
             self._invalid_pdu(f"undecodable PDU type 0x{pdu_type:02X}: {exc}")
             return
+        self._got_request |= pdu_type == 0x01
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -375,8 +379,28 @@ class _FastDUL(DULServiceProvider):
                     continue
                 self.state_machine.do_action(event)
                 sleep = False
+                if self._connection_ended_before_request():
+                    return
         finally:
             self._close_pipe()
+
+    def _connection_ended_before_request(self) -> bool:
+        """Release the association thread when the connection ends before any A-ASSOCIATE-RQ.
+
+        The acceptor's association thread waits up to the ACSE timeout for the request primitive; a peer
+        that connects and hangs up (or is aborted for a bad first PDU) would otherwise hold a slot of
+        ``max_associations`` for that long. An A-P-ABORT on its queue wakes it; it then closes without
+        negotiating, and this reactor stops.
+        """
+        if self.state_machine.current_state != "Sta1":
+            self._connected = True
+            return False
+        if not self._connected or self._got_request or self.assoc.is_established:
+            return False
+        self.assoc.is_aborted = True
+        self.to_user_queue.put(A_P_ABORT())
+        self._kill_thread = True
+        return True
 
 
 _STANDARD_LOG_HANDLERS = (

@@ -119,3 +119,22 @@ def test_large_instances_within_the_bound_still_store(serve_process: Callable[..
     finally:
         assoc.release()
     assert node.spool().count() == 1
+
+
+def test_aborted_and_hung_up_connections_free_their_slot_at_once(make_scp: Callable[..., RunningSCP]) -> None:
+    """The association thread waits for the A-ASSOCIATE-RQ up to the ACSE timeout; a connection that ends
+    before one (aborted for a bad first PDU, or just closed) must not hold a slot that long."""
+    node = make_scp(max_associations=2)
+    for i in range(12):
+        sock = _claim(node.port, 0x01, HUGE) if i % 2 else socket.create_connection(("127.0.0.1", node.port))
+        if i % 2:
+            _read_abort(sock)
+        sock.close()
+    assert node.scp is not None and node.scp._server is not None
+    deadline = time.monotonic() + 3
+    while node.scp._server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not node.scp._server.active_associations
+    assoc = node.associate()
+    assert assoc.is_established
+    assoc.release()
