@@ -302,16 +302,8 @@ class _FastDUL(DULServiceProvider):
         LOG.warning("peer %s (%s) announced a %d-byte PDU of type 0x%02X, limit %d; aborting",
                     self.assoc.requestor.address, str(self.assoc.requestor.ae_title or "?").strip(), length,
                     pdu_type, limit)
-        wrapper = self.socket
-        if wrapper is not None and wrapper.socket is not None:
-            abort = A_ABORT_RQ()
-            abort.source = 0x02
-            abort.reason_diagnostic = 0x06
-            try:
-                wrapper.socket.sendall(abort.encode())
-            except OSError:
-                pass
-            wrapper.close()  # puts Evt17 (transport closed) on the event queue
+        if self.socket is not None and self.socket.socket is not None:
+            self._send_abort(0x06)  # closing puts Evt17 (transport closed) on the event queue
         else:
             self.event_queue.put("Evt17")
 
@@ -361,28 +353,48 @@ class _FastDUL(DULServiceProvider):
                     elif self._is_transport_event():
                         self._idle_timer.restart()
                 except Exception as exc:
-                    LOG.error("DUL reactor failed, aborting the association: %s", exc)
-                    abort_pdu = A_ABORT_RQ()
-                    abort_pdu.source = 0x02
-                    abort_pdu.reason_diagnostic = 0x00
-                    if self.socket is not None:
-                        self.socket.send(abort_pdu.encode())
-                    self.assoc.is_aborted = True
-                    self.assoc.is_established = False
-                    self.assoc._kill = True
-                    self._kill_thread = True
+                    self._fail(exc)
                     return
                 try:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
                     sleep = True
                     continue
-                self.state_machine.do_action(event)
+                try:
+                    self.state_machine.do_action(event)
+                except Exception as exc:  # e.g. a PDU that decodes but breaks the rules (an even context ID)
+                    self._fail(exc)
+                    return
                 sleep = False
                 if self._connection_ended_before_request():
                     return
         finally:
             self._close_pipe()
+
+    def _fail(self, exc: Exception) -> None:
+        """Anything the state machine cannot handle ends the association: A-ABORT, close, and wake the
+        association thread (waiting for a request or serving DIMSE) with an A-P-ABORT."""
+        LOG.warning("aborting the association with %s: %s: %s", self.assoc.requestor.address,
+                    type(exc).__name__, exc)
+        self._send_abort(0x00)
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.to_user_queue.put(A_P_ABORT())
+        self._kill_thread = True
+
+    def _send_abort(self, reason: int) -> None:
+        """A-ABORT (source: service provider) straight to the socket, then close it."""
+        wrapper = self.socket
+        if wrapper is None or wrapper.socket is None:
+            return
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = reason
+        try:
+            wrapper.socket.sendall(abort.encode())
+        except OSError:
+            pass
+        wrapper.close()
 
     def _connection_ended_before_request(self) -> bool:
         """Release the association thread when the connection ends before any A-ASSOCIATE-RQ.

@@ -39,10 +39,10 @@ def make_scp(tmp_path: Path) -> Iterator[Callable[..., RunningSCP]]:
 
 @pytest.fixture
 def serve_process(tmp_path: Path) -> Iterator[Callable[..., RunningSCP]]:
-    """``itvnode serve`` in a subprocess on a free port; ``serve_process(ENV=value, ...)``."""
+    """``itvnode serve`` in a subprocess on a free port; ``serve_process(*serve_args, ENV=value, ...)``."""
     procs: list[RunningSCP] = []
 
-    def _start(**env_extra: str) -> RunningSCP:
+    def _start(*serve_args: str, **env_extra: str) -> RunningSCP:
         data = tmp_path / f"serve{len(procs)}"
         data.mkdir()
         port = free_port()
@@ -52,8 +52,8 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., RunningSCP]]:
         env.update(env_extra)
         log = data / "serve.log"
         cmd = [str(ITVNODE), "serve"] if ITVNODE.exists() else [sys.executable, "-m", "itvnode.cli", "serve"]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen([*cmd, *serve_args], cwd=REPO, env=env, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, text=True)
         running = RunningSCP(port=port, data_dir=data, spool_dir=data / "spool",
                              ae_title=env.get("ITVNODE_AE_TITLE", "ITVNODE"), proc=proc, log=log)
         procs.append(running)
