@@ -277,7 +277,7 @@ class Reconciler:
                 set_state(m, "failed", f"{REASON_PREFIX}{found.reason}; gave up after {n} re-queue(s)")
                 outcome["state"] = "failed"
                 return m
-            wait = min(self.policy.backoff_max, self.policy.backoff * 2 ** n) if n else 0.0
+            wait = min(self.policy.backoff_max, self.policy.backoff * 2 ** (n - 1)) if n else 0.0
             if last is not None and now < last + wait:
                 outcome["waiting"] = last + wait - now
                 return m
