@@ -34,6 +34,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from service.queue import queued_study_keys
+from service.reconcile import ReconcilePolicy, find_stuck
+
 log = logging.getLogger(__name__)
 
 QUEUES = ("inference", "export")
@@ -155,12 +158,36 @@ def check_health(
     min_free_bytes: int = 0,
     dicom: tuple[str, int, str] | None = None,
     timeout: float = 3.0,
+    reconcile: ReconcilePolicy | None = None,
 ) -> HealthReport:
-    """Data directory writable with space, broker reachable, optionally the SCP answering C-ECHO."""
+    """Data directory writable with space, broker reachable, no study stuck (its task gone: see
+    service.reconcile; thresholds from ``reconcile``, else the defaults), optionally the SCP answering
+    C-ECHO."""
     report = report_data_and_broker(data_dir, broker_url, min_free_bytes, timeout)
+    broker_ok = bool(report.checks.get("broker", {}).get("ok"))
+    report.add("studies", *check_stuck(data_dir, broker_url, reconcile or ReconcilePolicy(),
+                                       broker_ok=broker_ok, timeout=timeout))
     if dicom is not None:
         report.add("dicom", *check_dicom(dicom[0], dicom[1], dicom[2], timeout=timeout))
     return report
+
+
+def check_stuck(data_dir: Path, broker_url: str | None, policy: ReconcilePolicy, *, broker_ok: bool = True,
+                timeout: float = 3.0) -> tuple[bool, str]:
+    """Not ok while a study is ``processing``/``queued`` with its task gone (the rules of service.reconcile,
+    whose reconciler re-queues or fails it within ``reconcile_interval``)."""
+    keys = None
+    if broker_ok:
+        try:
+            keys = queued_study_keys(broker_url, data_dir, timeout=timeout)
+        except Exception as exc:
+            log.warning("health: cannot list the broker's messages: %s", exc)
+    stuck = find_stuck(data_dir, policy, broker_keys=keys)
+    if not stuck:
+        return True, "no study stuck" + ("" if keys is not None else " (queued studies not checked)")
+    listed = "; ".join(f"{s.study_key} ({s.state}: {s.reason})" for s in stuck[:10])
+    more = f" and {len(stuck) - 10} more" if len(stuck) > 10 else ""
+    return False, f"{len(stuck)} stuck stud{'y' if len(stuck) == 1 else 'ies'}: {listed}{more}"
 
 
 def report_data_and_broker(
@@ -329,6 +356,7 @@ class HealthServerConfig:
     broker_url: str | None
     min_free_bytes: int = 0
     dicom: tuple[str, int, str] | None = None  # C-ECHO target checked by /health, when set
+    reconcile: ReconcilePolicy | None = None  # stuck-study thresholds (None: the defaults)
 
 
 def _make_handler(cfg: HealthServerConfig, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
@@ -338,7 +366,8 @@ def _make_handler(cfg: HealthServerConfig, registry: CollectorRegistry) -> type[
         def do_GET(self) -> None:  # noqa: N802 - http.server API
             path = self.path.split("?", 1)[0]
             if path == "/health":
-                report = check_health(cfg.data_dir, cfg.broker_url, cfg.min_free_bytes, cfg.dicom)
+                report = check_health(cfg.data_dir, cfg.broker_url, cfg.min_free_bytes, cfg.dicom,
+                                      reconcile=cfg.reconcile)
                 self._send(
                     200 if report.ok else 503,
                     "application/json",

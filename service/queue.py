@@ -177,3 +177,72 @@ def prune_embedded_broker(data_dir: Path, older_than_s: float = 7 * 86400.0) -> 
         return 0
     finally:
         con.close()
+
+
+def _study_key_of(payload: str | bytes) -> str | None:
+    """The study key a kombu message envelope (JSON, body base64) carries for ``itvnode.segment_study``."""
+    import base64
+    import json
+
+    try:
+        env = json.loads(payload)
+        if isinstance(env, list):  # Redis ``unacked``: [message, exchange, routing_key]
+            env = env[0]
+            env = json.loads(env) if isinstance(env, str | bytes) else env
+        headers = env.get("headers") or {}
+        if headers.get("task") != TASK_SEGMENT:
+            return None
+        body = env.get("body")
+        if (env.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def queued_study_keys(broker_url: str | None, data_dir: Path, *, key_prefix: str = "",
+                      timeout: float = 3.0) -> set[str]:
+    """Study keys that have an ``itvnode.segment_study`` message in the broker: waiting in ``inference`` or,
+    on Redis, delivered but not yet acknowledged. Raises when the broker cannot be read.
+
+    The embedded broker cannot tell a message a worker holds from one it finished (both are invisible rows):
+    callers must allow for the moment between a worker taking a message and the study becoming
+    ``processing``. ``key_prefix``: Redis ``global_keyprefix``, if the deployment sets one.
+    """
+    keys: set[str] = set()
+    if is_embedded(broker_url):
+        path = embedded_broker_path(data_dir)
+        if not path.exists():
+            return keys
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+        try:
+            rows = con.execute(
+                "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                "WHERE q.name = ? AND m.visible = 1", (QUEUE_INFERENCE,)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return keys
+            raise
+        finally:
+            con.close()
+        payloads: list[Any] = [r[0] for r in rows]
+    elif str(broker_url).startswith(("redis://", "rediss://", "redis+socket://")):
+        import redis
+
+        client = redis.Redis.from_url(str(broker_url), socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            # kombu's Redis transport: one list per queue and priority step, plus the ``unacked`` hash
+            lists = [key_prefix + QUEUE_INFERENCE] + [f"{key_prefix}{QUEUE_INFERENCE}\x06\x16{p}"
+                                                       for p in range(1, 10)]
+            payloads = [p for name in lists for p in client.lrange(name, 0, -1)]
+            payloads += list(client.hvals(key_prefix + "unacked"))
+        finally:
+            client.close()
+    else:
+        raise ValueError(f"cannot list the messages of broker {broker_url!r}")
+    for payload in payloads:
+        key = _study_key_of(payload)
+        if key:
+            keys.add(key)
+    return keys

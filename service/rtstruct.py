@@ -7,15 +7,16 @@ Layouts (docs/rtstruct.md):
 - ``per-series``: one RTSTRUCT per phase series with that phase's structures and the envelopes, plus one per
   reference series (AVG/MIP) holding the envelopes only.
 
-Output UIDs derive from the study key, the algorithm versions, the layout and the referenced series, so a
-re-run replaces the previous objects at the receiver instead of duplicating them. Contours trace voxel edges
-(:mod:`service.contours`). ContourData values are written as DS strings of at most 12 characters (0.1 um).
+Output UIDs derive from the content key of :mod:`service.uids` (study key, every input instance actually
+used, algorithm, layout, settings) and the object's referenced series: a re-run of the same content replaces
+the previous objects at the receiver, new content (a late phase, a late AVG, a new adapter) gets new UIDs.
+Contours trace voxel edges (:mod:`service.contours`). ContourData values are written as DS strings of at
+most 12 characters (0.1 um).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,12 +35,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RTStructureSetStorage,
-    generate_uid,
 )
 
 from itvnode import __version__
 from service.contours import mask_to_contours
 from service.durable import write_atomic
+from service.uids import content_key as _content_key
+from service.uids import output_uid
 from service.volume import Geometry
 
 if TYPE_CHECKING:
@@ -83,6 +85,11 @@ class Algorithm:
     @property
     def description(self) -> str:
         return f"itvnode {__version__}; {self.model} {self.model_version}; LoRA {self.adapter_version}"
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What goes into the output content key (service.uids)."""
+        return (self.model, self.model_version, self.adapter_version, f"itvnode {__version__}")
 
 
 @dataclass(frozen=True)
@@ -203,20 +210,6 @@ def _encoded_as_raw(ds: Dataset, implicit: bool) -> None:
             _encoded_as_raw(item, implicit)
 
 
-def deterministic_uid(prefix: str | None, *parts: str) -> UID:
-    """A UID derived from ``parts`` under ``prefix`` (pydicom's root when None; never a random 2.25 UUID).
-
-    A site's UID root gets its trailing dot added; <= 40 characters leave >= 23 digits of hash.
-    """
-    if not prefix:
-        return generate_uid(entropy_srcs=list(parts))
-    if not prefix.endswith("."):
-        prefix += "."
-    if not re.fullmatch(r"([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.", prefix) or len(prefix) > 40:
-        raise ValueError(f"UID root {prefix!r}: digits and dots, no leading zeros, at most 40 characters")
-    return generate_uid(prefix=prefix, entropy_srcs=list(parts))
-
-
 def _check_inputs(
     geometries: Sequence[Geometry],
     phase_percents: Sequence[float],
@@ -251,6 +244,50 @@ def _check_inputs(
         raise ValueError(f"ROI names collide after the 16-character limit: {sorted(names)}")
 
 
+def usable_references(
+    geometries: Sequence[Geometry], references: Mapping[str, Geometry], *, warn: bool = True
+) -> dict[str, Geometry]:
+    """The reference series (AVG/MIP) an output references: those on the grid of the phases."""
+    refs = {}
+    for kind, g in references.items():
+        if g.same_grid(geometries[0]):
+            refs[kind] = g
+        elif warn:
+            log.warning(
+                "reference series %s (%s) does not share the phase grid: not referenced",
+                g.series_instance_uid,
+                kind,
+            )
+    return refs
+
+
+def result_content_key(
+    *,
+    study_key: str,
+    geometries: Sequence[Geometry],
+    references: Mapping[str, Geometry] | None,
+    algorithm: Algorithm,
+    layout: str,
+    settings_digest: str = "",
+) -> str:
+    """The content key (service.uids) of the outputs built from these phases and the usable references."""
+    used = [*geometries, *usable_references(geometries, references or {}, warn=False).values()]
+    return _content_key(
+        study_key=study_key,
+        input_sop_instance_uids=(u for g in used for u in g.sop_instance_uids),
+        algorithm=algorithm.identity,
+        layout=layout,
+        settings=settings_digest,
+    )
+
+
+def inputs_note(phase_percents: Sequence[float], references: Sequence[str] = ()) -> str:
+    """Which inputs a result used, for descriptions: ``10 phases (0, 10, ... 90%) + AVG``."""
+    pcts = ", ".join(f"{p:g}" for p in phase_percents)
+    text = f"{len(phase_percents)} phases ({pcts}%)"
+    return text + "".join(f" + {k}" for k in references)
+
+
 def _plans(
     layout: str,
     geometries: Sequence[Geometry],
@@ -261,16 +298,7 @@ def _plans(
     references: Mapping[str, Geometry],
 ) -> list[_Plan]:
     g0 = geometries[0]
-    refs = {}
-    for kind, g in references.items():
-        if g.same_grid(g0):
-            refs[kind] = g
-        else:
-            log.warning(
-                "reference series %s (%s) does not share the phase grid: not referenced",
-                g.series_instance_uid,
-                kind,
-            )
+    refs = usable_references(geometries, references)
 
     def style(name: str) -> RoiStyle:
         return styles.get(name, RoiStyle())
@@ -325,6 +353,9 @@ def build_rtstructs(
     series_number: int = 901,
     holes: str = "keyhole",
     now: datetime | None = None,
+    content_key: str | None = None,
+    settings_digest: str = "",
+    version: int = 1,
 ) -> list[Dataset]:
     """Build the RTSTRUCT(s) of one 4DCT.
 
@@ -335,6 +366,11 @@ def build_rtstructs(
     UID root (ending in '.'); default pydicom's. Empty masks give an ROI without ContourSequence. ``holes``:
     ``keyhole`` (one contour per outer boundary, holes cut in through a zero-width channel: right for
     receivers that OR or XOR the contours of a slice) or ``xor`` (holes as separate inner contours).
+
+    UIDs: ``content_key`` (default: :func:`result_content_key` of these inputs and ``settings_digest``) and
+    each object's referenced series. ``version``: this study's result version (1 for the first; a late phase
+    makes the next): named in SeriesDescription and StructureSetDescription with the phases used, and
+    SeriesNumber is ``series_number + 100 * (version - 1)`` (+ 1 per further file of the layout).
     """
     if holes not in HOLE_MODES:
         raise ValueError(f"unknown hole encoding {holes!r}; expected one of {HOLE_MODES}")
@@ -345,11 +381,19 @@ def build_rtstructs(
     now = now or datetime.now(UTC)
     _check_inputs(geometries, phase_percents, masks, envelopes)
     plans = _plans(layout, geometries, phase_percents, masks, envelopes, styles, references)
-    version_key = f"{algorithm.model} {algorithm.model_version} {algorithm.adapter_version}"
+    if version < 1:
+        raise ValueError(f"version must be >= 1, got {version}")
+    key = content_key or result_content_key(
+        study_key=study_key, geometries=geometries, references=references, algorithm=algorithm,
+        layout=layout, settings_digest=settings_digest,
+    )
+    ref_kinds = list(usable_references(geometries, references, warn=False))
+    used = inputs_note(phase_percents, ref_kinds)
+    short = f"v{version} {len(phase_percents)}ph" + "".join(f"+{k}" for k in ref_kinds)
     out = []
     for i, plan in enumerate(plans):
-        series_uid = deterministic_uid(uid_prefix, study_key, version_key, layout, plan.key, "series")
-        sop_uid = deterministic_uid(uid_prefix, study_key, version_key, layout, plan.key, "instance")
+        series_uid = output_uid(uid_prefix, key, plan.key, "series")
+        sop_uid = output_uid(uid_prefix, key, plan.key, "instance")
         ds = _dataset(
             plan,
             identifiers,
@@ -357,9 +401,10 @@ def build_rtstructs(
             skipped,
             series_uid,
             sop_uid,
-            series_number + i,
+            series_number + 100 * (version - 1) + i,
             now,
             holes == "keyhole",
+            (version, used, short),
         )
         out.append(ds)
         log.info(
@@ -374,8 +419,8 @@ def build_rtstructs(
     return out
 
 
-def _description(algorithm: Algorithm, skipped: Mapping[str, str]) -> str:
-    text = f"{REVIEW_NOTE}. Generated by {algorithm.description}."
+def _description(algorithm: Algorithm, skipped: Mapping[str, str], version: int, used: str) -> str:
+    text = f"{REVIEW_NOTE}. Version {version}, from {used}. Generated by {algorithm.description}."
     if skipped:
         text += " Not contoured: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."
     return text[:1024]
@@ -391,7 +436,9 @@ def _dataset(
     series_number: int,
     now: datetime,
     keyhole: bool,
+    inputs: tuple[int, str, str],
 ) -> Dataset:
+    version, used, short = inputs
     g0 = plan.series[0]
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = Dataset()
@@ -423,7 +470,7 @@ def _dataset(
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
-    ds.SeriesDescription = f"itvnode {plan.label_suffix} - review before clinical use"[:64]
+    ds.SeriesDescription = f"itvnode {plan.label_suffix} {short} - review before clinical use"[:64]
     ds.OperatorsName = ""
     # General Equipment
     ds.Manufacturer = MANUFACTURER
@@ -439,7 +486,7 @@ def _dataset(
     # Structure Set
     ds.StructureSetLabel = f"AUTO {plan.label_suffix}"[:16]
     ds.StructureSetName = f"itvnode {plan.label_suffix}"[:64]
-    ds.StructureSetDescription = _description(algorithm, skipped)
+    ds.StructureSetDescription = _description(algorithm, skipped, version, used)
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_of_reference(plan)])

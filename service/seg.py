@@ -1,8 +1,9 @@
 """Optional DICOM SEG output (highdicom) for receivers that prefer label maps to contours.
 
 One binary Segmentation per phase series: that phase's structures (``GTVp^P40`` ...) and the envelopes
-(``ITV``), each a segment. highdicom validates the object while building it. UIDs are deterministic like
-the RTSTRUCT's. highdicom is an optional dependency (extra ``seg``); it is imported when a SEG is built.
+(``ITV``), each a segment. highdicom validates the object while building it. UIDs follow the one rule of
+:mod:`service.uids`: the result's content key (every input used, algorithm, layout, settings) and the phase
+series. highdicom is an optional dependency (extra ``seg``); it is imported when a SEG is built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from itvnode import __version__
-from service.rtstruct import Algorithm, RoiStyle, deterministic_uid, write_dataset
+from service.rtstruct import Algorithm, RoiStyle, write_dataset
+from service.uids import output_uid
 from service.volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -46,17 +48,25 @@ def build_seg(
     algorithm: Algorithm | None = None,
     uid_prefix: str | None = None,
     series_number: int = 951,
+    content_key: str | None = None,
 ) -> Dataset:
     """A binary SEG on the series ``source_files`` (read by :mod:`service.volume` into ``geometry``).
 
     ``segments``: label -> bool (Z, Y, X) in the canonical axes of ``geometry``; empty ones are left out
-    (a SEG segment must cover at least one frame) and logged.
+    (a SEG segment must cover at least one frame) and logged. ``content_key``: the result's key
+    (:func:`service.rtstruct.result_content_key`, shared with its RTSTRUCT); default: the key of this series
+    alone with the algorithm.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     algorithm = algorithm or Algorithm()
     styles = styles or {}
+    if content_key is None:
+        from service.rtstruct import result_content_key
+
+        content_key = result_content_key(study_key=study_key, geometries=[geometry], references=None,
+                                         algorithm=algorithm, layout="seg")
     by_uid = {}
     for f in source_files:
         ds = pydicom.dcmread(f)
@@ -102,21 +112,19 @@ def build_seg(
                 segmented_property_type=prop,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=ident,
-                tracking_uid=deterministic_uid(
-                    uid_prefix, study_key, version, geometry.series_instance_uid, name
-                ),
+                tracking_uid=output_uid(uid_prefix, content_key, "seg", geometry.series_instance_uid, name),
                 tracking_id=name,
             )
         )
-    entropy = [study_key, algorithm.model, version, "seg", geometry.series_instance_uid]
+    entropy = [content_key, "seg", geometry.series_instance_uid]
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=np.ascontiguousarray(stack.astype(np.uint8)),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=deterministic_uid(uid_prefix, *entropy, "series"),
+        series_instance_uid=output_uid(uid_prefix, *entropy, "series"),
         series_number=series_number,
-        sop_instance_uid=deterministic_uid(uid_prefix, *entropy, "instance"),
+        sop_instance_uid=output_uid(uid_prefix, *entropy, "instance"),
         instance_number=1,
         manufacturer="itvnode",
         manufacturer_model_name="itvnode 4DCT auto-contouring",

@@ -163,6 +163,13 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     inference_soft_time_limit: float = Field(4 * 3600.0, gt=0)  # seconds per study; hard limit +300 s
     export_soft_time_limit: float = Field(900.0, gt=0)  # seconds per export item; hard limit +300 s
+    # reconciliation of studies whose task is gone (service/reconcile.py; runs in `itvnode serve`)
+    reconcile_interval: float = Field(30.0, gt=0)  # seconds between checks
+    heartbeat_interval: float = Field(10.0, gt=0)  # a running segment task touches its heartbeat this often
+    heartbeat_timeout: float = Field(120.0, gt=0)  # `processing` without a heartbeat this long: task gone
+    queued_lost_after: float = Field(300.0, gt=0)  # `queued` this long with no message in the broker: lost
+    reconcile_max_attempts: int = Field(2, ge=0)  # re-queues per study before it is failed with the reason
+    reconcile_backoff: float = Field(60.0, ge=0)  # seconds before a re-queue, doubled per earlier re-queue
 
     # engine
     sam3_dir: Path | None = None

@@ -49,6 +49,11 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
             "notes": [n.model_dump() for n in m.notes],
             # structures the worker could not contour (e.g. no SAM 3 weights), with the reason
             "skipped": dict(m.results.get("skipped") or {}),
+            # result versions (a late phase makes a new one, with new UIDs): the newest is "version"
+            "version": m.results.get("version"),
+            "versions": [
+                {k: v.get(k) for k in ("version", "phases", "references", "sop_instance_uids", "at")}
+                for v in m.results.get("versions") or [] if isinstance(v, dict)],
         }
         rows.append(row)
     spool_index = data_dir / "spool" / "index.sqlite"
@@ -76,6 +81,8 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
                     "updated": _iso(last),
                     "notes": [],
                     "skipped": {},
+                    "version": None,
+                    "versions": [],
                 })
         finally:
             spool.close()
@@ -87,14 +94,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table for people; reasons are printed in full under their row."""
     if not rows:
         return "no studies"
-    head = ("STUDY KEY", "STATE", "PHASES", "SLICES", "REFS", "UPDATED", "STUDY INSTANCE UID")
+    head = ("STUDY KEY", "STATE", "VER", "PHASES", "SLICES", "REFS", "UPDATED", "STUDY INSTANCE UID")
     lines = []
     body = []
     for r in rows:
         pcts = ",".join(f"{p['percent']:g}" for p in r["phases"]) or "-"
         slices = sorted({p["slices"] for p in r["phases"]})
         body.append((
-            r["study_key"] or "-", r["state"], pcts,
+            r["study_key"] or "-", r["state"], str(r.get("version") or "-"), pcts,
             "/".join(str(s) for s in slices) or "-",
             ",".join(x["kind"] for x in r["references"]) or "-",
             (r["updated"] or "-")[:19],

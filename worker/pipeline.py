@@ -15,6 +15,11 @@ Idempotency (a re-delivered or re-queued message):
   the receiver replaces instead of duplicating) when the earlier delivery is finished;
 * otherwise the study is computed; output UIDs are deterministic, so a computation interrupted by a crash and
   run again produces the same objects.
+
+Versions (a late phase or a late AVG after ``done``): the assembler re-collects the study and queues it again;
+the new inputs give a new content key (service.uids), hence new SOP Instance and Series UIDs, and the next
+version number (``results.versions``: one record per distinct content key, never reset). The receiver then
+holds both versions side by side; the descriptions say which version and which phases each one used.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest
+from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest, utcnow_iso
 from service.outbox import Outbox, RetryPolicy
 from service.settings import Destination
 from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles, temporal_params
@@ -65,6 +70,8 @@ class StudyOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     computed: bool = False  # False when an earlier result was re-used (re-send) or nothing was done
+    content_key: str | None = None  # service.uids: what the output UIDs derive from
+    version_record: dict[str, Any] = field(default_factory=dict)  # this result's entry in results.versions
 
 
 class _Stages:
@@ -234,6 +241,7 @@ def process_study(
             "worker": worker_info or _worker_identity(),
             "task_ids": handled,
             "started_at": time.time(),
+            "versions": list(mm.results.get("versions") or []),  # every result this study has had
         }
 
     _update(path, start)
@@ -274,6 +282,11 @@ def process_study(
 
     def finished(mm: Manifest) -> None:
         set_state(mm, state, note[:2000] if note else None)
+        uids = outcome_uids(outcome.files)
+        versions = [v for v in mm.results.get("versions") or []
+                    if v.get("content_key") != outcome.content_key]
+        versions.append({**outcome.version_record, "sop_instance_uids": uids, "at": utcnow_iso()})
+        mm.results["versions"] = sorted(versions, key=lambda v: int(v.get("version", 0)))
         mm.results.update(
             {
                 "timings": stages.timings,
@@ -282,7 +295,9 @@ def process_study(
                 "skipped": outcome.skipped,
                 "task_ids": [*handled, task_id] if task_id else handled,
                 "finished_at": time.time(),
-                "rtstruct_sop_instance_uids": outcome_uids(outcome.files),
+                "rtstruct_sop_instance_uids": uids,
+                "version": outcome.version_record.get("version"),
+                "content_key": outcome.content_key,
                 "algorithm": _algorithm_dict(seg_loaded),
             }
         )
@@ -338,7 +353,8 @@ def _compute(
     uid_prefix: str | None,
 ) -> StudyOutcome:
     from models.engine import segment_volume
-    from service.rtstruct import build_rtstructs, write_rtstruct
+    from service.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
+    from service.uids import settings_digest
     from service.volume import VolumeError, read_phases, read_series
 
     if not m.phases:
@@ -397,6 +413,21 @@ def _compute(
         )
 
     with stages.stage("rtstruct"):
+        algorithm = _algorithm(segmenter)
+        key = result_content_key(
+            study_key=study_key, geometries=geoms, references=references, algorithm=algorithm,
+            layout=config.layout, settings_digest=settings_digest(config),
+        )
+        version = result_version(m, key)
+        record = {
+            "version": version,
+            "content_key": key,
+            "phases": [p.percent for p in m.phases],
+            "phase_series": [p.series_instance_uid for p in m.phases],
+            "references": sorted(references),
+        }
+        log.info("study %s: result version %d (content key %s, %s)", study_key, version, key,
+                 inputs_note([p.percent for p in m.phases], list(references)))
         datasets = build_rtstructs(
             study_key=study_key,
             identifiers=m.identifiers,
@@ -405,12 +436,14 @@ def _compute(
             masks=result.masks,
             envelopes=result.envelopes,
             styles=roi_styles(config),
-            algorithm=_algorithm(segmenter),
+            algorithm=algorithm,
             layout=config.layout,
             references=references,
             skipped=skipped,
             uid_prefix=uid_prefix or config.uid_root,
             holes=config.rtstruct_holes,
+            content_key=key,
+            version=version,
         )
         out_dir = results_dir(data_dir, study_key)
         for stale in out_dir.parent.glob(f".{RESULTS_DIR}.*"):  # left by a worker killed while writing
@@ -421,7 +454,8 @@ def _compute(
             files = [write_rtstruct(ds, staging) for ds in datasets]
             if config.write_seg:
                 files += _write_segs(
-                    study_key, data_dir, m, geoms, result, config, segmenter, uid_prefix, staging
+                    study_key, data_dir, m, geoms, result, config, segmenter, uid_prefix, staging,
+                    key, version,
                 )
             qa = {
                 "study_key": study_key,
@@ -431,6 +465,7 @@ def _compute(
                 "algorithm": _algorithm_dict(segmenter),
                 "layout": config.layout,
                 "files": [f.name for f in files],
+                "version": record,
             }
             (staging / QA_FILE).write_text(json.dumps(qa, indent=1) + "\n")
             if out_dir.exists():
@@ -440,7 +475,18 @@ def _compute(
             shutil.rmtree(staging, ignore_errors=True)
             raise
         files = [out_dir / f.name for f in files]
-    return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True)
+    return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True,
+                        content_key=key, version_record=record)
+
+
+def result_version(m: Manifest, key: str) -> int:
+    """The version number of the result with content key ``key``: its earlier number when this content was
+    already produced (a re-run replaces it), else one more than the highest so far (1 for the first)."""
+    versions = [v for v in m.results.get("versions") or [] if isinstance(v, dict)]
+    for v in versions:
+        if v.get("content_key") == key:
+            return int(v["version"])
+    return max((int(v.get("version", 0)) for v in versions), default=0) + 1
 
 
 def _write_segs(
@@ -453,6 +499,8 @@ def _write_segs(
     segmenter: LoadedSegmenter,
     uid_prefix: str | None,
     out_dir: Path,
+    content_key: str,
+    version: int,
 ) -> list[Path]:
     """Setting ``write_seg``: one binary DICOM SEG per phase series (that phase's ROIs and the envelopes).
 
@@ -479,6 +527,8 @@ def _write_segs(
                 styles=roi_styles(config),
                 algorithm=_algorithm(segmenter),
                 uid_prefix=uid_prefix or config.uid_root,
+                content_key=content_key,
+                series_number=951 + 100 * (version - 1),
             )
         except (ImportError, ValueError) as exc:
             log.warning("study %s: no DICOM SEG for phase %g: %s", study_key, phase.percent, exc)

@@ -8,6 +8,8 @@ Two signal handlers close the loop around the export queue and worker crashes:
 
 * after every ``itvnode.export_item`` the study's manifest follows its outbox item (``exporting`` ->
   ``done``, or ``failed`` with the dead-letter reason), so ``itvnode status`` shows delivery;
+* while ``itvnode.segment_study`` runs, a thread touches the study's heartbeat file (service.reconcile): the
+  reconciler in ``itvnode serve`` re-queues or fails a ``processing`` study whose heartbeat stopped;
 * when an inference worker starts, studies left ``processing`` by an earlier incarnation of the same worker
   node (killed mid-job: with the embedded broker its message is gone, with Redis it would only come back after
   the visibility timeout) are enqueued again. The killed task's id is recorded as superseded, so a late
@@ -49,6 +51,7 @@ def _settings() -> Any:
 def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     """``itvnode.segment_study(study_key)``: segment one assembled study and queue its export."""
     from service.outbox import RetryPolicy
+    from service.reconcile import Heartbeat
     from worker.engine_settings import engine_config, get_segmenter
     from worker.pipeline import PipelineError, process_study
 
@@ -63,11 +66,13 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     os.environ.setdefault(BOOT_ENV, uuid.uuid4().hex)  # pool=solo/threads: no worker_init in this process
     worker_info = {"node": self.request.hostname or "", "boot": os.environ[BOOT_ENV], "pid": os.getpid()}
     try:
-        outcome = process_study(
-            study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), settings.destinations,
-            enqueue_export=enqueue_export, retry_policy=RetryPolicy.from_settings(settings), task_id=task_id,
-            worker_info=worker_info,
-        )
+        # the reconciler (service.reconcile, in `itvnode serve`) takes a study whose heartbeat stops as gone
+        with Heartbeat(settings.data_dir, study_key, settings.heartbeat_interval):
+            outcome = process_study(
+                study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), settings.destinations,
+                enqueue_export=enqueue_export, retry_policy=RetryPolicy.from_settings(settings),
+                task_id=task_id, worker_info=worker_info,
+            )
     except PipelineError as exc:
         # deterministic (bad input): recorded in the manifest; retrying cannot help
         log.error("task %s: study %s failed: %s", task_id, study_key, exc)

@@ -37,6 +37,7 @@ def local_dicom_host(host: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from service.health import HealthServer, HealthServerConfig, check_health, check_http
+    from service.reconcile import ReconcilePolicy
     from service.settings import load_settings
 
     if args.url:
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         import signal
         import threading
 
-        cfg = HealthServerConfig(settings.data_dir, settings.broker_url, settings.min_free_bytes, dicom)
+        cfg = HealthServerConfig(settings.data_dir, settings.broker_url, settings.min_free_bytes, dicom,
+                                 ReconcilePolicy.from_settings(settings))
         server = HealthServer(settings.http_host, settings.http_port, cfg).start()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     report = check_health(
-        settings.data_dir, settings.broker_url, settings.min_free_bytes, dicom, timeout=args.timeout
+        settings.data_dir, settings.broker_url, settings.min_free_bytes, dicom, timeout=args.timeout,
+        reconcile=ReconcilePolicy.from_settings(settings),
     )
     if args.json:
         print(json.dumps(report.to_json(), indent=1))

@@ -187,12 +187,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_http:
         from itvnode.commands.health import local_dicom_host
         from service.health import HealthServer, HealthServerConfig
+        from service.reconcile import ReconcilePolicy
 
         cfg = HealthServerConfig(
             settings.data_dir,
             settings.broker_url,
             settings.min_free_bytes,
             (local_dicom_host(settings.host), settings.port, settings.ae_title),
+            ReconcilePolicy.from_settings(settings),
         )
         try:
             http = HealthServer(settings.http_host, settings.http_port, cfg).start()

@@ -40,7 +40,18 @@ def _start_assembler(settings: Any, spool: Any, stop_event: threading.Event) -> 
     thread = threading.Thread(target=assembler.run, name="assembler", daemon=True,
                               kwargs={"stop_event": stop_event, "interval": settings.assembler_interval})
     thread.start()
+    _start_reconciler(settings, enqueuer, stop_event)
     return thread, enqueuer
+
+
+def _start_reconciler(settings: Any, enqueuer: Any, stop_event: threading.Event) -> None:
+    """Studies whose task is gone (service.reconcile): checked here, where the jobs are enqueued."""
+    from service.reconcile import ReconcilePolicy, Reconciler
+
+    policy = ReconcilePolicy.from_settings(settings)
+    reconciler = Reconciler(settings.data_dir, enqueuer.segment_study, policy, broker_url=settings.broker_url)
+    threading.Thread(target=reconciler.run, name="reconciler", daemon=True,
+                     kwargs={"stop_event": stop_event}).start()
 
 
 def run(args: argparse.Namespace) -> int:
