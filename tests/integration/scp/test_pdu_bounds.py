@@ -8,9 +8,12 @@ oversized claim is answered with an A-ABORT before the body is read.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,6 +21,7 @@ from scp_ctdata import classic_slice, new_study
 from scp_helpers import RunningSCP, echo_ok
 
 from service.scp import ASSOCIATION_PDU_BOUND, UNLIMITED_PDU_BOUND, pdu_length_limit
+from service.tls import server_context
 
 HUGE = 0xFFFF_FFF0  # ~4 GiB
 
@@ -136,5 +140,24 @@ def test_aborted_and_hung_up_connections_free_their_slot_at_once(make_scp: Calla
         time.sleep(0.05)
     assert not node.scp._server.active_associations
     assoc = node.associate()
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_claim_after_an_anonymous_tls_handshake(make_scp: Callable[..., RunningSCP], tmp_path: Path) -> None:
+    """Without ``tls.ca`` any client completes the handshake; the PDU bound applies inside TLS too."""
+    subprocess.run(["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem",
+                    "-out", "c.pem", "-days", "1", "-subj", "/CN=localhost"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=60)
+    node = make_scp(ssl_context=server_context(tmp_path / "c.pem", tmp_path / "k.pem"))
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw, \
+            client.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(struct.pack(">BBL", 0x01, 0, HUGE))
+        answer = _read_abort(tls)  # type: ignore[arg-type]
+    assert answer[:1] == b"\x07"
+    assoc = node.associate(tls_args=(client, None))
     assert assoc.is_established
     assoc.release()
