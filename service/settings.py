@@ -142,7 +142,12 @@ class Settings(BaseSettings):
     allowed_callers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any caller
     caller_ips: dict[str, list[str]] = Field(default_factory=dict)  # AE -> allowed peer IPs
     require_called_ae: bool = True
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(10, ge=1)  # associations (A-ASSOCIATE-RQ received) at once
+    # TCP connections one peer address may hold, associated or still silent; None: max_associations, so
+    # one PACS sending several associations in parallel can use every slot (docs/conformance.md)
+    max_connections_per_ip: int | None = Field(None, ge=1)
+    # seconds a new connection has to deliver its A-ASSOCIATE-RQ (TLS handshake included); then it is closed
+    first_pdu_timeout: float = Field(5.0, gt=0)
     maximum_pdu_size: int = 0  # 0: unlimited (DESIGN.md)
     network_timeout: float = 60.0
     min_free_bytes: int = Field(2 * 1024**3, ge=0)  # below this, C-STORE answers 0xA700
