@@ -43,7 +43,7 @@ def test_comma_separated_env_lists(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_yaml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "itvnode.yaml"
     cfg.write_text("ae_title: NODE_A\nport: 4242\nphase_rules:\n  - pattern: 'Ph(?P<pct>\\d+)'\n"
-                   "caller_ips: {PACS: [10.0.0.1]}\n")
+                   "allowed_callers: [PACS]\ncaller_ips: {PACS: [10.0.0.1]}\n")
     monkeypatch.setenv("ITVNODE_PORT", "5000")
     s = load_settings(cfg)
     assert s.ae_title == "NODE_A" and s.port == 5000  # environment wins over the file
