@@ -47,8 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands whose output carries no patient data and is meant for other accounts too (the worker image reads
+#: a trained adapter as its own user); every other command handles patient data and creates owner-only files.
+SHARED_OUTPUT = frozenset({"phantom", "train"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in SHARED_OUTPUT:
+        from service.durable import use_private_umask
+
+        use_private_umask()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

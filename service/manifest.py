@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.durable import write_atomic
+from service.durable import private_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def load_manifest(path: Path) -> Manifest:
 def save_manifest(m: Manifest, path: Path) -> None:
     """Atomic and durable: temp file in the same directory, fsync, rename, fsync of the directory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, m.to_json().encode(), mode=0o644)
+    private_dir(path.parent)
+    write_atomic(path, m.to_json().encode())
 
 
 def set_state(m: Manifest, state: str, reason: str | None = None) -> Manifest:
@@ -150,7 +150,7 @@ def set_state(m: Manifest, state: str, reason: str | None = None) -> Manifest:
 def manifest_lock(path: Path) -> Iterator[None]:
     """Exclusive inter-process lock for a read-modify-write of the manifest at ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     with open(path.with_name("manifest.lock"), "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:

@@ -43,7 +43,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 from pydicom.filereader import read_file_meta_info
 
-from service.durable import fsync_dir, fsync_file, write_json_atomic
+from service.durable import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, private_dir, write_json_atomic
 from service.settings import Destination
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class Outbox:
         self.root = Path(root)
         self.policy = policy or RetryPolicy()
         for sub in ("items", "dead", "done", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(self.root / sub)
 
     # ---------------------------------------------------------------- paths and locks
     def item_dir(self, item_id: str) -> Path:
@@ -209,7 +209,7 @@ class Outbox:
     def _lock(self, item_id: str, name: str = ".lock", blocking: bool = True) -> Iterator[bool]:
         path = self.item_dir(item_id) / name
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except FileNotFoundError:  # the item finished and moved to done/ meanwhile
             yield False
             return
@@ -266,7 +266,7 @@ class Outbox:
 
         now = time.time() if now is None else now
         staging = self.root / "tmp" / f"{item_id}.{uuid.uuid4().hex}"
-        (staging / "files").mkdir(parents=True)
+        (staging / "files").mkdir(DIR_MODE, parents=True)
         try:
             records = []
             for info, digest in zip(infos, digests, strict=True):
@@ -307,7 +307,7 @@ class Outbox:
         from pydicom import dcmwrite
 
         scratch = self.root / "tmp" / f"ds.{uuid.uuid4().hex}"
-        scratch.mkdir(parents=True)
+        scratch.mkdir(DIR_MODE, parents=True)
         try:
             paths = []
             for n, ds in enumerate(datasets):
@@ -472,7 +472,7 @@ class Outbox:
         st = item.destinations[key]
         st.status, st.dead_reason = "dead", reason
         folder = self.root / "dead" / item.item_id / destination_slug(key)
-        (folder / "files").mkdir(parents=True, exist_ok=True)
+        private_dir(folder / "files")
         src = self.item_dir(item.item_id) / "files"
         undelivered = [f for f in item.files if f.sop_instance_uid not in set(st.delivered)]
         for f in undelivered:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.durable import private_dir
+
 log = logging.getLogger(__name__)
 
 TASK_SEGMENT = "itvnode.segment_study"
@@ -95,7 +97,7 @@ def celery_config(
     }
     if broker_url is None:
         path = embedded_broker_path(data_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         conf["broker_url"] = f"sqla+sqlite:///{path}"
         # passed to sqlalchemy.create_engine: wait for SQLite's write lock instead of failing at once
         conf["broker_transport_options"] = {"connect_args": {"timeout": 30.0}}

@@ -39,7 +39,7 @@ from pydicom.uid import (
 
 from itvnode import __version__
 from service.contours import mask_to_contours
-from service.durable import write_atomic
+from service.durable import private_dir, write_atomic
 from service.uids import content_key as _content_key
 from service.uids import output_uid
 from service.volume import Geometry
@@ -556,12 +556,12 @@ def write_dataset(ds: Dataset, out_dir: str | Path, prefix: str) -> Path:
     """Write ``<prefix>.<SOPInstanceUID>.dcm`` under ``out_dir`` durably and atomically, in the transfer
     syntax of its file meta; a re-run overwrites the same name (deterministic UIDs)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     path = out / f"{prefix}.{ds.SOPInstanceUID}.dcm"
     buf = BytesIO()
     implicit = ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     ds.save_as(buf, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
-    write_atomic(path, buf.getvalue(), mode=0o644)
+    write_atomic(path, buf.getvalue())
     return path
 
 

@@ -5,7 +5,8 @@ durable and indexed by :class:`service.spool.Spool` before the success status go
 a DIMSE status through :mod:`service.dimse_status`; the server keeps serving whatever a peer sends.
 
 Association policy (called AE title, calling AE allowlist optionally bound to peer IPs, association limit) is
-checked during negotiation and refused with the standard A-ASSOCIATE-RJ reasons. Accepted sockets get
+checked during negotiation and refused with the standard A-ASSOCIATE-RJ reasons; idle connections and the
+per-IP connection limit are :mod:`service.admission`'s. Accepted sockets get
 ``TCP_NODELAY`` (Nagle costs ~45 ms per instance with dcmtk peers, see DESIGN.md).
 """
 
@@ -61,6 +62,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from service import dimse_status
+from service.admission import ConnectionGate
 from service.spool import CT_STORAGE_CLASSES, InstanceMeta, Spool, meta_from_bytes
 
 if TYPE_CHECKING:
@@ -109,24 +111,33 @@ class CallerPolicy:
 
 
 class _PolicyACSE(ACSE):
-    """ACSE that applies :class:`CallerPolicy` before pynetdicom's own negotiation."""
+    """ACSE that applies :class:`CallerPolicy`, then takes a slot from the :class:`ConnectionGate`, before
+    pynetdicom's own negotiation (whose association count is switched off: it counted idle connections)."""
 
-    def __init__(self, assoc: Association, policy: CallerPolicy) -> None:
+    def __init__(self, assoc: Association, policy: CallerPolicy, gate: ConnectionGate) -> None:
         super().__init__(assoc)
         self._policy = policy
+        self._gate = gate
 
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
-        calling = str(getattr(rq, "calling_ae_title", "") or "")
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
         called = str(getattr(rq, "called_ae_title", "") or "")
         peer_ip = str(self.requestor.address)
         refused = self._policy.rejection(calling, called, peer_ip)
-        if refused is None:
-            _prefer_requestor_order(getattr(rq, "presentation_context_definition_list", None) or [])
-            super()._negotiate_as_acceptor()
-            return
-        (result, source, reason), why = refused
-        LOG.warning("association from %s rejected: %s", peer_ip, why)
+        if refused is not None:
+            (result, source, reason), why = refused
+            self._gate.log.warning(("policy", peer_ip, calling), "association from %s rejected: %s",
+                                   peer_ip, why)
+        else:
+            wrapper = self.assoc.dul.socket
+            sock = wrapper.socket if wrapper is not None else None
+            if self._gate.request(sock, peer_ip, calling) is None:  # logs its own refusal line
+                _prefer_requestor_order(getattr(rq, "presentation_context_definition_list", None) or [])
+                super()._negotiate_as_acceptor()
+                return
+            # transient, service provider (presentation), local limit exceeded
+            result, source, reason = 0x02, 0x03, 0x02
         self.requestor.ae_title = calling
         self.send_reject(result, source, reason)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -503,14 +514,16 @@ class _RequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         if not _FAST_REACTOR:
             assoc = super()._create_association()
-            assoc.acse = _PolicyACSE(assoc, self.server.policy)
+            assoc.acse = _PolicyACSE(assoc, self.server.policy, self.server.gate)
+            self.server.gate.attach(self.request, assoc)
             return assoc
         # RequestHandler._create_association with our Association, socket and ACSE classes.
         assoc = _FastAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         assoc.set_socket(_FastSocket(assoc, client_socket=self.request))
-        assoc.acse = _PolicyACSE(assoc, self.server.policy)
+        assoc.acse = _PolicyACSE(assoc, self.server.policy, self.server.gate)
+        self.server.gate.attach(self.request, assoc)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local
@@ -530,6 +543,7 @@ class _RequestHandler(RequestHandler):
 class _Server(ThreadedAssociationServer):
     daemon_threads = True
     policy: CallerPolicy
+    gate: ConnectionGate
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -538,6 +552,25 @@ class _Server(ThreadedAssociationServer):
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.gate.admit(request, str(client_address[0]))  # in the accept thread: may close an idle one
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nobody else will release the slot
+            self.gate.handler_done(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.handler_done(request)
+
+    def service_actions(self) -> None:
+        """Runs in the accept loop every ``poll_interval`` (0.2 s) and after each accept."""
+        super().service_actions()
+        self.gate.expire()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         LOG.exception("unhandled error on connection from %s", client_address)
@@ -567,6 +600,8 @@ class StorageSCP:
         caller_ips: dict[str, list[str]] | None = None,
         require_called_ae: bool = True,
         max_associations: int = 10,
+        max_connections_per_ip: int | None = None,
+        first_pdu_timeout: float = 5.0,
         maximum_pdu_size: int = 0,
         network_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
@@ -583,11 +618,20 @@ class StorageSCP:
             allowed_callers=tuple(a.strip() for a in allowed_callers),
             caller_ips={k.strip(): tuple(v) for k, v in (caller_ips or {}).items()},
         )
+        self.gate = ConnectionGate(
+            max_associations=max_associations,
+            max_per_ip=max_connections_per_ip or max_associations,
+            first_pdu_timeout=first_pdu_timeout,
+        )
         self.ae = AE(ae_title=ae_title)
-        self.ae.maximum_associations = max_associations
+        # pynetdicom counts every accepted connection, idle ones included: the gate counts instead.
+        self.ae.maximum_associations = 1 << 20
         self.ae.maximum_pdu_size = maximum_pdu_size
         self.ae.network_timeout = network_timeout
-        self.ae.acse_timeout = min(network_timeout, 30.0)
+        # An acceptor waits acse_timeout for the A-ASSOCIATE-RQ (and for the peer to hang up after an RJ or
+        # a release). The gate closes (and logs) silent connections at first_pdu_timeout; the thread then
+        # goes a moment later instead of 30 s later.
+        self.ae.acse_timeout = min(network_timeout, first_pdu_timeout + 1.0)
         self.ae.dimse_timeout = network_timeout
         # The policy ACSE does the called/calling checks (with one log line saying why).
         self.ae.require_called_aet = False
@@ -621,6 +665,7 @@ class StorageSCP:
         )
         assert isinstance(server, _Server)
         server.policy = self.policy
+        server.gate = self.gate
         if not _pdu_logging_wanted():
             for event, handler in _STANDARD_LOG_HANDLERS:
                 server.unbind(event, handler)
@@ -630,8 +675,10 @@ class StorageSCP:
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"scp-{self.port}", daemon=True)
         self._thread.start()
-        LOG.info("storage SCP %s listening on %s:%d%s (max %d associations)", self.policy.ae_title,
-                 self.host, self.port, " with TLS" if self.ssl_context else "", self.ae.maximum_associations)
+        LOG.info("storage SCP %s listening on %s:%d%s (max %d associations, %d connections per IP, "
+                 "first PDU within %g s)", self.policy.ae_title, self.host, self.port,
+                 " with TLS" if self.ssl_context else "", self.gate.max_associations, self.gate.max_per_ip,
+                 self.gate.first_pdu_timeout)
         return self.port
 
     def stop(self) -> None:
@@ -744,6 +791,8 @@ def build_scp(settings: Settings, spool: Spool, on_stored: OnStored | None = Non
         caller_ips=settings.caller_ips,
         require_called_ae=settings.require_called_ae,
         max_associations=settings.max_associations,
+        max_connections_per_ip=settings.max_connections_per_ip,
+        first_pdu_timeout=settings.first_pdu_timeout,
         maximum_pdu_size=settings.maximum_pdu_size,
         network_timeout=settings.network_timeout,
         ssl_context=ssl_context_from(settings.tls.cert, settings.tls.key, settings.tls.ca,

@@ -7,6 +7,7 @@ Everything inside the node takes plain arguments; only entry points read setting
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from contextvars import ContextVar
@@ -140,9 +141,15 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)  # 0: ephemeral (tests)
     allowed_callers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any caller
-    caller_ips: dict[str, list[str]] = Field(default_factory=dict)  # AE -> allowed peer IPs
+    # AE -> allowed peer IPs; every AE named here must be in allowed_callers (see _caller_ips_bind)
+    caller_ips: dict[str, list[str]] = Field(default_factory=dict)
     require_called_ae: bool = True
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(10, ge=1)  # associations (A-ASSOCIATE-RQ received) at once
+    # TCP connections one peer address may hold, associated or still silent; None: max_associations, so
+    # one PACS sending several associations in parallel can use every slot (docs/conformance.md)
+    max_connections_per_ip: int | None = Field(None, ge=1)
+    # seconds a new connection has to deliver its A-ASSOCIATE-RQ (TLS handshake included); then it is closed
+    first_pdu_timeout: float = Field(5.0, gt=0)
     maximum_pdu_size: int = 0  # 0: unlimited (DESIGN.md)
     network_timeout: float = 60.0
     min_free_bytes: int = Field(2 * 1024**3, ge=0)  # below this, C-STORE answers 0xA700
@@ -228,6 +235,37 @@ class Settings(BaseSettings):
         if isinstance(v, list):
             return [Destination.parse(x) if isinstance(x, str) else x for x in v]
         return v
+
+    @field_validator("caller_ips", mode="after")
+    @classmethod
+    def _check_caller_ips(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for ae, ips in v.items():
+            addrs = []
+            for ip in ips:
+                try:
+                    addrs.append(str(ipaddress.ip_address(ip.strip())))
+                except ValueError:
+                    raise ValueError(f"caller_ips[{ae!r}]: {ip!r} is not an IP address") from None
+            if not addrs:
+                raise ValueError(f"caller_ips[{ae!r}]: empty list (list the addresses {ae} may call from)")
+            out[_check_ae(ae)] = addrs
+        return out
+
+    @model_validator(mode="after")
+    def _caller_ips_bind(self) -> Settings:
+        """``caller_ips`` only narrows callers that ``allowed_callers`` admits. Without the allowlist any
+        other AE title would be accepted from any address: not what binding titles to IPs asks for."""
+        if self.caller_ips and not self.allowed_callers:
+            raise ValueError(
+                "caller_ips is set but allowed_callers is empty, so any other calling AE title would be "
+                "accepted from any address; list the callers in allowed_callers (ITVNODE_ALLOWED_CALLERS="
+                + ",".join(self.caller_ips) + ")")
+        unknown = sorted(set(self.caller_ips) - set(self.allowed_callers))
+        if unknown:
+            raise ValueError(f"caller_ips names {', '.join(unknown)}, not in allowed_callers: add them there "
+                             "or remove them from caller_ips")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

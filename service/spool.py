@@ -37,7 +37,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from service.durable import fsync_dir, write_atomic
+from service.durable import DIR_MODE, fsync_dir, private_dir, write_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ class Spool:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         self._lock = threading.RLock()
         self._known_dirs: set[Path] = set()
         self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=30.0,
@@ -603,7 +603,7 @@ class Spool:
             created = []
             for d in (series_dir.parent, series_dir):
                 if not d.is_dir():
-                    d.mkdir(exist_ok=True)
+                    d.mkdir(DIR_MODE, exist_ok=True)
                     created.append(d)
             if self.fsync:
                 for d in created:

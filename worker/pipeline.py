@@ -39,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from service.durable import DIR_MODE
 from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest, utcnow_iso
 from service.outbox import Outbox, RetryPolicy
 from service.settings import Destination
@@ -449,7 +450,7 @@ def _compute(
         for stale in out_dir.parent.glob(f".{RESULTS_DIR}.*"):  # left by a worker killed while writing
             shutil.rmtree(stale, ignore_errors=True)
         staging = out_dir.with_name(f".{RESULTS_DIR}.{uuid.uuid4().hex}")
-        staging.mkdir(parents=True)
+        staging.mkdir(DIR_MODE, parents=True)
         try:
             files = [write_rtstruct(ds, staging) for ds in datasets]
             if config.write_seg:

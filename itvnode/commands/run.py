@@ -156,6 +156,7 @@ def _stop_all(kids: list[Child], grace: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.durable import secure_data_dir
     from service.settings import load_settings
 
     overrides: dict[str, Any] = {}
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if args.http_port is not None:
         overrides["http_port"] = args.http_port
     settings = load_settings(**overrides)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(settings.data_dir)
 
     env = dict(os.environ)
     env["ITVNODE_DATA_DIR"] = str(settings.data_dir.resolve())

@@ -55,6 +55,7 @@ def _start_reconciler(settings: Any, enqueuer: Any, stop_event: threading.Event)
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.durable import secure_data_dir
     from service.scp import serve
     from service.settings import load_settings
     from service.spool import Spool
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level.upper() if not args.verbose else logging.DEBUG)
     # pynetdicom logs every PDU at INFO; its own warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(settings.data_dir)
 
     stop_event = threading.Event()
 

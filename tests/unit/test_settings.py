@@ -43,7 +43,7 @@ def test_comma_separated_env_lists(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_yaml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "itvnode.yaml"
     cfg.write_text("ae_title: NODE_A\nport: 4242\nphase_rules:\n  - pattern: 'Ph(?P<pct>\\d+)'\n"
-                   "caller_ips: {PACS: [10.0.0.1]}\n")
+                   "allowed_callers: [PACS]\ncaller_ips: {PACS: [10.0.0.1]}\n")
     monkeypatch.setenv("ITVNODE_PORT", "5000")
     s = load_settings(cfg)
     assert s.ae_title == "NODE_A" and s.port == 5000  # environment wins over the file
@@ -89,3 +89,14 @@ def test_cli_reports_bad_setting_without_traceback(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     assert "setting 'port'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_caller_ips_need_the_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ITVNODE_CALLER_IPS", '{"PACS": ["10.0.0.1"]}')
+    with pytest.raises(SettingsError, match="caller_ips is set but allowed_callers is empty"):
+        load_settings()
+    monkeypatch.setenv("ITVNODE_ALLOWED_CALLERS", "PACS,CT_SIM")
+    s = load_settings()
+    assert s.caller_ips == {"PACS": ["10.0.0.1"]} and s.allowed_callers == ["PACS", "CT_SIM"]
+    monkeypatch.setenv("ITVNODE_CALLER_IPS", '{"PACS": [" 0:0::1 "]}')
+    assert load_settings().caller_ips == {"PACS": ["::1"]}  # compared as the server prints peer addresses

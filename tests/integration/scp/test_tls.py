@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +81,26 @@ def test_client_without_certificate_and_plain_tcp_refused(tls_node: tuple[int, S
     assert assoc.is_established
     assoc.release()
     silent.close()
+
+
+def test_silent_peer_closed_during_the_tls_handshake(pki: Path, tmp_path: Path) -> None:
+    """The first-PDU timer covers the handshake: a peer that connects and never speaks TLS is closed after
+    first_pdu_timeout, not after the 60 s network timeout its socket carries."""
+    tls = {"cert": pki / "server.crt", "key": pki / "server.key", "ca": pki / "ca.crt"}
+    settings = load_settings(host="127.0.0.1", port=0, data_dir=tmp_path, min_free_bytes=0, tls=tls,
+                             first_pdu_timeout=1.0)
+    spool = Spool(settings.spool_dir)
+    scp = build_scp(settings, spool)
+    port = scp.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+            t0 = time.monotonic()
+            try:
+                assert silent.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - t0 < 3.0
+        assert scp.gate.counts() == (0, 0)
+    finally:
+        scp.stop()
+        spool.close()
