@@ -617,10 +617,14 @@ def assemble_folder(
     *,
     expected_phases: int | None,
     phase_rules: Sequence[Any] = (),
+    incomplete_cycle: str = "process",
 ) -> tuple[int, dict[str, int]]:
     """Offline intake (``itvnode segment``, ``itvnode evaluate``): the SCP's header rules, spool and phase
     assembly on files already on disk, completed at once (no quiet period, no queue). Manifests land under
-    ``work_dir``. Returns the number of instances stored and the count of ignored files per reason."""
+    ``work_dir``. Returns the number of instances stored and the count of ignored files per reason.
+
+    An incomplete cycle is processed and flagged by default: running a command on a folder is the deliberate
+    act that ``itvnode release`` is on the node, and nothing is sent anywhere."""
     from service.spool import IngestError, Spool, meta_from_bytes
 
     stored = 0
@@ -635,7 +639,8 @@ def assemble_folder(
             except (IngestError, OSError, ValueError) as exc:
                 ignored[type(exc).__name__] += 1
         assembler = Assembler(spool, work_dir, None, quiet_period=0.0, expected_phases=expected_phases,
-                              settle=0.0, site_rules=compile_rules(list(phase_rules)))
+                              settle=0.0, site_rules=compile_rules(list(phase_rules)),
+                              incomplete_cycle=incomplete_cycle)
         assembler.poll_once(time.time() + 1.0)
     finally:
         spool.close()
