@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "fine-tune the LoRA adapter on annotated volumes",
     "evaluate": "Dice / HD95 / MSD report on annotated 4DCTs",
     "health": "check the running node (exit 0 when healthy)",
+    "release": "admin: process a held study anyway (STUDY = study key or StudyInstanceUID)",
 }
 
 

@@ -215,7 +215,7 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
     log.info("study %s: post-processing %d ROI(s) over %d phase(s) in %.2f s", study_key or "-", len(reports),
              n_ph, time.perf_counter() - t_post)
     qa = study_qa(masks, sp, envelopes, {k: r.as_dict() for k, r in reports.items()}, skipped, qa_params,
-                  phase_percents)
+                  phase_percents, {o.envelope_name: o.name for o in outputs if o.envelope_name})
     qa["timing_s"] = {"total": round(time.perf_counter() - t_start, 3),
                       "postprocess": round(time.perf_counter() - t_post, 3)}
     qa["temporal"] = _temporal_dict(temporal or TemporalParams())

@@ -15,7 +15,11 @@ Completion of a group (checked every poll):
   positions (tolerance ``position_tol`` mm) and no new instance in the study for ``settle`` seconds
   (default ``min(2 s, quiet_period)``);
 * *by quiet period*: no new instance for ``quiet_period`` seconds; then the group is ``complete`` when it is a
-  valid 4D set (>= 2 distinct phases, one geometry), otherwise ``held`` with the reason.
+  valid 4D set (>= 2 distinct phases, one geometry) whose phases cover the breathing cycle
+  (:func:`service.phases.cycle_coverage`), otherwise ``held`` with the reason ("3 of 10 phases: 10 %, 20 %
+  ... missing"). An incomplete cycle is ``complete`` anyway when an admin released this content
+  (``itvnode release``, :mod:`service.admin`) or the site set ``incomplete_cycle: process``; the manifest's
+  ``cycle`` then carries what is missing into the QA, the RTSTRUCT and ``itvnode status``.
 
 Re-sends and late instances:
 
@@ -25,6 +29,10 @@ Re-sends and late instances:
   changed content moves the manifest back to ``collecting`` and it is assembled and queued again;
 * a ``held`` study that receives new instances goes back to ``collecting`` and is re-assessed; held studies
   are also re-assessed once when the assembler starts (after an admin fixed ``phase_rules``, say).
+
+Admin commands change manifests from outside (``itvnode release`` moves ``held`` to ``complete``): a study
+is re-assessed when its manifest file changed, not only when instances arrive, so a running node queues a
+released study within one poll and a stopped one at start-up.
 
 A manifest is only written if its state is still the one the decision was based on (checked under the
 manifest lock), so a worker's concurrent transition is never overwritten.
@@ -56,6 +64,7 @@ from service.manifest import (
     FINISHED,
     IDENTIFIER_KEYS,
     IN_FLIGHT,
+    Cycle,
     Geometry,
     IgnoredSeries,
     Manifest,
@@ -71,7 +80,7 @@ from service.manifest import (
     update_manifest,
     utcnow_iso,
 )
-from service.phases import SeriesClass, SeriesKind, SiteRule, classify_series, compile_rules
+from service.phases import SeriesClass, SeriesKind, SiteRule, classify_series, compile_rules, cycle_coverage
 from service.queue import prune_embedded_broker
 
 if TYPE_CHECKING:
@@ -159,6 +168,7 @@ class Assembler:
         site_rules: Sequence[SiteRule] = (),
         position_tol: float = 0.01,
         enqueue_retry_interval: float = 5.0,
+        incomplete_cycle: str = "hold",
     ) -> None:
         self.spool = spool
         self.data_dir = Path(data_dir)
@@ -172,7 +182,12 @@ class Assembler:
         self.site_rules = list(site_rules)
         self.position_tol = float(position_tol)
         self.enqueue_retry_interval = float(enqueue_retry_interval)
-        self._settled: dict[str, float | None] = {}  # study uid -> last_received when nothing was pending
+        if incomplete_cycle not in ("hold", "process"):
+            raise ValueError(f"incomplete_cycle must be 'hold' or 'process', got {incomplete_cycle!r}")
+        self.incomplete_cycle = incomplete_cycle
+        self._keys: dict[str, list[str]] = {}  # study uid -> study keys of its groups (manifest stamps)
+        # study uid -> (last_received, manifest mtimes) when nothing was pending
+        self._settled: dict[str, tuple[float | None, tuple[int, ...]]] = {}
         self._broker_retry_at = 0.0  # no enqueue before this time (the broker failed)
         self._broker_failures = 0
         self._frames_cache: dict[Path, list[tuple[float, float, float]] | None] = {}
@@ -188,6 +203,7 @@ class Assembler:
             quiet_period=settings.quiet_period,
             expected_phases=settings.expected_phases,
             site_rules=compile_rules(settings.phase_rules),
+            incomplete_cycle=settings.incomplete_cycle,
         )
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -217,7 +233,7 @@ class Assembler:
         now = time.time() if now is None else now
         changed: list[str] = []
         for study_uid in self.spool.study_uids():
-            last = self.spool.last_received(study_uid)
+            last = self._stamp(study_uid)
             if study_uid in self._settled and self._settled[study_uid] == last:
                 continue
             settled = True
@@ -225,9 +241,11 @@ class Assembler:
             for meta, path in self.spool.instances(study_uid):
                 if meta.frame_of_reference_uid:
                     groups[meta.frame_of_reference_uid].append((meta, path))
+            self._keys[study_uid] = [study_key(study_uid, f) for f in groups]
+            received = self.spool.last_received(study_uid)
             for for_uid, items in groups.items():
                 try:
-                    group_settled, key = self._process_group(study_uid, for_uid, items, last or now, now)
+                    group_settled, key = self._process_group(study_uid, for_uid, items, received or now, now)
                 except Exception:
                     log.exception("assembling study key %s failed", study_key(study_uid, for_uid))
                     group_settled, key = False, None
@@ -235,10 +253,25 @@ class Assembler:
                 if key:
                     changed.append(key)
             if settled:
-                self._settled[study_uid] = last
+                self._settled[study_uid] = self._stamp(study_uid)  # after this poll's own manifest writes
             else:
                 self._settled.pop(study_uid, None)
         return changed
+
+    def _stamp(self, study_uid: str) -> tuple[float | None, tuple[int, ...]]:
+        """What must change for a settled study to be looked at again: its last instance, its manifests."""
+        stamps = []
+        for key in self._keys.get(study_uid, ()):
+            try:
+                stamps.append(manifest_path(self.data_dir, key).stat().st_mtime_ns)
+            except OSError:
+                stamps.append(0)
+        return self.spool.last_received(study_uid), tuple(stamps)
+
+    def _cycle(self, a: Assessment) -> Cycle | None:
+        if not a.phases:
+            return None
+        return cycle_coverage([s.cls.percent or 0.0 for s, _ in a.phases], self.expected_phases)
 
     # ------------------------------------------------------------------------------------------ one group
 
@@ -297,13 +330,24 @@ class Assembler:
 
         assessment = self._assess(series)
         n = len({p[0].cls.percent for p in assessment.phases})
+        cycle = self._cycle(assessment)
+        complete_cycle = cycle is None or cycle.complete
+        released = m is not None and m.released is not None and m.released.fingerprint == fp
+        treat = complete_cycle or released or self.incomplete_cycle == "process"
+        problem = assessment.problem
+        if problem is None and not treat:
+            assert cycle is not None
+            problem = f"{cycle.describe()}; to process it anyway: itvnode release {key}"
         by_count = (assessment.problem is None and assessment.uniform and self.expected_phases is not None
-                    and n == self.expected_phases and now - last >= self.settle)
-        if by_count or (quiet and assessment.problem is None):
+                    and n == self.expected_phases and complete_cycle and now - last >= self.settle)
+        if by_count or (quiet and problem is None):
             why = (f"all {n} expected phases present with equal slice positions" if by_count
                    else f"quiet period elapsed with {n} phases"
                    + (f" ({self.expected_phases} expected)"
                       if self.expected_phases and n != self.expected_phases else ""))
+            if not complete_cycle and cycle is not None:
+                how = "released by admin" if released else "processed and flagged (incomplete_cycle: process)"
+                why += f"; incomplete cycle ({cycle.describe()}) {how}"
             m = self._build(m, study_uid, for_uid, key, assessment, fp)
             set_state(m, "complete", why)
             if not self._save_if_state(path, m, seen_state):
@@ -312,14 +356,14 @@ class Assembler:
             queued = self._try_enqueue(path, key, now)
             return queued, key
         if quiet:
-            assert assessment.problem is not None
-            if m is not None and m.state == "held" and m.reason == assessment.problem and m.fingerprint == fp:
+            assert problem is not None
+            if m is not None and m.state == "held" and m.reason == problem and m.fingerprint == fp:
                 return True, None  # re-assessed after a restart: still held for the same reason
             m = self._build(m, study_uid, for_uid, key, assessment, fp)
-            set_state(m, "held", assessment.problem)
+            set_state(m, "held", problem)
             if not self._save_if_state(path, m, seen_state):
                 return False, None
-            log.warning("study key %s held: %s", key, assessment.problem)
+            log.warning("study key %s held: %s", key, problem)
             return True, key
         # still collecting: keep the manifest's progress current for `itvnode status`
         if m is None or m.fingerprint != fp or m.state != "collecting":
@@ -560,6 +604,7 @@ class Assembler:
                 slice_spacing=float(np.median(np.diff(along))) if len(along) > 1 else 0.0,
             )
             m.identifiers = header.get("identifiers") or {}
+        m.cycle = self._cycle(a)
         m.ignored_series = [
             IgnoredSeries(series_instance_uid=s.uid, series_description=s.description,
                           why=s.cls.note or "not a respiratory phase") for s in a.ignored]
@@ -572,10 +617,14 @@ def assemble_folder(
     *,
     expected_phases: int | None,
     phase_rules: Sequence[Any] = (),
+    incomplete_cycle: str = "process",
 ) -> tuple[int, dict[str, int]]:
     """Offline intake (``itvnode segment``, ``itvnode evaluate``): the SCP's header rules, spool and phase
     assembly on files already on disk, completed at once (no quiet period, no queue). Manifests land under
-    ``work_dir``. Returns the number of instances stored and the count of ignored files per reason."""
+    ``work_dir``. Returns the number of instances stored and the count of ignored files per reason.
+
+    An incomplete cycle is processed and flagged by default: running a command on a folder is the deliberate
+    act that ``itvnode release`` is on the node, and nothing is sent anywhere."""
     from service.spool import IngestError, Spool, meta_from_bytes
 
     stored = 0
@@ -590,7 +639,8 @@ def assemble_folder(
             except (IngestError, OSError, ValueError) as exc:
                 ignored[type(exc).__name__] += 1
         assembler = Assembler(spool, work_dir, None, quiet_period=0.0, expected_phases=expected_phases,
-                              settle=0.0, site_rules=compile_rules(list(phase_rules)))
+                              settle=0.0, site_rules=compile_rules(list(phase_rules)),
+                              incomplete_cycle=incomplete_cycle)
         assembler.poll_once(time.time() + 1.0)
     finally:
         spool.close()

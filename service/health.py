@@ -266,6 +266,68 @@ def _export_counts(data_dir: Path) -> dict[str, int]:
     }
 
 
+class _QAMetrics:
+    """Phase coverage and QA of each study (the manifest's ``cycle``, ``released`` and ``results.qa``)."""
+
+    def __init__(self) -> None:
+        self.phases = GaugeMetricFamily(
+            "itvnode_study_phases", "Phases of the breathing cycle per study: used (in the ITV) and expected",
+            labels=["study_key", "kind"])
+        self.incomplete: dict[str, int] = {}
+        self.released = 0
+        self.kinds: dict[str, int] = {}
+        self.motion = GaugeMetricFamily(
+            "itvnode_study_motion_mm", "Peak-to-peak centroid motion of enveloped structures (SI/AP/LR/3D)",
+            labels=["study_key", "structure", "axis"])
+        self.envelope = GaugeMetricFamily(
+            "itvnode_study_envelope_ratio", "Envelope (ITV) volume over its structure's largest phase volume",
+            labels=["study_key", "envelope"])
+
+    def add(self, m: dict[str, Any]) -> None:
+        from service.manifest import Cycle
+
+        key, state = str(m.get("study_key", "")), str(m.get("state", ""))
+        try:
+            cycle = Cycle.model_validate(m["cycle"]) if m.get("cycle") else None
+        except ValueError:
+            cycle = None
+        if cycle is not None:
+            self.phases.add_metric([key, "used"], cycle.used)
+            self.phases.add_metric([key, "expected"], cycle.expected)
+            if not cycle.complete:
+                self.incomplete[state] = self.incomplete.get(state, 0) + 1
+        self.released += 1 if m.get("released") else 0
+        summary = (m.get("results") or {}).get("qa") or {}
+        for kind in summary.get("flag_kinds") or []:
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        for structure, motion in (summary.get("motion_mm") or {}).items():
+            for axis, mm in (motion or {}).items():
+                if isinstance(mm, int | float):
+                    self.motion.add_metric([key, structure, axis], mm)
+        for name, env in (summary.get("envelopes") or {}).items():
+            ratio = (env or {}).get("ratio_to_largest_phase")
+            if isinstance(ratio, int | float):
+                self.envelope.add_metric([key, name], ratio)
+
+    def metrics(self) -> Iterator[Metric]:
+        yield self.phases
+        g = GaugeMetricFamily("itvnode_studies_incomplete_cycle",
+                              "Studies whose phases do not cover the breathing cycle, by state",
+                              labels=["state"])
+        for state, n in sorted(self.incomplete.items()):
+            g.add_metric([state], n)
+        yield g
+        yield GaugeMetricFamily("itvnode_studies_released", "Studies an admin released from held",
+                                value=self.released)
+        w = GaugeMetricFamily("itvnode_qa_warnings", "QA warnings of the known studies, by kind",
+                              labels=["kind"])
+        for kind, n in sorted(self.kinds.items()):
+            w.add_metric([kind], n)
+        yield w
+        yield self.motion
+        yield self.envelope
+
+
 class NodeCollector(Collector):
     """Prometheus collector computing every metric from ``data_dir`` and the broker at scrape time."""
 
@@ -279,7 +341,9 @@ class NodeCollector(Collector):
         completed = failed = 0
         stage_obs: dict[str, list[float]] = {s: [] for s in STAGES}
         phase_slices = 0
+        qa = _QAMetrics()
         for m in iter_manifests(self.data_dir):
+            qa.add(m)
             state = str(m.get("state", ""))
             by_state[state] = by_state.get(state, 0) + 1
             history = m.get("history") or []
@@ -300,6 +364,8 @@ class NodeCollector(Collector):
             "itvnode_studies_completed", "Studies whose RTSTRUCT reached the done state", value=completed
         )
         yield CounterMetricFamily("itvnode_studies_failed", "Studies whose processing failed", value=failed)
+
+        yield from qa.metrics()
 
         received = _count_instances(self.data_dir)
         yield CounterMetricFamily(

@@ -83,6 +83,56 @@ class IgnoredSeries(BaseModel):
     why: str = ""
 
 
+class Cycle(BaseModel):
+    """How the phases cover the breathing cycle (rule: :func:`service.phases.cycle_coverage`).
+
+    ``expected``: phases of the cycle (``expected_phases``, or inferred from the labels); ``present`` /
+    ``missing``: percents on that cycle's grid; ``off_grid``: labels that lie on no grid of the cycle;
+    ``note``: why a cycle that looks regular still counts as incomplete (fewer phases than the site expects).
+    """
+
+    expected: int
+    present: list[float] = Field(default_factory=list)
+    missing: list[float] = Field(default_factory=list)
+    off_grid: list[float] = Field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def used(self) -> int:
+        return len(self.present) + len(self.off_grid)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.off_grid and self.note is None and self.used >= self.expected
+
+    def summary(self) -> str:
+        """``"3 of 10 phases"``: what the ITV is built from."""
+        return f"{self.used} of {self.expected} phases"
+
+    def describe(self) -> str:
+        """The hold reason: ``"3 of 10 phases: 10 %, 20 %, 40 % missing"`` (no patient data)."""
+        parts = []
+        if self.missing:
+            parts.append(", ".join(_pct(p) for p in self.missing) + " missing")
+        if self.off_grid:
+            parts.append(", ".join(_pct(p) for p in self.off_grid) + " not on the cycle's grid")
+        if self.note:
+            parts.append(self.note)
+        return self.summary() + (": " + "; ".join(parts) if parts else "")
+
+
+def _pct(p: float) -> str:
+    return f"{round(p, 1):g} %"
+
+
+class Release(BaseModel):
+    """An admin's decision to process a held study anyway (``itvnode release``), for this content only."""
+
+    at: str
+    held_reason: str | None = None
+    fingerprint: str | None = None  # the content released; new instances are assessed again
+
+
 class Manifest(BaseModel):
     schema_: int = Field(default=SCHEMA_VERSION, alias="schema")
     study_key: str
@@ -103,6 +153,8 @@ class Manifest(BaseModel):
     notes: list[Note] = Field(default_factory=list)  # events that did not change the state
     late_fingerprint: str | None = None  # content seen after completion (noted once)
     ignored_series: list[IgnoredSeries] = Field(default_factory=list)  # same FoR, neither phase nor reference
+    cycle: Cycle | None = None  # phase coverage of the breathing cycle (set by the assembler)
+    released: Release | None = None  # set by ``itvnode release``
 
     model_config = {"populate_by_name": True, "extra": "allow"}
 

@@ -19,6 +19,15 @@ phase-binned scanners label 0 %..90 %, and the "100 %" of amplitude binning is a
 cycle position. A description that reads 100 % (or more) is therefore not a phase; the study is not
 guessed at — with fewer than two valid phases it is held by the assembler.
 
+Cycle coverage (:func:`cycle_coverage`): a 4D set is treated only when its phases cover the breathing
+cycle. The cycle has ``expected_phases`` phases on a regular percent grid (step ``100 / expected_phases``,
+anchored at 0 % or at the first label, labels within ``min(1 %, step / 4)`` of a grid point, so vendor
+rounding such as 12 % / 37 % / 62 % / 87 % of an 8-phase cycle still fits). When the labels do not fit that
+grid, the grid is the coarsest one they all fit (20 labels every 5 % are a 20-phase cycle; 8 labels every
+12.5 % an 8-phase cycle, which is still fewer than 10 expected). With ``expected_phases`` unset the labels'
+own grid is the cycle. Grid points without a phase are *missing*; a study with missing phases (or fewer
+than expected) is held by the assembler unless released or the site chose ``incomplete_cycle: process``.
+
 A description holding several percentages (``0-90%``, ``0%-90%``, ``50% 75%``) or one that qualifies
 an iterative-reconstruction / dose strength (``40% ASiR``, ``ASIR 30%``, ``Dose 50%``) is not a phase.
 """
@@ -31,6 +40,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from service.manifest import Cycle
+
 __all__ = [
     "SeriesKind",
     "SeriesClass",
@@ -39,6 +50,7 @@ __all__ = [
     "classify_series",
     "compile_rules",
     "reference_kind",
+    "cycle_coverage",
 ]
 
 
@@ -217,3 +229,50 @@ def classify_series(header: SeriesHeader, site_rules: Sequence[SiteRule] = ()) -
     if found is not None:
         return found
     return SeriesClass(SeriesKind.OTHER, rule="none", note="no respiratory phase in the header")
+
+
+CYCLE_TOL_PERCENT = 1.0  # a label this close to a grid point is that grid point (vendor rounding)
+
+
+def _circular(a: float, b: float) -> float:
+    d = abs(a - b) % 100.0
+    return min(d, 100.0 - d)
+
+
+def _grid_anchor(pcts: Sequence[float], m: int) -> float | None:
+    """The anchor (0 % or the first label) of an ``m``-phase grid every label lies on, else None."""
+    step = 100.0 / m
+    tol = min(CYCLE_TOL_PERCENT, step / 4)
+    for anchor in (0.0, pcts[0]):
+        if all(_circular(p - anchor, step * round((p - anchor) / step)) <= tol for p in pcts):
+            return anchor
+    return None
+
+
+def cycle_coverage(percents: Iterable[float], expected_phases: int | None) -> Cycle:
+    """How the distinct phase ``percents`` cover the breathing cycle (rule in the module docstring)."""
+    pcts = sorted({round(float(p) % 100.0, 3) for p in percents})
+    n = len(pcts)
+    if n == 0:
+        return Cycle(expected=expected_phases or 0)
+    m: int | None = None
+    if expected_phases and _grid_anchor(pcts, expected_phases) is not None:
+        m = expected_phases
+    else:
+        m = next((k for k in range(max(n, 2), 101) if _grid_anchor(pcts, k) is not None), None)
+    if m is None:  # no regular grid at all
+        return Cycle(expected=max(expected_phases or 0, n), off_grid=pcts)
+    anchor = _grid_anchor(pcts, m)
+    assert anchor is not None
+    step = 100.0 / m
+    tol = min(CYCLE_TOL_PERCENT, step / 4)
+    grid = [round((anchor + k * step) % 100.0, 3) for k in range(m)]
+    present = sorted(g for g in grid if any(_circular(g, p) <= tol for p in pcts))
+    missing = sorted(g for g in grid if g not in present)
+    note = None
+    expected = m
+    if expected_phases and m < expected_phases:
+        expected = expected_phases
+        note = (f"the labels lie on a {round(step, 2):g} % grid ({m}-phase cycle) but {expected_phases} "
+                "phases are expected (setting expected_phases)")
+    return Cycle(expected=expected, present=present, missing=missing, note=note)

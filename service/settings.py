@@ -161,7 +161,11 @@ class Settings(BaseSettings):
     # storage and assembly
     data_dir: Path = Path("data")
     quiet_period: float = Field(60.0, ge=0)
+    # phases of the breathing cycle; a study whose phases do not cover it (fewer, or gaps in the percent grid)
+    # is held until `itvnode release` (service/phases.py: cycle_coverage). None: the labels' own grid.
     expected_phases: int | None = Field(10, ge=2)
+    # what an incomplete cycle does: hold (default) or process at once, flagged like a released study
+    incomplete_cycle: Literal["hold", "process"] = "hold"
     phase_rules: list[PhaseRule] = Field(default_factory=list)
     assembler_interval: float = Field(1.0, gt=0)
 
@@ -196,6 +200,16 @@ class Settings(BaseSettings):
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
     temporal_match: Literal["iou", "overlap"] = "iou"  # how temporal_min_overlap is measured
+
+    # QA flags (models/qa.py; they never change the masks). Plausible volume range per ROI name in cc, merged
+    # over the defaults (GTVp <= 500 cc, Heart 50-1500 cc, Lung_L/Lung_R 300-6000 cc); null removes a default.
+    qa_volume_cc: dict[str, tuple[float, float] | None] = Field(default_factory=dict)
+    # flag a ROI whose median volume reaches this fraction of another's, merged over {"Heart": {"Lung_L": 0.8,
+    # "Lung_R": 0.8}}
+    qa_volume_ratio_max: dict[str, dict[str, float]] = Field(default_factory=dict)
+    qa_volume_variation_max: float = Field(0.5, gt=0)  # (max - min) / median volume over the phases
+    qa_envelope_ratio_max: float = Field(5.0, ge=1)  # envelope (ITV) volume / its largest phase
+    qa_jump_mm: float = Field(5.0, gt=0)  # centroid off the line through its neighbouring phases
 
     # output
     layout: Literal["combined", "per-series"] = "combined"

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.manifest import iter_manifests
+from service.manifest import Manifest, iter_manifests
 
 NO_MANIFEST_REASON = "no respiratory phase series: not a 4DCT, no job"
 
@@ -54,6 +54,7 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
             "versions": [
                 {k: v.get(k) for k in ("version", "phases", "references", "sop_instance_uids", "at")}
                 for v in m.results.get("versions") or [] if isinstance(v, dict)],
+            **_cycle_and_qa(m),
         }
         rows.append(row)
     spool_index = data_dir / "spool" / "index.sqlite"
@@ -83,11 +84,32 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
                     "skipped": {},
                     "version": None,
                     "versions": [],
+                    "phases_used": 0,
+                    "phases_expected": None,
+                    "cycle": None,
+                    "released": None,
+                    "warnings": [],
                 })
         finally:
             spool.close()
     rows.sort(key=lambda r: r["updated"] or "", reverse=True)
     return rows
+
+
+def _cycle_and_qa(m: Manifest) -> dict[str, Any]:
+    """Phases used vs expected, the release, and the QA warnings (short, no patient data) of one study."""
+    qa = m.results.get("qa") or {}
+    warnings = list(qa.get("warnings") or [])
+    if not qa and m.cycle is not None and not m.cycle.complete:
+        warnings = [m.cycle.describe()]  # not processed (yet): the incomplete cycle is the warning
+    return {
+        "phases_used": m.cycle.used if m.cycle else len(m.phases),
+        "phases_expected": m.cycle.expected if m.cycle else None,
+        "cycle": None if m.cycle is None else {
+            "complete": m.cycle.complete, "summary": m.cycle.summary(), "missing_percents": m.cycle.missing},
+        "released": m.released.model_dump() if m.released else None,
+        "warnings": warnings,
+    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -114,4 +136,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(fmt.format(*b).rstrip())
         if r.get("reason"):
             lines.append(f"    reason: {r['reason']}")
+        cycle = r.get("cycle")
+        if cycle and (not cycle["complete"] or r.get("released")):
+            how = " (released by admin)" if r.get("released") else ""
+            lines.append(f"    phases: {cycle['summary']}{how}")
+        for w in r.get("warnings") or []:
+            lines.append(f"    warning: {w}")
     return "\n".join(lines)

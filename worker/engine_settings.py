@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.qa import QAParams
 from models.structures import StructureSpec
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EngineConfig:
     uid_root: str | None = None  # site UID root for output UIDs (None: pydicom's)
     rtstruct_holes: str = "keyhole"  # keyhole | xor (service.rtstruct)
     hu_windows: tuple[tuple[float, float], ...] | None = None  # SAM 3 input channels (None: default)
+    qa: QAParams = field(default_factory=QAParams)  # thresholds of the QA flags (models/qa.py)
 
     @property
     def needs_sam3(self) -> bool:
@@ -98,6 +100,18 @@ def engine_config(settings: Any) -> EngineConfig:
         uid_root=getattr(settings, "uid_root", None),
         rtstruct_holes=getattr(settings, "rtstruct_holes", "keyhole"),
         hu_windows=tuple((float(lo), float(hi)) for lo, hi in settings.hu_windows),
+        qa=qa_params(settings),
+    )
+
+
+def qa_params(settings: Any) -> QAParams:
+    """The ``qa_*`` settings over the defaults of :class:`models.qa.QAParams`."""
+    return QAParams.with_overrides(
+        volume_cc=settings.qa_volume_cc,
+        volume_ratio_max=settings.qa_volume_ratio_max,
+        volume_variation_max=settings.qa_volume_variation_max,
+        envelope_ratio_max=settings.qa_envelope_ratio_max,
+        jump_mm=settings.qa_jump_mm,
     )
 
 

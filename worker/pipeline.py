@@ -73,6 +73,7 @@ class StudyOutcome:
     computed: bool = False  # False when an earlier result was re-used (re-send) or nothing was done
     content_key: str | None = None  # service.uids: what the output UIDs derive from
     version_record: dict[str, Any] = field(default_factory=dict)  # this result's entry in results.versions
+    qa: dict[str, Any] = field(default_factory=dict)  # qa_summary() of the computed result
 
 
 class _Stages:
@@ -300,6 +301,7 @@ def process_study(
                 "version": outcome.version_record.get("version"),
                 "content_key": outcome.content_key,
                 "algorithm": _algorithm_dict(seg_loaded),
+                "qa": outcome.qa,
             }
         )
 
@@ -396,8 +398,10 @@ def _compute(
             temporal=temporal_params(config),
             phase_percents=[p.percent for p in m.phases],
             study_key=study_key,
+            qa_params=config.qa,
         )
     del hu
+    _add_cycle_qa(result.qa, m)
     engine_total = stages.timings.pop("engine")
     timing = result.qa.get("timing_s") if isinstance(result.qa, dict) else None
     post = float(timing.get("postprocess", 0.0)) if isinstance(timing, dict) else 0.0
@@ -445,6 +449,8 @@ def _compute(
             holes=config.rtstruct_holes,
             content_key=key,
             version=version,
+            qa_notes=_qa_notes(result.qa),
+            phases_note=_phases_note(m),
         )
         out_dir = results_dir(data_dir, study_key)
         for stale in out_dir.parent.glob(f".{RESULTS_DIR}.*"):  # left by a worker killed while writing
@@ -477,7 +483,7 @@ def _compute(
             raise
         files = [out_dir / f.name for f in files]
     return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True,
-                        content_key=key, version_record=record)
+                        content_key=key, version_record=record, qa=qa_summary(result.qa))
 
 
 def result_version(m: Manifest, key: str) -> int:
@@ -488,6 +494,45 @@ def result_version(m: Manifest, key: str) -> int:
         if v.get("content_key") == key:
             return int(v["version"])
     return max((int(v.get("version", 0)) for v in versions), default=0) + 1
+
+
+def _add_cycle_qa(qa: dict[str, Any], m: Manifest) -> None:
+    """Phases used vs expected (the manifest's cycle, decided by the assembler) into the QA numbers."""
+    from models.qa import cycle_qa
+
+    if m.cycle is not None:
+        cycle_qa(qa, m.cycle.used, m.cycle.expected, m.cycle.missing, released=m.released is not None)
+    else:  # a manifest written before cycles were recorded
+        cycle_qa(qa, len(m.phases), len(m.phases))
+
+
+def _phases_note(m: Manifest) -> str:
+    """What the envelopes are built from, for the RTSTRUCT: ``ITV from 3 of 10 phases: 10 %, ... missing``."""
+    if m.cycle is None:
+        return f"ITV from {len(m.phases)} of {len(m.phases)} phases"
+    if m.cycle.complete:
+        return f"ITV from {m.cycle.summary()}"
+    how = "released by admin" if m.released else "processed as set by incomplete_cycle"
+    return f"ITV from {m.cycle.describe()} ({how})"
+
+
+def _qa_notes(qa: dict[str, Any]) -> list[str]:
+    """QA warnings for the RTSTRUCT description; the phases one is said by :func:`_phases_note`."""
+    return [str(f.get("text")) for f in qa.get("flags") or [] if f.get("kind") != "phases"]
+
+
+def qa_summary(qa: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest keeps of the QA for ``status`` and ``/metrics`` (qa.json has everything)."""
+    motion = {name: s.get("motion_mm") for name, s in (qa.get("structures") or {}).items()
+              if any(e.get("source") == name for e in (qa.get("envelopes") or {}).values())}
+    return {
+        "phases": qa.get("phases"),
+        "warnings": list(qa.get("warnings") or []),
+        "flag_kinds": [f.get("kind", "") for f in qa.get("flags") or []],
+        "envelopes": {k: {kk: v.get(kk) for kk in ("volume_cc", "source", "ratio_to_largest_phase")}
+                      for k, v in (qa.get("envelopes") or {}).items()},
+        "motion_mm": motion,
+    }
 
 
 def _write_segs(

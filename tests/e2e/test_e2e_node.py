@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -442,3 +443,54 @@ def test_segment_command_rerun_with_kept_work_dir(tmp_path: Path, e2e_phantom: A
         assert res.returncode == 0, res.stdout + res.stderr[-3000:]
         outs.append(sorted(p.name for p in (tmp_path / run).iterdir()))
     assert outs[0] == outs[1] and "qa.json" in outs[1] and any(n.startswith("RS.") for n in outs[1])
+
+
+def test_three_of_ten_phases_held_then_released_and_delivered(
+    tmp_path: Path,
+    procs: list[Proc],
+    e2e_phantom: Any,
+    tiny_model_dir: Path,
+    shared_redis: Callable[[int], str],
+) -> None:
+    """An incomplete 4DCT is held and nothing is sent; `itvnode release` has it processed, and the RTSTRUCT
+    says what the ITV was built from."""
+    url = shared_redis(11)
+    rx, data, env = _serve_with_receiver(procs, tmp_path, url, tiny_model_dir)
+    worker = _start_worker(procs, tmp_path, env)
+    sent = [e2e_phantom.by_percent(p).folder for p in (0.0, 30.0, 60.0)]
+    storescu(int(env["ITVNODE_PORT"]), "ITVNODE", sent)
+    wait_for(lambda: study_state(data) == "held", 90, "the study to be held", diagnose=lambda: describe(data))
+    (m,) = manifests(data)
+    assert m["reason"].startswith("3 of 10 phases: 10 %, 20 %, 40 %, 50 %, 70 %, 80 %, 90 % missing"), m
+    time.sleep(3)  # a worker that was going to run would have started by now
+    assert rx.files() == [] and rx.store_requests() == 0
+    assert study_state(data) == "held"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(itvnode_argv(*args), env=env, capture_output=True, text=True, timeout=60,
+                              cwd=REPO)
+
+    released = cli("release", m["study_key"])
+    assert released.returncode == 0, released.stdout + released.stderr
+    wait_for(lambda: study_state(data) == "done", 200, "the released study to be done",
+             diagnose=lambda: describe(data, worker))
+    files = rx.files()
+    assert len(files) == 1 and rx.store_requests() == 1
+    assert dciodvfy_errors(files[0]) == []
+    import pydicom
+
+    ds = pydicom.dcmread(files[0])
+    description = str(ds.StructureSetDescription)
+    assert "ITV from 3 of 10 phases: 10 %, 20 %, 40 %" in description and "released by admin" in description
+    assert len(description) <= 1024
+    assert referenced_series(files[0]) >= {e2e_phantom.by_percent(p).series_instance_uid for p in (0, 30, 60)}
+    (row,) = json.loads(cli("status", "--json").stdout)
+    assert (row["state"], row["phases_used"], row["phases_expected"]) == ("done", 3, 10)
+    assert row["warnings"][0].startswith("ITV from 3 of 10 phases (missing 10%, 20%, 40%")
+    qa = json.loads((data / "studies" / m["study_key"] / "results" / "qa.json").read_text())
+    missing = [10.0, 20.0, 40.0, 50.0, 70.0, 80.0, 90.0]
+    assert qa["qa"]["phases"] == {"used": 3, "expected": 10, "missing_percents": missing, "complete": False,
+                                  "released": True}
+    again = cli("release", e2e_phantom.study_instance_uid)
+    assert again.returncode == 0 and "already released; now done" in again.stdout
+    assert rx.store_requests() == 1

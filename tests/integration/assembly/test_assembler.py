@@ -101,11 +101,23 @@ def test_two_studies_interleaved_and_non4d_ct(phantom_dicom_factory: Factory, sp
     assert manifest(data_dir, ka).state == "collecting"
     changed = asm.poll_once(t1 + 31)
     assert sorted(changed) == sorted([ka, kb])
+    for key in (ka, kb):  # 4 phases every 25 % where 10 are expected: held, not treated
+        m = manifest(data_dir, key)
+        assert m.state == "held"
+        assert (m.reason or "").startswith("4 of 10 phases: ")
+        assert [p.slices for p in m.phases] == [12, 12, 12, 12]
+    assert broker_messages(data_dir) == []
+    from service.admin import release_study
+
+    for key in (ka, kb):
+        assert [r.ok for r in release_study(data_dir, key)] == [True]
+    asm.poll_once(t1 + 32)  # the changed manifests wake the settled studies
     for key in (ka, kb):
         m = manifest(data_dir, key)
-        assert m.state == "queued"
-        assert "quiet period elapsed with 4 phases (10 expected)" in (m.history[-2].reason or "")
-        assert [p.slices for p in m.phases] == [12, 12, 12, 12]
+        assert m.state == "queued", m.reason
+        assert (m.history[-2].reason or "").startswith("released by admin (was held: 4 of 10 phases")
+        assert m.released is not None and m.released.fingerprint == m.fingerprint
+    assert sorted(x["args"][0] for x in broker_messages(data_dir)) == sorted([ka, kb])
     # study A's plain CT has its own frame of reference: no manifest, no job
     extra_a = a.extra[0]
     key_extra = study_key(a.study_instance_uid, extra_a.frame_of_reference_uid)
@@ -457,9 +469,12 @@ def test_downtime_does_not_count_as_quiet(phantom_dicom_factory: Factory, data_d
         m = manifest(data_dir, key)
         assert m.state == "collecting", m.reason
         assert broker_messages(data_dir) == []
-        # the quiet period runs from the restart: polled a full quiet period later, the set completes
+        # the quiet period runs from the restart: polled a full quiet period later, the set is assessed, and
+        # half a cycle is held (not treated)
         assert asm.poll_once(time.time() + 30.5) == [key]
-        assert manifest(data_dir, key).state == "queued"
+        m = manifest(data_dir, key)
+        assert m.state == "held"
+        assert (m.reason or "").startswith("2 of 4 phases: 50 %, 75 % missing")
     finally:
         stop.set()
         spool2.close()

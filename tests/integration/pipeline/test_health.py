@@ -55,6 +55,11 @@ def test_health_and_metrics_over_http(assembled: tuple[Path, str, Any]) -> None:
         assert f"itvnode_instances_received_total {len(series.all_files())}.0" in metrics
         assert 'itvnode_queue_depth{queue="export"} 1.0' in metrics
         assert "itvnode_broker_up 1.0" in metrics
+        n = len(series.phases)  # the assembled phantom covers its cycle
+        assert f'itvnode_study_phases{{kind="used",study_key="{key}"}} {n}.0' in metrics
+        assert f'itvnode_study_phases{{kind="expected",study_key="{key}"}} {n}.0' in metrics
+        assert "itvnode_studies_released 0.0" in metrics
+        assert "# TYPE itvnode_qa_warnings gauge" in metrics
 
         def finished(m: Any) -> Any:
             set_state(m, "done")

@@ -62,6 +62,11 @@ def test_no_destination_keeps_result_done_with_skipped_reason(assembled: tuple[P
     assert {p.series_instance_uid for p in series.phases} <= refs
     qa = json.loads((results_dir(data_dir, key) / "qa.json").read_text())
     assert qa["algorithm"]["sam3"].startswith("SAM 3 unavailable")
+    n = len(series.phases)
+    assert f"ITV from {n} of {n} phases." in ds.StructureSetDescription  # a complete cycle says so too
+    assert qa["qa"]["phases"]["complete"] and qa["qa"]["phases"]["used"] == n
+    assert row["warnings"] == [] or all("phases" not in w for w in row["warnings"])
+    assert m.results["qa"]["phases"] == qa["qa"]["phases"]
 
 
 def test_rerun_resends_kept_result_instead_of_computing(assembled: tuple[Path, str, Any]) -> None:
