@@ -259,12 +259,12 @@ def _uid(ds: Header, keyword: str, *, required: bool = True) -> str | None:
 
 
 def _uid_fault(value: str) -> str:
-    """Which PS3.5 9.1 rule ``value`` breaks (only called for an invalid UID)."""
+    """Which PS3.5 9.1 rule ``value`` breaks (only called for an invalid UID); short: the comment has 64."""
     if len(value) > 64:
-        return "over 64 characters"
+        return "over 64 chars"
     if not _PATH_SAFE_RE.match(value):
         return "empty component" if re.fullmatch(r"[0-9.]*", value) else "not digits and dots"
-    return "leading zero in a component"
+    return "leading zero"
 
 
 def _geometry_fault(position: tuple[float, ...], orientation: tuple[float, ...],
