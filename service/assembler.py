@@ -120,12 +120,43 @@ class Assessment:
     uniform: bool = False  # every phase has the same slices at the same positions
 
 
-def _fingerprint(series: Sequence[_Series]) -> str:
+def _fingerprint(series: Sequence[_Series], revisions: dict[str, int] | None = None) -> str:
+    """Identity of the content: the SOP Instance UIDs, plus the revision of any instance re-sent with changed
+    content (so a corrected re-send is new content; without revisions the value is what it always was)."""
+    revisions = revisions or {}
     h = hashlib.sha256()
     for uid in sorted(m.sop_instance_uid for s in series for m, _ in s.items):
         h.update(uid.encode())
+        rev = revisions.get(uid)
+        if rev:
+            h.update(f"#{rev}".encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
+
+
+def _short_uid(uid: str) -> str:
+    """A UID shortened for a reason text (both ends: roots are shared, suffixes tell series apart)."""
+    return uid if len(uid) <= 24 else f"{uid[:12]}…{uid[-10:]}"
+
+
+def _for_conflict(phase_series: dict[str, list[_Series]]) -> str:
+    """Reason naming which phases lie in which frame of reference (largest group first)."""
+    parts = []
+    for for_uid, series in sorted(phase_series.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        listed = ", ".join(f"{s.cls.percent:g}% (series {_short_uid(s.uid)})"
+                           for s in sorted(series, key=lambda s: (s.cls.percent or 0.0, s.uid)))
+        parts.append(f"FrameOfReferenceUID {_short_uid(for_uid)}: {listed}")
+    return "phases disagree on the frame of reference: " + "; ".join(parts)
+
+
+@dataclass
+class _Broken:
+    """A group whose assembly raised: logged once, held, retried only on new instances or after ``delay``."""
+
+    signature: str
+    last: float | None
+    retry_at: float
+    delay: float
 
 
 def _normal(orientation: Sequence[float]) -> np.ndarray:
@@ -193,6 +224,7 @@ class Assembler:
         self._frames_cache: dict[Path, list[tuple[float, float, float]] | None] = {}
         self._non4d_logged: set[str] = set()
         self._held_checked: set[str] = set()
+        self._broken: dict[str, _Broken] = {}  # study key -> the failure being backed off
         # set by run(): while the node was down nobody could send, so that time is not quiet time
         self._resumed_at: float | None = None
 
@@ -243,15 +275,37 @@ class Assembler:
                     groups[meta.frame_of_reference_uid].append((meta, path))
             self._keys[study_uid] = [study_key(study_uid, f) for f in groups]
             received = self.spool.last_received(study_uid)
+            revisions = self.spool.revisions(study_uid)
+            classified: dict[str, list[_Series]] = {}
             for for_uid, items in groups.items():
+                key = study_key(study_uid, for_uid)
+                broken = self._broken.get(key)
+                if broken is not None and broken.last == received and now < broken.retry_at:
+                    settled = False
+                    continue
                 try:
-                    group_settled, key = self._process_group(study_uid, for_uid, items, received or now, now)
-                except Exception:
-                    log.exception("assembling study key %s failed", study_key(study_uid, for_uid))
-                    group_settled, key = False, None
+                    classified[for_uid] = self._classify(items)
+                except Exception as exc:
+                    self._failed(study_uid, for_uid, key, received, now, exc)
+                    settled = False
+            phase_series = {f: [s for s in series if s.cls.kind is SeriesKind.PHASE]
+                            for f, series in classified.items()}
+            phase_series = {f: p for f, p in phase_series.items() if p}
+            conflict = _for_conflict(phase_series) if len(phase_series) > 1 else None
+            for for_uid, series in classified.items():
+                key = study_key(study_uid, for_uid)
+                try:
+                    group_settled, changed_key = self._process_group(
+                        study_uid, for_uid, series, received or now, now, revisions,
+                        conflict if for_uid in phase_series else None)
+                except Exception as exc:
+                    self._failed(study_uid, for_uid, key, received, now, exc)
+                    group_settled, changed_key = False, None
+                else:
+                    self._broken.pop(key, None)
                 settled = settled and group_settled
-                if key:
-                    changed.append(key)
+                if changed_key:
+                    changed.append(changed_key)
             if settled:
                 self._settled[study_uid] = self._stamp(study_uid)  # after this poll's own manifest writes
             else:
@@ -273,6 +327,46 @@ class Assembler:
             return None
         return cycle_coverage([s.cls.percent or 0.0 for s, _ in a.phases], self.expected_phases)
 
+    def _failed(self, study_uid: str, for_uid: str, key: str, last: float | None, now: float,
+                exc: Exception) -> None:
+        """One group's assembly raised: log it once (with its key), hold the study with the reason and back
+        off (doubling from 30 s to 1 h; new instances retry at once), so other studies go on and the log
+        does not fill with the same traceback every poll."""
+        signature = f"{type(exc).__name__}: {exc}"[:300]
+        broken = self._broken.get(key)
+        delay = 30.0 if broken is None or broken.last != last else min(3600.0, broken.delay * 2)
+        self._broken[key] = _Broken(signature, last, now + delay, delay)
+        if broken is not None and broken.signature == signature:
+            log.debug("study key %s: assembly still failing (%s); next try in %.0f s", key, signature, delay)
+            return
+        log.error("study key %s: assembly failed; held, retried on new instances or in %.0f s", key, delay,
+                  exc_info=exc)
+        try:
+            self._hold_broken(study_uid, for_uid, key, f"assembly failed: {signature}")
+        except Exception as exc2:  # e.g. the disk: the log line above already names the study
+            log.error("study key %s: could not record the failure in the manifest: %s", key, exc2)
+
+    def _hold_broken(self, study_uid: str, for_uid: str, key: str, reason: str) -> None:
+        path = manifest_path(self.data_dir, key)
+        with manifest_lock(path):
+            m: Manifest | None = None
+            if path.exists():
+                try:
+                    m = load_manifest(path)
+                except (OSError, ValueError) as exc:
+                    aside = path.with_name(f"manifest.unreadable-{time.strftime('%Y%m%dT%H%M%S')}.json")
+                    os.replace(path, aside)
+                    log.error("study key %s: unreadable manifest (%s) moved to %s", key, type(exc).__name__,
+                              aside.name)
+            if m is not None and m.state in IN_FLIGHT:
+                return  # a job owns the study; it records its own outcome
+            if m is None:
+                m = Manifest(study_key=key, study_instance_uid=study_uid, frame_of_reference_uid=for_uid)
+            if m.state == "held" and m.reason == reason:
+                return
+            set_state(m, "held", reason)
+            save_manifest(m, path)
+
     # ------------------------------------------------------------------------------------------ one group
 
     def _classify(self, items: list[tuple[InstanceMeta, Path]]) -> list[_Series]:
@@ -286,11 +380,11 @@ class Assembler:
             out.append(_Series(uid, cls, first.series_description, sitems))
         return out
 
-    def _process_group(self, study_uid: str, for_uid: str, items: list[tuple[InstanceMeta, Path]],
-                       last: float, now: float) -> tuple[bool, str | None]:
-        """Returns (settled, key if the manifest changed)."""
+    def _process_group(self, study_uid: str, for_uid: str, series: list[_Series], last: float, now: float,
+                       revisions: dict[str, int], conflict: str | None) -> tuple[bool, str | None]:
+        """Returns (settled, key if the manifest changed). ``conflict``: the study's phases lie in more
+        than one frame of reference (this group has some of them); the group is never complete then."""
         key = study_key(study_uid, for_uid)
-        series = self._classify(items)
         relevant = [s for s in series if s.cls.kind in (SeriesKind.PHASE, SeriesKind.REFERENCE)]
         path = manifest_path(self.data_dir, key)
         m = load_manifest(path) if path.exists() else None
@@ -306,7 +400,7 @@ class Assembler:
                          key, len(series))
             return quiet, None
 
-        fp = _fingerprint(relevant)
+        fp = _fingerprint(relevant, revisions)
         if m is not None and m.state in IN_FLIGHT:
             if fp != m.fingerprint:
                 # not settled: once the job is done/failed the new content is assembled again
@@ -329,6 +423,9 @@ class Assembler:
         seen_state = m.state if m is not None else None
 
         assessment = self._assess(series)
+        if conflict:
+            assessment.problem = conflict + (f"; {assessment.problem}" if assessment.problem else "")
+            assessment.uniform = False
         n = len({p[0].cls.percent for p in assessment.phases})
         cycle = self._cycle(assessment)
         complete_cycle = cycle is None or cycle.complete

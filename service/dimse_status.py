@@ -8,10 +8,13 @@ The codes are documented for sites in ``docs/conformance.md``; keep both in step
 from __future__ import annotations
 
 from service.spool import (
+    ConflictingDuplicate,
+    InvalidGeometry,
     InvalidIdentifier,
     MissingAttribute,
     MissingGeometry,
     ModalityMismatch,
+    PixelDataLengthMismatch,
     SOPClassMismatch,
     SOPInstanceMismatch,
     SpoolFull,
@@ -27,6 +30,9 @@ MISSING_ATTRIBUTE = 0xC001  # a required identifying attribute is absent or empt
 INVALID_IDENTIFIER = 0xC002  # a UID is not a valid DICOM UID
 MISSING_GEOMETRY = 0xC003  # image plane / frame of reference attributes absent
 SOP_INSTANCE_MISMATCH = 0xC004  # data set SOP Instance UID differs from the request's Affected one
+CONFLICTING_DUPLICATE = 0xC005  # SOP Instance UID already stored in another series of the same study
+INVALID_GEOMETRY = 0xC006  # image plane values not finite, spacing not positive, orientation degenerate
+PIXEL_DATA_LENGTH = 0xC007  # native Pixel Data shorter than Rows x Columns x samples x frames x bits
 UNDECODABLE = 0xC210  # the data set could not be decoded (pynetdicom uses the same code)
 
 # Order matters: the first matching entry wins, so subclasses come before their bases.
@@ -36,6 +42,9 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (SOPClassMismatch, SOP_CLASS_MISMATCH),
     (ModalityMismatch, SOP_CLASS_MISMATCH),
     (SOPInstanceMismatch, SOP_INSTANCE_MISMATCH),
+    (ConflictingDuplicate, CONFLICTING_DUPLICATE),
+    (InvalidGeometry, INVALID_GEOMETRY),
+    (PixelDataLengthMismatch, PIXEL_DATA_LENGTH),
     (MissingGeometry, MISSING_GEOMETRY),
     (MissingAttribute, MISSING_ATTRIBUTE),
     (InvalidIdentifier, INVALID_IDENTIFIER),

@@ -58,6 +58,9 @@ class ReferenceEntry(BaseModel):
 
 
 class Geometry(BaseModel):
+    # NaN/Infinity would be written as bare tokens that no reader accepts: refuse them when built
+    model_config = {"allow_inf_nan": False}
+
     rows: int
     columns: int
     pixel_spacing: list[float]  # [row spacing, column spacing] mm

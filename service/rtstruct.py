@@ -269,8 +269,10 @@ def result_content_key(
     algorithm: Algorithm,
     layout: str,
     settings_digest: str = "",
+    revisions: Mapping[str, int] | None = None,
 ) -> str:
-    """The content key (service.uids) of the outputs built from these phases and the usable references."""
+    """The content key (service.uids) of the outputs built from these phases and the usable references;
+    ``revisions``: inputs re-sent with changed content (service.spool.read_revisions)."""
     used = [*geometries, *usable_references(geometries, references or {}, warn=False).values()]
     return _content_key(
         study_key=study_key,
@@ -278,6 +280,7 @@ def result_content_key(
         algorithm=algorithm.identity,
         layout=layout,
         settings=settings_digest,
+        revisions=revisions,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import re
 import shutil
 import sqlite3
@@ -51,10 +52,31 @@ CT_STORAGE_CLASSES: tuple[str, ...] = (
 )
 MULTIFRAME_CLASSES = frozenset({ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# PS3.5 9.1: components of digits, no leading zero (except "0" itself), no empty component, <= 64 chars.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Path safety only (spool directories, files written before the stricter rule): digits and dots.
+_PATH_SAFE_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TMP_SUFFIX = ".part"
 _STALE_TMP_SECONDS = 3600.0
 _NOMINAL_RESP_PHASE = 0x00209245  # Nominal Percentage of Respiratory Phase (not 0020,9241: that is cardiac)
+
+
+INDEX_NAME = "index.sqlite"  # the spool's instance index, inside the spool directory
+
+
+def read_revisions(spool_dir: Path, study_uid: str) -> dict[str, int]:
+    """:meth:`Spool.revisions` from another process, read-only (a worker deriving output UIDs): SOP Instance
+    UID -> revision of instances re-sent with changed content. Empty when there is no index."""
+    index = Path(spool_dir) / INDEX_NAME
+    if not index.exists():
+        return {}
+    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5.0)
+    try:
+        rows = con.execute("SELECT sop_instance_uid, revision FROM instances WHERE study_instance_uid = ? "
+                           "AND revision > 0", (study_uid,)).fetchall()
+    finally:
+        con.close()
+    return {r[0]: int(r[1]) for r in rows}
 
 
 class IngestError(Exception):
@@ -75,6 +97,18 @@ class MissingGeometry(MissingAttribute):
 
 class InvalidIdentifier(IngestError):
     pass
+
+
+class InvalidGeometry(IngestError):
+    """Image plane values present but unusable: not finite, non-positive spacing, degenerate orientation."""
+
+
+class PixelDataLengthMismatch(IngestError):
+    """Native Pixel Data shorter than Rows x Columns x samples x frames x BitsAllocated say it must be."""
+
+
+class ConflictingDuplicate(IngestError):
+    """The SOP Instance UID is already stored in this study under another series."""
 
 
 class SOPClassMismatch(IngestError):
@@ -142,28 +176,39 @@ def parse_header(encoded: bytes) -> Dataset:
     pydicom stops silently at a truncated element, so completeness is checked separately: the header must
     end at a Pixel Data element whose value fits in what was received.
     """
+    return _parse_header(encoded)[0]
+
+
+def _parse_header(encoded: bytes) -> tuple[Dataset, int | None]:
+    """:func:`parse_header` plus the native Pixel Data length (None: encapsulated, or not known)."""
     fp = BytesIO(encoded)
     try:
         ds = dcmread(fp, stop_before_pixels=True)
         ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
         if ts == DeflatedExplicitVRLittleEndian:
-            if "PixelData" not in dcmread(BytesIO(encoded)):
+            pixels = dcmread(BytesIO(encoded)).get("PixelData")
+            if pixels is None:
                 raise UndecodableDataset("PixelData missing (data set empty or truncated)")
+            length: int | None = len(pixels)
         else:
-            _check_pixel_element(encoded, fp.tell(), implicit=ts.is_implicit_VR, little=ts.is_little_endian)
+            length = _check_pixel_element(encoded, fp.tell(), implicit=ts.is_implicit_VR,
+                                          little=ts.is_little_endian)
+        if ts.is_compressed:
+            length = None
     except IngestError:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError,
             NotImplementedError, struct.error, zlib.error) as exc:
         raise UndecodableDataset(f"cannot decode data set: {type(exc).__name__}") from None
-    return ds
+    return ds, length
 
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
                        b"UV"})
 
 
-def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bool) -> None:
+def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bool) -> int | None:
+    """Check that Pixel Data starts at ``pos`` and is complete; its value length (None: encapsulated)."""
     end = "<" if little else ">"
     if pos + 8 > len(encoded):
         raise UndecodableDataset("PixelData missing (data set empty or truncated)")
@@ -181,8 +226,10 @@ def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bo
     if length == 0xFFFFFFFF:  # encapsulated: fragments end with a Sequence Delimitation Item
         if encoded.rfind(struct.pack(end + "HHL", 0xFFFE, 0xE0DD, 0), start) < 0:
             raise UndecodableDataset("encapsulated PixelData truncated (no sequence delimiter)")
-    elif start + length > len(encoded):
+        return None
+    if start + length > len(encoded):
         raise UndecodableDataset(f"PixelData truncated ({len(encoded) - start} of {length} bytes)")
+    return int(length)
 
 
 # The validation below reads either a pydicom Dataset or the plain dict of :func:`_fast_header`: both answer
@@ -225,8 +272,47 @@ def _uid(ds: Header, keyword: str, *, required: bool = True) -> str | None:
             raise MissingAttribute(f"{keyword} missing")
         return None
     if len(value) > 64 or not _UID_RE.match(value):
-        raise InvalidIdentifier(f"{keyword} is not a valid UID")
+        raise InvalidIdentifier(f"{keyword} is not a valid UID ({_uid_fault(value)})")
     return value
+
+
+def _uid_fault(value: str) -> str:
+    """Which PS3.5 9.1 rule ``value`` breaks (only called for an invalid UID); short: the comment has 64."""
+    if len(value) > 64:
+        return "over 64 chars"
+    if not _PATH_SAFE_RE.match(value):
+        return "empty component" if re.fullmatch(r"[0-9.]*", value) else "not digits and dots"
+    return "leading zero"
+
+
+def _geometry_fault(position: tuple[float, ...], orientation: tuple[float, ...],
+                    spacing: tuple[float, ...]) -> str | None:
+    """Why finite-looking image plane values cannot describe a slice, or None (a few float operations)."""
+    for name, values in (("ImagePositionPatient", position), ("ImageOrientationPatient", orientation),
+                         ("PixelSpacing", spacing)):
+        if not all(math.isfinite(v) for v in values):
+            return f"{name} not finite"
+    if spacing[0] <= 0.0 or spacing[1] <= 0.0:
+        return "PixelSpacing not positive"
+    r, c = orientation[:3], orientation[3:]
+    rr, cc = r[0] * r[0] + r[1] * r[1] + r[2] * r[2], c[0] * c[0] + c[1] * c[1] + c[2] * c[2]
+    dot = r[0] * c[0] + r[1] * c[1] + r[2] * c[2]
+    if not (0.81 < rr < 1.21 and 0.81 < cc < 1.21) or abs(dot) > 0.1:
+        return "ImageOrientationPatient not two orthogonal unit vectors"
+    return None
+
+
+def _check_pixel_length(ds: Header, pixel_length: int | None, frames: int | None) -> None:
+    """Refuse native Pixel Data shorter than the Image Pixel attributes require (pure arithmetic)."""
+    rows, columns, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
+    if not rows or not columns or not bits:
+        raise MissingAttribute("Rows, Columns or BitsAllocated missing or zero")
+    if pixel_length is None:
+        return
+    samples = _int(ds, "SamplesPerPixel") or 1
+    expected = (rows * columns * max(samples, 1) * max(frames or 1, 1) * bits + 7) // 8
+    if pixel_length < expected:
+        raise PixelDataLengthMismatch(f"PixelData {pixel_length} bytes, image needs {expected}")
 
 
 def _first_item(ds: Header, keyword: str) -> Dataset | None:
@@ -247,6 +333,16 @@ def _functional_group(ds: Header, macro: str) -> Dataset | None:
             item = _first_item(group, macro)
             if item is not None:
                 return item
+    return None
+
+
+def _frames_fault(ds: Header) -> str | None:
+    """Every frame's ImagePositionPatient of a multi-frame instance must be finite (read by the assembler)."""
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or ():
+        plane = _first_item(item, "PlanePositionSequence")
+        position = _floats(plane.get("ImagePositionPatient") if plane is not None else None, 3)
+        if position is not None and not all(math.isfinite(v) for v in position):
+            return "per-frame ImagePositionPatient not finite"
     return None
 
 
@@ -271,11 +367,12 @@ def _find_phase_percent(ds: Header) -> float | None:
 
 
 def instance_meta(ds: Header, transfer_syntax_uid: str, *, negotiated_sop_class: str | None = None,
-                  affected_sop_instance: str | None = None) -> InstanceMeta:
+                  affected_sop_instance: str | None = None, pixel_length: int | None = None) -> InstanceMeta:
     """Validate a CT header and extract the index fields; raise an :class:`IngestError` subclass on refusal.
 
     ``negotiated_sop_class`` / ``affected_sop_instance`` come from the C-STORE request; the data set
-    must agree with them.
+    must agree with them. ``pixel_length``: the native Pixel Data value length, checked against the image
+    attributes (None: encapsulated or unknown, not checked).
     """
     sop_class = _uid(ds, "SOPClassUID")
     assert sop_class is not None
@@ -310,6 +407,13 @@ def instance_meta(ds: Header, transfer_syntax_uid: str, *, negotiated_sop_class:
                if value is None]
     if missing:
         raise MissingGeometry("missing or invalid " + ", ".join(missing))
+    assert position is not None and orientation is not None and spacing is not None
+    fault = _geometry_fault(position, orientation, spacing)
+    if fault is None and multiframe:
+        fault = _frames_fault(ds)
+    if fault:
+        raise InvalidGeometry(fault)
+    _check_pixel_length(ds, pixel_length, _int(ds, "NumberOfFrames"))
 
     image_type = ds.get("ImageType")
     if not image_type:
@@ -359,10 +463,12 @@ _FAST_TAGS: dict[int, tuple[str, bytes]] = {
     0x00200052: ("FrameOfReferenceUID", b"UI"),
     0x00204000: ("ImageComments", b"LT"),
     0x00209245: ("NominalPercentageOfRespiratoryPhase", b"FL"),
+    0x00280002: ("SamplesPerPixel", b"US"),
     0x00280008: ("NumberOfFrames", b"IS"),
     0x00280010: ("Rows", b"US"),
     0x00280011: ("Columns", b"US"),
     0x00280030: ("PixelSpacing", b"DS"),
+    0x00280100: ("BitsAllocated", b"US"),
 }
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -439,7 +545,7 @@ def _fast_value(vr: bytes, raw: bytes, encoding: str) -> Any:
     return values
 
 
-def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str] | None:
+def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str, int | None] | None:
     """Header fields of a classic CT instance in Explicit/Implicit VR Little Endian, or None.
 
     Scans element headers with ``struct`` instead of building a pydicom Dataset (the largest per-instance
@@ -487,7 +593,7 @@ def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str] | None:
                 pos += hdr + length
             if pos > end:
                 return None
-        _check_pixel_element(encoded, pos, implicit=not explicit, little=True)
+        pixel_length = _check_pixel_element(encoded, pos, implicit=not explicit, little=True)
         charset = raw.pop(0x00080005, (b"", b""))[1].decode("ascii").strip(" \0")
         if charset not in ("", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"):
             return None
@@ -497,7 +603,7 @@ def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str] | None:
         return None
     if values.get("SOPClassUID") != CT_IMAGE_STORAGE:
         return None
-    return values, ts
+    return values, ts, pixel_length
 
 
 def meta_from_bytes(encoded: bytes, **kwargs: Any) -> InstanceMeta:
@@ -508,16 +614,16 @@ def meta_from_bytes(encoded: bytes, **kwargs: Any) -> InstanceMeta:
     """
     fast = _fast_header(encoded)
     if fast is not None:
-        return instance_meta(fast[0], fast[1], **kwargs)
+        return instance_meta(fast[0], fast[1], pixel_length=fast[2], **kwargs)
     return meta_via_pydicom(encoded, **kwargs)
 
 
 def meta_via_pydicom(encoded: bytes, **kwargs: Any) -> InstanceMeta:
     """:func:`meta_from_bytes` without the fast scan (any SOP class, transfer syntax or character set)."""
-    ds = parse_header(encoded)
+    ds, pixel_length = _parse_header(encoded)
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     try:
-        return instance_meta(ds, ts, **kwargs)
+        return instance_meta(ds, ts, pixel_length=pixel_length, **kwargs)
     except IngestError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
@@ -528,18 +634,25 @@ def meta_via_pydicom(encoded: bytes, **kwargs: Any) -> InstanceMeta:
 # --------------------------------------------------------------------------------------------- the spool
 
 
+# Instances are keyed by study: another study reusing a SOP Instance UID is kept apart (its own directory and
+# row) and never touches the first study's file. ``revision`` counts re-sends of changed content (0: as first
+# received); the assembler's fingerprint includes it, so a corrected instance re-opens a finished study.
+_COLUMNS = ("study_instance_uid, sop_instance_uid, series_instance_uid, path, size, received_at, meta, "
+            "revision")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
     study_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
     series_instance_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    meta TEXT NOT NULL
+    meta TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (study_instance_uid, sop_instance_uid)
 );
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, received_at);
 """
+_INDEXES = "CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, received_at);"
 
 
 class Spool:
@@ -556,24 +669,69 @@ class Spool:
         private_dir(self.root)
         self._lock = threading.RLock()
         self._known_dirs: set[Path] = set()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=30.0,
+        self._db = sqlite3.connect(self.root / INDEX_NAME, check_same_thread=False, timeout=30.0,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'NORMAL' if fsync else 'OFF'}")
+        self._migrate()
         self._db.executescript(_SCHEMA)
+        self._db.executescript(_INDEXES)
         self._remove_stale_parts()
+
+    def _migrate(self) -> None:
+        """Index of the first layout (keyed by SOP Instance UID alone): re-key by study, keep every row."""
+        cols = [r[1] for r in self._db.execute("PRAGMA table_info(instances)").fetchall()]
+        if not cols or "revision" in cols:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("ALTER TABLE instances RENAME TO instances_v1")
+                self._db.execute(_SCHEMA)
+                self._db.execute(
+                    f"INSERT INTO instances ({_COLUMNS}) SELECT study_instance_uid, sop_instance_uid, "
+                    "series_instance_uid, path, size, received_at, meta, 0 FROM instances_v1")
+                self._db.execute("DROP TABLE instances_v1")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        LOG.info("spool index migrated: instances keyed by (study, SOP Instance UID)")
 
     # -- writing
 
     def store(self, meta: InstanceMeta, encoded: bytes) -> Path:
-        """Write ``encoded`` durably then index it; idempotent per SOP Instance UID. Returns the file path."""
+        """Write ``encoded`` durably then index it. Returns the file path.
+
+        Per study and SOP Instance UID: an identical re-send changes nothing but the received time (no
+        write); changed content in the same series replaces the file and bumps the instance's revision (a
+        corrected re-send); the same SOP Instance UID in another series of the study is refused with
+        :class:`ConflictingDuplicate`. Another study with the same SOP Instance UID is simply another file.
+        """
         for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
-            if not _UID_RE.match(uid) or len(uid) > 64:
+            if not _PATH_SAFE_RE.match(uid) or len(uid) > 64:
                 raise InvalidIdentifier("UID not usable as a spool path")
-        if self.free_bytes() - len(encoded) < self.min_free_bytes:
-            raise SpoolFull("spool below its free-space watermark")
         series_dir = self.root / meta.study_instance_uid / meta.series_instance_uid
         final = series_dir / f"{meta.sop_instance_uid}.dcm"
+        with self._lock:
+            row = self._db.execute(
+                "SELECT series_instance_uid, path, revision FROM instances WHERE study_instance_uid = ? "
+                "AND sop_instance_uid = ?", (meta.study_instance_uid, meta.sop_instance_uid)).fetchone()
+        revision = 0
+        if row is not None:
+            if row[0] != meta.series_instance_uid:
+                raise ConflictingDuplicate("SOP Instance UID already stored in another series")
+            if self._same_bytes(self.root / row[1], encoded):
+                with self._lock:
+                    self._db.execute("UPDATE instances SET received_at = ? WHERE study_instance_uid = ? AND "
+                                     "sop_instance_uid = ?",
+                                     (time.time(), meta.study_instance_uid, meta.sop_instance_uid))
+                return self.root / row[1]
+            revision = int(row[2]) + 1
+            LOG.warning("study %s: instance %s re-sent with changed content; replacing it (revision %d)",
+                        meta.study_instance_uid, meta.sop_instance_uid, revision)
+        if self.free_bytes() - len(encoded) < self.min_free_bytes:
+            raise SpoolFull("spool below its free-space watermark")
         tmp = series_dir / f".{meta.sop_instance_uid}.{threading.get_ident()}{_TMP_SUFFIX}"
         for attempt in (1, 2):
             try:
@@ -590,8 +748,18 @@ class Spool:
                     raise SpoolFull("spool file system is full") from None
                 name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
                 raise SpoolUnavailable(f"spool write failed: {name}") from None
-        self._index(meta, final, len(encoded))
+        self._index(meta, final, len(encoded), revision=revision)
         return final
+
+    @staticmethod
+    def _same_bytes(path: Path, encoded: bytes) -> bool:
+        """Whether the stored file holds exactly ``encoded`` (read only when a SOP Instance UID recurs)."""
+        try:
+            if path.stat().st_size != len(encoded):
+                return False
+            return path.read_bytes() == encoded
+        except OSError:
+            return False
 
     def _write_durably(self, tmp: Path, final: Path, encoded: bytes) -> None:
         write_atomic(final, encoded, tmp=tmp, fsync=self.fsync)
@@ -610,20 +778,20 @@ class Spool:
                     fsync_dir(d.parent)
             self._known_dirs.add(series_dir)
 
-    def _index(self, meta: InstanceMeta, path: Path, size: int, received_at: float | None = None) -> None:
+    def _index(self, meta: InstanceMeta, path: Path, size: int, received_at: float | None = None,
+               revision: int = 0) -> None:
+        """Upsert the row of (study, SOP Instance UID). Never deletes a file: other rows own other paths."""
         rel = path.relative_to(self.root).as_posix()
         with self._lock:
-            old = self._db.execute("SELECT path FROM instances WHERE sop_instance_uid = ?",
-                                   (meta.sop_instance_uid,)).fetchone()
             self._db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (meta.sop_instance_uid, meta.study_instance_uid, meta.series_instance_uid, rel, size,
-                 time.time() if received_at is None else received_at, meta.to_json()),
+                f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (study_instance_uid, sop_instance_uid) DO UPDATE SET "
+                "series_instance_uid = excluded.series_instance_uid, path = excluded.path, "
+                "size = excluded.size, received_at = excluded.received_at, meta = excluded.meta, "
+                "revision = MAX(instances.revision, excluded.revision)",
+                (meta.study_instance_uid, meta.sop_instance_uid, meta.series_instance_uid, rel, size,
+                 time.time() if received_at is None else received_at, meta.to_json(), revision),
             )
-        if old is not None and old[0] != rel:
-            # Same instance re-sent under another study/series: keep only the newest copy.
-            (self.root / old[0]).unlink(missing_ok=True)
-            LOG.warning("instance moved within the spool: %s -> %s", old[0], rel)
 
     def remove_study(self, study_uid: str) -> int:
         """Delete a study's files and index rows (after export); returns the number of instances removed."""
@@ -632,7 +800,7 @@ class Spool:
                                     (study_uid,)).fetchall()
             self._db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
             self._known_dirs = {d for d in self._known_dirs if d.parent.name != study_uid}
-        if _UID_RE.match(study_uid):
+        if _PATH_SAFE_RE.match(study_uid):
             shutil.rmtree(self.root / study_uid, ignore_errors=True)
         return len(rows)
 
@@ -650,6 +818,13 @@ class Spool:
                 "SELECT meta, path FROM instances WHERE study_instance_uid = ? ORDER BY series_instance_uid, "
                 "received_at", (study_uid,)).fetchall()
         return [(InstanceMeta.from_json(m), self.root / p) for m, p in rows]
+
+    def revisions(self, study_uid: str) -> dict[str, int]:
+        """SOP Instance UID -> revision of the study's instances re-sent with changed content (> 0)."""
+        with self._lock:
+            rows = self._db.execute("SELECT sop_instance_uid, revision FROM instances WHERE "
+                                    "study_instance_uid = ? AND revision > 0", (study_uid,)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     def last_received(self, study_uid: str) -> float | None:
         with self._lock:

@@ -5,7 +5,8 @@ A *content key* is a hash over everything that decides what an output contains:
 
 * the study key (StudyInstanceUID + FrameOfReferenceUID),
 * the sorted, distinct SOP Instance UIDs of every input instance actually used (phase series and the
-  reference series the output references: a late phase or a late AVG changes it),
+  reference series the output references: a late phase or a late AVG changes it), each with its spool
+  revision when it was re-sent with changed content under the same UID (a corrected instance changes it),
 * the algorithm identity (model, model version, LoRA adapter, itvnode version),
 * the layout (``combined`` / ``per-series``),
 * a digest of the settings that shape the masks and contours (structures, temporal filter, hole encoding...).
@@ -80,17 +81,25 @@ def content_key(
     algorithm: Sequence[str],
     layout: str,
     settings: str = "",
+    revisions: Mapping[str, int] | None = None,
 ) -> str:
-    """The content key (32 hex digits) of one result; see the module docstring for what goes in."""
+    """The content key (32 hex digits) of one result; see the module docstring for what goes in.
+
+    ``revisions``: SOP Instance UID -> revision of inputs re-sent with changed content under the same UID
+    (service.spool): a corrected instance is new content, so it must give new UIDs too.
+    """
     uids = sorted(set(input_sop_instance_uids))
     if not uids:
         raise ValueError("an output needs at least one input instance")
+    revisions = revisions or {}
     h = hashlib.sha256()
     for part in ("itvnode-output/1", study_key, *algorithm, layout, settings):
         h.update(part.encode())
         h.update(b"\x00")
     for uid in uids:
         h.update(uid.encode())
+        if revisions.get(uid):
+            h.update(f"#{revisions[uid]}".encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
 

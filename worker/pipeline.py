@@ -357,6 +357,7 @@ def _compute(
 ) -> StudyOutcome:
     from models.engine import segment_volume
     from service.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
+    from service.spool import read_revisions
     from service.uids import settings_digest
     from service.volume import VolumeError, read_phases, read_series
 
@@ -422,6 +423,7 @@ def _compute(
         key = result_content_key(
             study_key=study_key, geometries=geoms, references=references, algorithm=algorithm,
             layout=config.layout, settings_digest=settings_digest(config),
+            revisions=read_revisions(Path(data_dir) / "spool", m.study_instance_uid),
         )
         version = result_version(m, key)
         record = {

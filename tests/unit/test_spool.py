@@ -24,12 +24,15 @@ from service import dimse_status as st
 from service.spool import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
+    ConflictingDuplicate,
     IngestError,
     InstanceMeta,
+    InvalidGeometry,
     InvalidIdentifier,
     MissingAttribute,
     MissingGeometry,
     ModalityMismatch,
+    PixelDataLengthMismatch,
     SOPClassMismatch,
     SOPInstanceMismatch,
     Spool,
@@ -120,12 +123,71 @@ def test_resend_is_idempotent_and_last_received_moves(spool: Spool) -> None:
     assert spool.last_received("1.2.3.4") is None
 
 
-def test_instance_moved_to_another_series_keeps_one_copy(spool: Spool) -> None:
+def test_same_instance_in_another_series_refused_first_copy_kept(spool: Spool) -> None:
     ds = ct(series="1.2.826.0.1.3680043.8.498.10")
     old = store(spool, ds)
     ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.11"
-    new = store(spool, ds)
-    assert not old.exists() and new.exists() and spool.count() == 1
+    with pytest.raises(ConflictingDuplicate) as exc:
+        store(spool, ds)
+    assert st.status_for(exc.value) == st.CONFLICTING_DUPLICATE == 0xC005
+    assert old.read_bytes() == encode(ct(series="1.2.826.0.1.3680043.8.498.10", sop=str(ds.SOPInstanceUID)))
+    assert spool.count() == 1 and not (spool.root / STUDY / "1.2.826.0.1.3680043.8.498.11").exists()
+
+
+def test_another_study_reusing_sop_uids_is_kept_apart(spool: Spool) -> None:
+    """Issue 9 item 3: a second study with the same SOP Instance UIDs never deletes the first one's files."""
+    first = [ct(z=float(i)) for i in range(3)]
+    paths_a = [store(spool, ds) for ds in first]
+    other = "1.2.826.0.1.3680043.8.498.99"
+    paths_b = []
+    for ds in first:
+        ds.StudyInstanceUID = other
+        paths_b.append(store(spool, ds))
+    assert all(p.is_file() for p in paths_a + paths_b) and not set(paths_a) & set(paths_b)
+    assert len(spool.instances(STUDY)) == 3 and len(spool.instances(other)) == 3
+    assert spool.revisions(STUDY) == {} and spool.revisions(other) == {}
+    spool.remove_study(other)
+    assert all(p.is_file() for p in paths_a) and len(spool.instances(STUDY)) == 3
+
+
+def test_changed_resend_replaces_and_bumps_revision(spool: Spool) -> None:
+    ds = ct()
+    path = store(spool, ds)
+    mtime = path.stat().st_mtime_ns
+    assert store(spool, ds) == path and path.stat().st_mtime_ns == mtime  # identical: not rewritten
+    assert spool.revisions(STUDY) == {}
+    ds.PixelData = b"\x02\x03" * 16  # corrected content, same SOP Instance UID
+    assert store(spool, ds) == path and path.read_bytes() == encode(ds)
+    assert spool.revisions(STUDY) == {str(ds.SOPInstanceUID): 1} and spool.count() == 1
+    assert store(spool, ds) == path and spool.revisions(STUDY) == {str(ds.SOPInstanceUID): 1}
+
+
+def test_index_of_the_first_layout_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "old"
+    root.mkdir()
+    con = sqlite3.connect(root / "index.sqlite")
+    con.executescript("""
+        CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+            received_at REAL NOT NULL, meta TEXT NOT NULL);
+        CREATE INDEX instances_study ON instances (study_instance_uid, received_at);""")
+    raw = encode(ct())
+    meta = meta_from_bytes(raw)
+    con.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (meta.sop_instance_uid, STUDY, meta.series_instance_uid, "a/b/c.dcm", len(raw), 12.5,
+                 meta.to_json()))
+    con.commit()
+    con.close()
+    s = Spool(root)
+    try:
+        assert [m for m, _ in s.instances(STUDY)] == [meta] and s.last_received(STUDY) == 12.5
+        other = meta.__class__(**{**meta.__dict__, "study_instance_uid": "1.2.3"})
+        s._index(other, root / "x.dcm", 1)  # a second study, same SOP Instance UID: its own row
+        assert s.count() == 2
+    finally:
+        s.close()
 
 
 def test_reopen_sees_index(tmp_path: Path) -> None:
@@ -231,6 +293,7 @@ def enhanced(percent: float | None = 40.0) -> Dataset:
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         delattr(ds, kw)
     ds.NumberOfFrames = 2
+    ds.PixelData = b"\x00\x01" * 32  # two 4x4 frames of 16 bits
     shared, ori, meas = Dataset(), Dataset(), Dataset()
     ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     meas.PixelSpacing = [0.9, 0.9]
@@ -279,13 +342,59 @@ def _mutated(**changes: object) -> Dataset:
         (ct(), {"negotiated_sop_class": ENHANCED_CT_IMAGE_STORAGE}, SOPClassMismatch, st.SOP_CLASS_MISMATCH),
         (ct(), {"affected_sop_instance": "1.2.3.4"}, SOPInstanceMismatch, st.SOP_INSTANCE_MISMATCH),
         (_mutated(PixelData=None), {}, UndecodableDataset, st.UNDECODABLE),
+        # issue 9 item 6: UID rules (PS3.5 9.1) and Pixel Data length
+        (_mutated(SeriesInstanceUID="1.02.3.4"), {}, InvalidIdentifier, st.INVALID_IDENTIFIER),
+        (_mutated(SeriesInstanceUID="1..3.4"), {}, InvalidIdentifier, st.INVALID_IDENTIFIER),
+        (_mutated(SeriesInstanceUID="1.2.3."), {}, InvalidIdentifier, st.INVALID_IDENTIFIER),
+        (_mutated(FrameOfReferenceUID="1." + "2" * 63), {}, InvalidIdentifier, st.INVALID_IDENTIFIER),
+        (_mutated(SOPClassUID="1.2.840.10008.5.1.4.1.1.02"), {}, InvalidIdentifier, st.INVALID_IDENTIFIER),
+        (_mutated(PixelData=b"\x00\x01" * 8), {}, PixelDataLengthMismatch, st.PIXEL_DATA_LENGTH),
+        (_mutated(BitsAllocated=0), {}, MissingAttribute, st.MISSING_ATTRIBUTE),
+        (_mutated(Rows=None), {}, MissingAttribute, st.MISSING_ATTRIBUTE),
+        # issue 9 item 5: non-finite or unusable geometry
+        (_mutated(ImagePositionPatient=["NaN", 0, 0]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
+        (_mutated(ImagePositionPatient=[0, "inf", 0]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
+        (_mutated(ImageOrientationPatient=[1, 0, 0, 0, "NaN", 0]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
+        (_mutated(ImageOrientationPatient=[1, 0, 0, 1, 0, 0]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
+        (_mutated(ImageOrientationPatient=[0, 0, 0, 0, 1, 0]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
+        (_mutated(PixelSpacing=["nan", 1]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
+        (_mutated(PixelSpacing=[0, 1]), {}, InvalidGeometry, st.INVALID_GEOMETRY),
     ],
 )
-def test_header_rules(ds: Dataset, kwargs: dict[str, str], exc: type[Exception], status: int) -> None:
+@pytest.mark.parametrize("parse", [meta_from_bytes, meta_via_pydicom], ids=["fast", "pydicom"])
+def test_header_rules(ds: Dataset, kwargs: dict[str, str], exc: type[Exception], status: int,
+                      parse: Callable[..., InstanceMeta]) -> None:
     with pytest.raises(exc) as info:
-        meta_from_bytes(encode(ds), **kwargs)
+        parse(encode(ds), **kwargs)
     assert st.status_for(info.value) == status
     assert 0 < len(st.error_comment(info.value)) <= 64
+
+
+def test_uid_refusal_says_which_rule() -> None:
+    for uid, why in (("1.02.3", "leading zero"), ("1..3", "empty component"), ("1.2a", "not digits"),
+                     ("1." + "2" * 63, "over 64")):
+        with pytest.raises(InvalidIdentifier, match=why):
+            meta_from_bytes(encode(_mutated(StudyInstanceUID=uid)))
+    meta_from_bytes(encode(_mutated(StudyInstanceUID="1.0.20.3")))  # a component "0" is fine
+
+
+def test_pixel_length_counts_frames_samples_and_bits() -> None:
+    ds = enhanced()
+    ds.PixelData = b"\x00\x01" * 16  # one frame of two
+    with pytest.raises(PixelDataLengthMismatch):
+        meta_from_bytes(encode(ds))
+    ds = _mutated(BitsAllocated=8, PixelData=b"\x00" * 16)
+    assert meta_from_bytes(encode(ds)).rows == 4
+    ds = _mutated(SamplesPerPixel=3, BitsAllocated=8, PixelData=b"\x00" * 45)  # 48 needed (46 after padding)
+    with pytest.raises(PixelDataLengthMismatch):
+        meta_from_bytes(encode(ds))
+
+
+def test_non_finite_per_frame_position_refused() -> None:
+    ds = enhanced()
+    ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0].ImagePositionPatient = [0, 0, "NaN"]
+    with pytest.raises(InvalidGeometry, match="per-frame"):
+        meta_from_bytes(encode(ds))
 
 
 def test_truncated_is_undecodable() -> None:

@@ -103,6 +103,19 @@ def test_content_key_is_order_and_duplicate_independent() -> None:
         content_key(study_key="s", input_sop_instance_uids=[], algorithm=("a",), layout="combined")
 
 
+def test_a_corrected_resend_under_the_same_uid_is_new_content() -> None:
+    """The spool keeps a changed re-send under its SOP Instance UID with a revision (hardening item 9):
+    the result built from it must not reuse the UIDs of the result built from the first copy."""
+    args = {"study_key": "s", "input_sop_instance_uids": ["1.2", "1.3"], "algorithm": ("a",),
+            "layout": "combined"}
+    first = content_key(**args)  # type: ignore[arg-type]
+    assert first == content_key(**args, revisions={})  # type: ignore[arg-type]
+    assert first == content_key(**args, revisions={"9.9": 1})  # type: ignore[arg-type]  # not an input
+    corrected = content_key(**args, revisions={"1.3": 1})  # type: ignore[arg-type]
+    assert corrected != first
+    assert corrected != content_key(**args, revisions={"1.3": 2})  # type: ignore[arg-type]
+
+
 def test_version_is_described_and_numbered_but_not_in_the_uids() -> None:
     v1, v2 = _build(3, version=1)[0], _build(3, version=2)[0]
     assert (v1.SOPInstanceUID, v1.SeriesInstanceUID) == (v2.SOPInstanceUID, v2.SeriesInstanceUID)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config
 from pynetdicom.dsutils import encode_file_meta
 from scp_ctdata import Study, classic_slice, new_study
-from scp_helpers import CT, ENHANCED_CT, RunningSCP, scu
+from scp_helpers import CT, ENHANCED_CT, STORESCU, RunningSCP, scu
 
 from service import dimse_status as st
 from service.spool import Spool
@@ -110,6 +111,16 @@ DATASET_CASES: list[tuple[str, Callable[[Dataset], None], int]] = [
     ("MR modality in CT Image Storage", _set("Modality", "MR"), st.SOP_CLASS_MISMATCH),
     ("Study UID that is a path", _set("StudyInstanceUID", "1.2/../../etc"), st.INVALID_IDENTIFIER),
     ("missing PixelData", _without("PixelData"), st.UNDECODABLE),
+    # issue 9 item 5: geometry present but not usable
+    ("NaN ImagePositionPatient", _set("ImagePositionPatient", ["NaN", 0, 0]), st.INVALID_GEOMETRY),
+    ("infinite ImageOrientationPatient", _set("ImageOrientationPatient", [1, 0, 0, 0, "Infinity", 0]),
+     st.INVALID_GEOMETRY),
+    ("zero PixelSpacing", _set("PixelSpacing", [0, 0]), st.INVALID_GEOMETRY),
+    # issue 9 item 6: what can be checked with arithmetic on the header
+    ("PixelData shorter than Rows x Columns", _set("PixelData", b"\0" * 1000), st.PIXEL_DATA_LENGTH),
+    ("UID with a leading zero", _set("SeriesInstanceUID", "1.02.3.4"), st.INVALID_IDENTIFIER),
+    ("UID with an empty component", _set("FrameOfReferenceUID", "1.2..4"), st.INVALID_IDENTIFIER),
+    ("UID over 64 characters", _set("StudyInstanceUID", "1.2." + "3" * 62), st.INVALID_IDENTIFIER),
 ]
 
 
@@ -260,3 +271,90 @@ def test_unexpected_exception_is_cannot_understand(make_scp, tmp_path: Path,
     assert rsp.ErrorComment == "internal error: RuntimeError"
     monkeypatch.setattr(node.scp.spool, "store", real_store)
     sender.good_store_still_works("unexpected exception")
+
+
+def _storescu(node: RunningSCP, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([STORESCU, "-d", "-aet", "PACS", "-aec", node.ae_title, "-to", "10", "127.0.0.1",
+                           str(node.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_another_study_reusing_sop_instance_uids_keeps_the_first(serve_process, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 3, with dcmtk storescu: a second study reusing the first one's SOP Instance UIDs deleted
+    the first study's files. Now both are kept apart; the same UID in another series of a study is refused
+    with 0xC005; an identical re-send stays a success."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    node: RunningSCP = serve_process()
+    first = new_study([0.0], "reuse-a")
+    a_files = [_write(classic_slice(first, 0.0, i), tmp_path / f"a{i}.dcm") for i in range(12)]
+    assert _storescu(node, a_files).returncode == 0
+    a_bytes = {}
+    spool = Spool(node.spool_dir)
+    try:
+        a_paths = {m.sop_instance_uid: p for m, p in spool.instances(first.study_uid)}
+        a_bytes = {uid: p.read_bytes() for uid, p in a_paths.items()}
+    finally:
+        spool.close()
+    assert len(a_paths) == 12
+
+    second = new_study([0.0], "reuse-b")
+    b_files = []
+    for i in range(12):
+        ds = classic_slice(first, 0.0, i)  # same SOP Instance UIDs, another study (an anonymiser, a copy)
+        ds.StudyInstanceUID = second.study_uid
+        ds.SeriesInstanceUID = second.series[0.0]
+        b_files.append(_write(ds, tmp_path / f"b{i}.dcm"))
+    assert _storescu(node, b_files).returncode == 0
+    assert _storescu(node, a_files[:3]).returncode == 0  # identical re-send: success, nothing rewritten
+
+    spool = Spool(node.spool_dir)
+    try:
+        assert {m.sop_instance_uid for m, _ in spool.instances(second.study_uid)} == set(a_paths)
+        assert {uid: p.read_bytes() for uid, p in a_paths.items()} == a_bytes, "study A's files changed"
+        assert spool.revisions(first.study_uid) == {} and spool.count() == 24
+    finally:
+        spool.close()
+
+    sender = Sender(node, tmp_path, first)
+    moved = classic_slice(first, 0.0, 0)
+    moved.SeriesInstanceUID = generate_uid()
+    rsp = sender.send(moved)
+    assert rsp.Status == st.CONFLICTING_DUPLICATE == 0xC005
+    assert "another series" in rsp.ErrorComment
+    assert next(iter(a_paths.values())).exists() and not (node.spool_dir / first.study_uid /
+                                                          str(moved.SeriesInstanceUID)).exists()
+
+
+def test_storescu_sees_refusals_for_unusable_values(serve_process, tmp_path: Path) -> None:
+    """Issue 9 items 5 and 6, with dcmtk storescu: NaN geometry, short Pixel Data and a leading-zero UID
+    were answered 0x0000; each is now refused with its status and comment, and nothing is stored."""
+    node: RunningSCP = serve_process()
+    study = new_study([0.0], "storescu-values")
+    cases = []
+    ds = classic_slice(study, 0.0, 0)
+    ds.ImagePositionPatient = ["NaN", -100.0, 0.0]
+    cases.append((_write(ds, tmp_path / "nan.dcm"), 0xC006, "ImagePositionPatient not finite"))
+    ds = classic_slice(study, 0.0, 1)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    cases.append((_write(ds, tmp_path / "short.dcm"), 0xC007, "PixelData 4096 bytes, image needs 8192"))
+    ds = classic_slice(study, 0.0, 2)
+    ds.SeriesInstanceUID = "1.02.3.4"
+    cases.append((_write(ds, tmp_path / "uid.dcm"), 0xC002, "not a valid UID (leading zero"))
+    for path, status, comment in cases:
+        run = _storescu(node, [path])
+        out = run.stdout + run.stderr
+        assert run.returncode != 0, f"{path.name}: storescu reported success"
+        assert f"0x{status:04x}".lower() in out.lower(), f"{path.name}: {out[-2000:]}"
+        assert comment in out, f"{path.name}: ErrorComment missing from the response"
+    good = _write(classic_slice(study, 0.0, 3), tmp_path / "good.dcm")
+    assert _storescu(node, [good]).returncode == 0
+    spool = Spool(node.spool_dir)
+    try:
+        assert len(spool.instances(study.study_uid)) == 1
+    finally:
+        spool.close()
