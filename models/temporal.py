@@ -10,6 +10,9 @@ neighbouring phases, while segmentation artifacts appear sporadically. The rule 
    position in the next phase matches it). When ``max_centroid_mm`` is set they also match when their
    centroids are closer than that motion bound and their volumes are within a factor
    ``1 / centroid_volume_ratio``.
+   When the CT is given (``hu``) and ``motion_mm`` is set, components left unmatched are followed through
+   the CT into the other phase (models/motion_match.py): a link needs the CT displacement of A to carry A
+   onto B, and B's back onto A (mutual), one-to-one; without a CT the rule is overlap (and centroids).
    Neighbouring phases (``q = p + 1``) are always compared. A gap of up to ``max_gap`` missing phases is
    bridged: a component with no match in the next phase is compared with components ``d = 2 .. max_gap + 1``
    phases later that have no match in their previous phase. This keeps anatomy whole when a structure is
