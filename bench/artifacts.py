@@ -177,6 +177,7 @@ def run(size: str, seed: int, workers: int, k: int, centroid_mm: float | None,
     variants: dict[str, dict[str, np.ndarray]] = {"raw": {k: v.copy() for k, v in inj.masks.items()}}
     envs: dict[str, np.ndarray] = {"raw": np.asarray(inj.masks["GTVp"].any(axis=0))}
     times: dict[str, float] = {}
+    links: dict[str, list[tuple[int, int, int]]] = {}
     product = TemporalParams(min_phases=k, max_centroid_mm=centroid_mm)
     for name, temporal in (("connectivity", None), ("temporal+conn", product)):
         work = {k2: v.copy() for k2, v in inj.masks.items()}
@@ -186,7 +187,8 @@ def run(size: str, seed: int, workers: int, k: int, centroid_mm: float | None,
             # connectivity alone: same rules, temporal filter switched off (min_phases=1 keeps everything)
             env, _ = postprocess(work, sp, outputs, TemporalParams(min_phases=1), workers)
         else:
-            env, _ = postprocess(work, sp, outputs, temporal, workers)
+            env, reps = postprocess(work, sp, outputs, temporal, workers, hu=ph.hu)  # with the CT
+            links = {k: r.motion_links for k, r in reps.items() if r.motion_links}
         times[name] = time.perf_counter() - t
         variants[name] = work
         envs[name] = env["ITV"]
@@ -207,6 +209,7 @@ def run(size: str, seed: int, workers: int, k: int, centroid_mm: float | None,
     print("(HD95 over the phases where the ROI was found; 'missed': phases where it is empty, "
           "e.g. the dropped phase)")
     print()
+    print(f"temporal filter: CT given, motion links {links or 'none'}")
     print("post-processing time: " + ", ".join(f"{n} {t:.2f} s" for n, t in times.items())
           + f" ({workers} worker threads)")
 

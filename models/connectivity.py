@@ -123,10 +123,13 @@ class CleanReport:
 
     components: list[int] = field(default_factory=list)
     removed_temporal: list[int] = field(default_factory=list)
+    removed_temporal_voxels: list[int] = field(default_factory=list)
     removed_connectivity: list[int] = field(default_factory=list)
     voxels: list[int] = field(default_factory=list)
     effective_min_phases: int | None = None
     note: str | None = None  # e.g. why a structure was passed through
+    motion: str | None = None  # temporal matching: "ct" (motion-compensated), "no CT" (fallback), "off"
+    motion_links: list[tuple[int, int, int]] = field(default_factory=list)  # (phase p, phase q, links)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
     def as_dict(self) -> dict[str, object]:
@@ -137,6 +140,11 @@ class CleanReport:
             "voxels": list(self.voxels),
             "effective_min_phases": self.effective_min_phases,
         }
+        if self.removed_temporal_voxels:
+            out["removed_temporal_voxels"] = list(self.removed_temporal_voxels)
+        if self.motion is not None:
+            out["motion"] = self.motion
+            out["motion_links"] = [list(t) for t in self.motion_links]
         if self.note:
             out["note"] = self.note
         if self.seconds:
@@ -145,10 +153,11 @@ class CleanReport:
 
 
 def clean_phases(masks: np.ndarray, spacing: Sequence[float], temporal: TemporalParams | None,
-                 params: ConnectivityParams, workers: int = 2) -> CleanReport:
+                 params: ConnectivityParams, workers: int = 2, hu: np.ndarray | None = None) -> CleanReport:
     """Temporal filter (when ``temporal`` is given) then connectivity and hole filling, IN PLACE on ``masks``.
 
-    ``masks`` is one structure's bool (P, Z, Y, X) stack. One labelling per phase serves both rules.
+    ``masks`` is one structure's bool (P, Z, Y, X) stack. One labelling per phase serves both rules. ``hu``
+    (the CT of the masks) lets the temporal filter follow motion (models/motion_match.py).
     """
     if masks.dtype != np.bool_ or masks.ndim != 4:
         raise ValueError(f"masks must be a bool (phases, z, y, x) array, got {masks.dtype} {masks.shape}")
@@ -162,8 +171,11 @@ def clean_phases(masks: np.ndarray, spacing: Sequence[float], temporal: Temporal
     if lab.empty:
         return report
     if temporal is not None:
-        keep, treport = find_genuine(lab, temporal, spacing, workers)
+        keep, treport = find_genuine(lab, temporal, spacing, workers, hu)
         report.removed_temporal = list(treport.removed)
+        report.removed_temporal_voxels = list(treport.removed_voxels)
+        report.motion = treport.motion
+        report.motion_links = list(treport.motion_links)
         report.effective_min_phases = treport.effective_min_phases
     else:
         keep = lab.keep_all()

@@ -130,11 +130,13 @@ def split_sides(mask: np.ndarray, midline_x: float) -> tuple[np.ndarray, np.ndar
 
 
 def postprocess(masks: dict[str, np.ndarray], spacing: Sequence[float], outputs: Sequence[OutputStructure],
-                temporal: TemporalParams | None = None, workers: int = 2) -> tuple[dict[str, np.ndarray],
-                                                                                    dict[str, CleanReport]]:
+                temporal: TemporalParams | None = None, workers: int = 2,
+                hu: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, CleanReport]]:
     """Temporal filter (SAM 3 ROIs), connectivity and hole filling IN PLACE, then envelopes.
 
-    Returns ``(envelopes, reports)``. ROIs missing from ``masks`` (skipped) are ignored.
+    Returns ``(envelopes, reports)``. ROIs missing from ``masks`` (skipped) are ignored. ``hu`` (P, Z, Y, X),
+    the CT of the masks, enables the temporal filter's motion-compensated matching; without it the filter
+    falls back to overlap matching (docs/postprocessing.md).
     """
     temporal = temporal or TemporalParams()
     envelopes: dict[str, np.ndarray] = {}
@@ -150,7 +152,7 @@ def postprocess(masks: dict[str, np.ndarray], spacing: Sequence[float], outputs:
             reports[out.name] = CleanReport(removed_temporal=[0] * n_ph, removed_connectivity=[0] * n_ph,
                                             note=PASSTHROUGH_NOTE)
         else:
-            reports[out.name] = clean_phases(masks[out.name], spacing, tp, params, workers)
+            reports[out.name] = clean_phases(masks[out.name], spacing, tp, params, workers, hu)
         if out.envelope_name:
             envelopes[out.envelope_name] = envelope(masks[out.name])
         r = reports[out.name]
@@ -211,7 +213,7 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
 
     raw = {k: v.copy() for k, v in masks.items()} if keep_raw else None
     t_post = time.perf_counter()
-    envelopes, reports = postprocess(masks, sp, outputs, temporal, workers)
+    envelopes, reports = postprocess(masks, sp, outputs, temporal, workers, hu=vol)
     log.info("study %s: post-processing %d ROI(s) over %d phase(s) in %.2f s", study_key or "-", len(reports),
              n_ph, time.perf_counter() - t_post)
     qa = study_qa(masks, sp, envelopes, {k: r.as_dict() for k, r in reports.items()}, skipped, qa_params,
@@ -272,6 +274,8 @@ def _midlines(vol: np.ndarray, sp: tuple[float, float, float], structures: Seque
 
 def _temporal_dict(t: TemporalParams) -> dict[str, Any]:
     return {"min_phases": t.min_phases, "min_overlap": t.min_overlap, "match": t.match,
-            "max_centroid_mm": t.max_centroid_mm,
+            "max_centroid_mm": t.max_centroid_mm, "motion_mm": t.motion_mm,
+            "motion_margin_mm": t.motion_margin_mm, "motion_min_ncc": t.motion_min_ncc,
+            "motion_min_mm3": t.motion_min_mm3,
             "centroid_volume_ratio": t.centroid_volume_ratio, "max_gap": t.max_gap, "circular": t.circular,
             "connectivity": t.connectivity}

@@ -10,6 +10,9 @@ neighbouring phases, while segmentation artifacts appear sporadically. The rule 
    position in the next phase matches it). When ``max_centroid_mm`` is set they also match when their
    centroids are closer than that motion bound and their volumes are within a factor
    ``1 / centroid_volume_ratio``.
+   When the CT is given (``hu``) and ``motion_mm`` is set, components left unmatched are followed through
+   the CT into the other phase (models/motion_match.py): a link needs the CT displacement of A to carry A
+   onto B, and B's back onto A (mutual), one-to-one; without a CT the rule is overlap (and centroids).
    Neighbouring phases (``q = p + 1``) are always compared. A gap of up to ``max_gap`` missing phases is
    bridged: a component with no match in the next phase is compared with components ``d = 2 .. max_gap + 1``
    phases later that have no match in their previous phase. This keeps anatomy whole when a structure is
@@ -42,6 +45,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from models.motion_match import MotionMatcher
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -62,6 +67,11 @@ class TemporalParams:
     max_gap: int = 1  # missing phases a block may bridge (a dropped phase)
     circular: bool = True  # the last phase neighbours the first
     connectivity: int = 3  # 1, 2, 3: 6-, 18-, 26-connected components
+    # motion-compensated matching from the CT (models/motion_match.py); used only when the HU volume is given
+    motion_mm: float | None = 25.0  # search bound per phase step (mm, per axis); None: off
+    motion_margin_mm: float = 8.0  # CT context around a component that is followed into the other phase
+    motion_min_ncc: float = 0.5  # a CT displacement is trusted only when its NCC peak reaches this
+    motion_min_mm3: float = 30.0  # smaller components are not followed (specks; a 3 mm sphere is 113 mm3)
 
     def __post_init__(self) -> None:
         if self.min_phases < 1:
@@ -78,6 +88,14 @@ class TemporalParams:
             raise ValueError(f"max_gap must be >= 0, got {self.max_gap}")
         if self.connectivity not in (1, 2, 3):
             raise ValueError(f"connectivity must be 1, 2 or 3, got {self.connectivity}")
+        if self.motion_mm is not None and self.motion_mm <= 0:
+            raise ValueError(f"motion_mm must be > 0 or None, got {self.motion_mm}")
+        if self.motion_margin_mm < 0:
+            raise ValueError(f"motion_margin_mm must be >= 0, got {self.motion_margin_mm}")
+        if not -1.0 <= self.motion_min_ncc <= 1.0:
+            raise ValueError(f"motion_min_ncc must be in [-1, 1], got {self.motion_min_ncc}")
+        if self.motion_min_mm3 < 0:
+            raise ValueError(f"motion_min_mm3 must be >= 0, got {self.motion_min_mm3}")
 
 
 def thread_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
@@ -268,6 +286,8 @@ class TemporalReport:
     removed_voxels: list[int] = field(default_factory=list)
     effective_min_phases: int = 0
     tracks: int = 0
+    motion: str = "off"  # "ct": motion-compensated matching ran; "no CT": mask-only fallback; "off": disabled
+    motion_links: list[tuple[int, int, int]] = field(default_factory=list)  # (phase p, phase q, links)
 
 
 def _blocks_ok(row: np.ndarray, k: int, max_gap: int, circular: bool) -> np.ndarray:
@@ -288,11 +308,16 @@ def _blocks_ok(row: np.ndarray, k: int, max_gap: int, circular: bool) -> np.ndar
 
 
 def find_genuine(lab: PhaseLabels, params: TemporalParams, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 workers: int = 2) -> tuple[list[np.ndarray], TemporalReport]:
-    """Keep tables (per phase, indexed by label) of the components that pass the phase-coherence rule."""
+                 workers: int = 2, hu: np.ndarray | None = None) -> tuple[list[np.ndarray], TemporalReport]:
+    """Keep tables (per phase, indexed by label) of the components that pass the phase-coherence rule.
+
+    ``hu`` (P, Z, Y, X), the CT the masks were drawn on, enables motion-compensated matching.
+    """
     n_ph = lab.n_phases
     keep = lab.keep_all()
     report = TemporalReport(components=list(lab.counts), removed=[0] * n_ph, removed_voxels=[0] * n_ph)
+    if params.motion_mm is not None:
+        report.motion = "ct" if hu is not None else "no CT"
     k = min(params.min_phases, n_ph)
     report.effective_min_phases = k
     if n_ph <= 1 or k <= 1 or lab.empty:
@@ -302,6 +327,9 @@ def find_genuine(lab: PhaseLabels, params: TemporalParams, spacing: Sequence[flo
     n_nodes = int(offsets[-1])
     if n_nodes == 0:
         return keep, report
+    motion = None
+    if hu is not None and params.motion_mm is not None:
+        motion = MotionMatcher(lab, hu, spacing, params)
 
     centroids: list[np.ndarray] | None = None
     if params.max_centroid_mm is not None:
@@ -350,6 +378,13 @@ def find_genuine(lab: PhaseLabels, params: TemporalParams, spacing: Sequence[flo
         edges_b.append(eb + offsets[b])
         fwd[a][ea] = True
         bwd[b][eb] = True
+    if motion is not None:  # components left unmatched: follow the CT (mutual, one-to-one)
+        jobs = [(a, b, ~fwd[a], ~bwd[b]) for a, b in step_pairs]
+        moved = thread_map(lambda j: motion.links(*j), jobs, workers)
+        for (a, b), (ea, eb) in zip(step_pairs, moved, strict=True):
+            _add_motion(report, a, b, ea, eb, offsets, edges_a, edges_b)
+            fwd[a][ea] = True
+            bwd[b][eb] = True
     if n_ph == 2 and params.circular:  # the pair (1, 0) is the pair (0, 1): both directions matched
         fwd[1][:] |= bwd[1]
         bwd[0][:] |= fwd[0]
@@ -370,10 +405,19 @@ def find_genuine(lab: PhaseLabels, params: TemporalParams, spacing: Sequence[flo
             if lab.counts[a] and lab.counts[b] and (~fwd[a][1:]).any() and (~bwd[b][1:]).any():
                 gap_pairs.append((a, b))
         found = thread_map(lambda ab: matches(*ab), gap_pairs, workers)
+        jobs = []
         for (a, b), (ea, eb) in zip(gap_pairs, found, strict=True):
             ok = ~fwd[a][ea] & ~bwd[b][eb]
             edges_a.append(ea[ok] + offsets[a])
             edges_b.append(eb[ok] + offsets[b])
+            fa, fb = ~fwd[a], ~bwd[b]
+            fa[ea[ok]] = False
+            fb[eb[ok]] = False
+            jobs.append((a, b, fa, fb))
+        if motion is not None:
+            moved = thread_map(lambda j: motion.links(*j), jobs, workers)
+            for (a, b), (ea, eb) in zip(gap_pairs, moved, strict=True):
+                _add_motion(report, a, b, ea, eb, offsets, edges_a, edges_b)
 
     # tracks = connected components of the match graph; node = (phase, label) flattened, label 1..n -> 0..n-1
     ea_all = np.concatenate(edges_a) - 1 if edges_a else np.zeros(0, np.int64)
@@ -399,6 +443,14 @@ def find_genuine(lab: PhaseLabels, params: TemporalParams, spacing: Sequence[flo
         report.removed[p] = int((~g).sum())
         report.removed_voxels[p] = int(lab.sizes[p][1:][~g].sum())
     return keep, report
+
+
+def _add_motion(report: TemporalReport, a: int, b: int, ea: np.ndarray, eb: np.ndarray, offsets: np.ndarray,
+                edges_a: list[np.ndarray], edges_b: list[np.ndarray]) -> None:
+    if ea.size:
+        edges_a.append(ea + offsets[a])
+        edges_b.append(eb + offsets[b])
+        report.motion_links.append((a, b, int(ea.size)))
 
 
 def render(lab: PhaseLabels, keep: list[np.ndarray], out: np.ndarray | None = None,
@@ -435,9 +487,12 @@ def render(lab: PhaseLabels, keep: list[np.ndarray], out: np.ndarray | None = No
 
 def temporal_filter(masks: np.ndarray, params: TemporalParams | None = None,
                     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                    workers: int = 2) -> tuple[np.ndarray, TemporalReport]:
-    """Remove sporadic components from ``masks`` (P, Z, Y, X) bool; returns a new array and a report."""
+                    workers: int = 2, hu: np.ndarray | None = None) -> tuple[np.ndarray, TemporalReport]:
+    """Remove sporadic components from ``masks`` (P, Z, Y, X) bool; returns a new array and a report.
+
+    ``hu``: the CT (P, Z, Y, X) of the masks; without it, matching falls back to overlap (and centroids).
+    """
     params = params or TemporalParams()
     lab = label_phases(np.asarray(masks, dtype=bool), params.connectivity, workers)
-    keep, report = find_genuine(lab, params, spacing, workers)
+    keep, report = find_genuine(lab, params, spacing, workers, hu)
     return render(lab, keep, workers=workers), report

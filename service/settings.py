@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
     temporal_match: Literal["iou", "overlap"] = "iou"  # how temporal_min_overlap is measured
+    # motion-compensated matching from the CT (docs/postprocessing.md); temporal_motion_mm null: off
+    temporal_motion_mm: float | None = Field(25.0, gt=0)  # search bound per phase step, mm
+    temporal_motion_margin_mm: float = Field(8.0, ge=0)  # CT context followed around a component, mm
+    temporal_motion_min_ncc: float = Field(0.5, ge=-1, le=1)  # trust a CT displacement from this NCC peak
+    temporal_motion_min_mm3: float = Field(30.0, ge=0)  # smaller components are not followed
 
     # QA flags (models/qa.py; they never change the masks). Plausible volume range per ROI name in cc, merged
     # over the defaults (GTVp <= 500 cc, Heart 50-1500 cc, Lung_L/Lung_R 300-6000 cc); null removes a default.

@@ -34,6 +34,10 @@ class EngineConfig:
     temporal_match: str = "iou"  # iou | overlap (models.temporal)
     temporal_max_gap: int = 1
     temporal_max_centroid_mm: float | None = None
+    temporal_motion_mm: float | None = 25.0  # None: no motion-compensated matching (models.temporal)
+    temporal_motion_margin_mm: float = 8.0
+    temporal_motion_min_ncc: float = 0.5
+    temporal_motion_min_mm3: float = 30.0
     layout: str = "combined"  # combined | per-series
     write_seg: bool = False
     envelope_types: dict[str, str] = field(default_factory=dict)  # structure name -> its envelope's type
@@ -94,6 +98,10 @@ def engine_config(settings: Any) -> EngineConfig:
         temporal_match=settings.temporal_match,
         temporal_max_gap=settings.temporal_max_gap,
         temporal_max_centroid_mm=settings.temporal_max_centroid_mm,
+        temporal_motion_mm=settings.temporal_motion_mm,
+        temporal_motion_margin_mm=settings.temporal_motion_margin_mm,
+        temporal_motion_min_ncc=settings.temporal_motion_min_ncc,
+        temporal_motion_min_mm3=settings.temporal_motion_min_mm3,
         layout=settings.layout,
         write_seg=settings.write_seg,
         envelope_types={s.name: getattr(s, "envelope_interpreted_type", "") for s in settings.structures},
@@ -137,6 +145,10 @@ def temporal_params(cfg: EngineConfig) -> Any:
         match=cfg.temporal_match,  # type: ignore[arg-type]
         max_gap=cfg.temporal_max_gap,
         max_centroid_mm=cfg.temporal_max_centroid_mm,
+        motion_mm=cfg.temporal_motion_mm,
+        motion_margin_mm=cfg.temporal_motion_margin_mm,
+        motion_min_ncc=cfg.temporal_motion_min_ncc,
+        motion_min_mm3=cfg.temporal_motion_min_mm3,
     )
 
 
