@@ -233,13 +233,15 @@ def read_phase_contours(
     *,
     folder_series: Collection[str] = (),
     structures: Collection[str] | None = None,
+    only_mapped: bool = True,
 ) -> PhaseContours:
     """Per-phase masks of the mapped ROIs of ``rtstructs`` on the phases ``geometries`` of one 4DCT.
 
     Both layouts: one RTSTRUCT per phase series (TCIA 4D-Lung: its ROIs go to the phase(s) it references) or
     one referencing every phase with per-phase ROI names (``GTVp^P40`` goes to the 40 % phase only). Within
     those phases each contour lands on the slice it references (:func:`rasterise`). Only ROIs whose name
-    ``name_map`` maps (:func:`map_name`), to one of ``structures`` when given, are used; ROIs mapping to one
+    ``name_map`` maps (:func:`map_name`), to one of ``structures`` when given, are used
+    (``only_mapped=False``: unmapped ROIs keep their base name, as for annotated data); ROIs mapping to one
     structure are united per phase.
 
     Raises :class:`RTStructReadError` when an RTSTRUCT of this frame of reference references a series that is
@@ -281,11 +283,13 @@ def read_phase_contours(
         used.append(Path(path))
         for roi in ss.rois:
             seen.append(roi.name)
+            base, percent = parse_roi_name(roi.name)
             target = map_name(roi.name, name_map)
+            if target is None and not only_mapped:
+                target = base.split("^", 1)[0].strip()
             if target is None or (structures is not None and target not in structures):
                 unmapped.append(roi.name)
                 continue
-            _, percent = parse_roi_name(roi.name)
             phases = candidates
             if percent is not None:
                 phases = [p for p in candidates if abs(phase_percents[p] - percent) < 1e-6]
