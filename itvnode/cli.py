@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "run": "the whole node on one machine: SCP + assembler + worker, embedded broker",
     "status": "studies, phases, states and reasons",
     "segment": "the whole pipeline on a DICOM folder, no network, no queue",
+    "itv": "temporal filter, connectivity and ITV on per-phase RTSTRUCT contours a site already has",
     "send": "C-STORE files to a destination (manual resend)",
     "phantom": "write a synthetic breathing-thorax 4DCT with ground truth",
     "train": "fine-tune the LoRA adapter on annotated volumes",

@@ -13,7 +13,8 @@ Order of work (docs/postprocessing.md):
    (x grows towards patient Left, docs/internal-api.md), the rest Right. The midline of each phase is the x
    centroid of the External (threshold) structure, or of :func:`threshold_body` when none is configured.
 4. Temporal filter (SAM 3 structures only: a HU threshold is deterministic per phase, and a persistent
-   couch or arm would survive it anyway) -> connectivity and hole filling -> envelope -> QA.
+   couch or arm would survive it anyway) -> connectivity and hole filling -> envelope -> QA
+   (:func:`postprocess_volume`, also the whole engine of ``itvnode itv`` on contours read from RTSTRUCTs).
 """
 
 from __future__ import annotations
@@ -212,17 +213,45 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
         _run_sam3(vol, sp, structures, sam_specs, segmenter, masks, slices_per_call, study_key)
 
     raw = {k: v.copy() for k, v in masks.items()} if keep_raw else None
+    result = postprocess_volume(masks, vol, sp, structures, temporal, skipped=skipped, workers=workers,
+                                qa_params=qa_params, phase_percents=phase_percents, study_key=study_key)
+    result.qa["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    result.raw_masks = raw
+    return result
+
+
+def postprocess_volume(masks: dict[str, np.ndarray], hu: np.ndarray, spacing: Sequence[float],
+                       structures: Sequence[StructureSpec], temporal: TemporalParams | None = None, *,
+                       skipped: Mapping[str, str] | None = None, workers: int = 2,
+                       qa_params: QAParams | None = None, phase_percents: Sequence[float] | None = None,
+                       study_key: str = "") -> EngineResult:
+    """Everything after segmentation, for masks from any source: temporal filter, connectivity, envelopes, QA.
+
+    ``masks``: output ROI name (:func:`output_structures` of ``structures``: ``Lung_L``, ``GTVp``) -> bool
+    (P, Z, Y, X), cleaned IN PLACE; names without a structure are ignored, structures without a mask are
+    left out. ``hu``: the 4DCT (P, Z, Y, X) the masks lie on, for steps that look at the image.
+    :func:`segment_volume` calls this with SAM 3's masks; ``itvnode itv`` with contours read from RTSTRUCTs.
+    """
+    vol = np.asarray(hu)
+    if vol.ndim == 3:
+        vol = vol[None]
+    sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    outputs = output_structures(structures)
+    for name, m in masks.items():
+        if m.shape != vol.shape:
+            raise ValueError(f"mask {name!r} has shape {m.shape}, the volume {vol.shape}")
     t_post = time.perf_counter()
     envelopes, reports = postprocess(masks, sp, outputs, temporal, workers, hu=vol)
     log.info("study %s: post-processing %d ROI(s) over %d phase(s) in %.2f s", study_key or "-", len(reports),
-             n_ph, time.perf_counter() - t_post)
+             vol.shape[0], time.perf_counter() - t_post)
+    skipped = dict(skipped or {})
     qa = study_qa(masks, sp, envelopes, {k: r.as_dict() for k, r in reports.items()}, skipped, qa_params,
                   phase_percents, {o.envelope_name: o.name for o in outputs if o.envelope_name})
-    qa["timing_s"] = {"total": round(time.perf_counter() - t_start, 3),
-                      "postprocess": round(time.perf_counter() - t_post, 3)}
+    elapsed = round(time.perf_counter() - t_post, 3)
+    qa["timing_s"] = {"total": elapsed, "postprocess": elapsed}
     qa["temporal"] = _temporal_dict(temporal or TemporalParams())
     ordered = {o.name: masks[o.name] for o in outputs if o.name in masks}
-    return EngineResult(ordered, envelopes, qa, skipped, raw)
+    return EngineResult(ordered, envelopes, qa, skipped)
 
 
 def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],

@@ -17,6 +17,7 @@ most 12 characters (0.1 um).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +82,7 @@ class Algorithm:
     model: str = "SAM 3"
     model_version: str = "unknown"
     adapter_version: str = "none"
+    generation: str = "AUTOMATIC"  # ROIGenerationAlgorithm; SEMIAUTOMATIC: input contours, cleaned
 
     @property
     def description(self) -> str:
@@ -117,6 +119,18 @@ def roi_name(base: str, percent: float) -> str:
     """Per-phase ROI name, TG-263 style ``<name>^P<percent>``, at most 16 characters (base truncated)."""
     suffix = "^" + phase_label(percent)
     return base[: 16 - len(suffix)] + suffix
+
+
+def parse_roi_name(name: str) -> tuple[str, float | None]:
+    """Inverse of :func:`roi_name`: ``'GTVp^P40' -> ('GTVp', 40.0)``, ``'ITV' -> ('ITV', None)``.
+
+    Only a last ``^`` qualifier of the form ``P<percent>`` is a phase; any other qualifier stays in the base.
+    """
+    base, sep, qualifier = name.strip().rpartition("^")
+    m = re.fullmatch(r"P(\d+(?:\.\d+)?)", qualifier.strip(), flags=re.IGNORECASE) if sep else None
+    if m is None:
+        return name.strip(), None
+    return base.strip(), float(m.group(1))
 
 
 def styles_from_settings(structures: Sequence[StructureSetting]) -> dict[str, RoiStyle]:
@@ -526,7 +540,7 @@ def _dataset(
         s.ROINumber = number
         s.ReferencedFrameOfReferenceUID = g0.frame_of_reference_uid
         s.ROIName = roi.name
-        s.ROIGenerationAlgorithm = "AUTOMATIC"
+        s.ROIGenerationAlgorithm = algorithm.generation
         s.ROIGenerationDescription = algorithm.description[:64]
         ssroi.append(s)
         c = Dataset()

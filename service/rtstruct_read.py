@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from skimage.measure import points_in_poly
 
+from service.rtstruct import parse_roi_name, phase_label
 from service.volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class StructureSet:
     frame_of_reference_uid: str
     rois: list[RoiData]
     referenced_series: tuple[str, ...]
+    sop_instance_uid: str = ""
 
 
 def read_structure_set(path: str | Path) -> StructureSet:
@@ -86,7 +89,12 @@ def read_structure_set(path: str | Path) -> StructureSet:
         for_uid = for_uid or str(f.FrameOfReferenceUID)
         for st in f.get("RTReferencedStudySequence", []):
             series += [str(s.SeriesInstanceUID) for s in st.get("RTReferencedSeriesSequence", [])]
-    return StructureSet(for_uid or str(ds.get("FrameOfReferenceUID", "")), list(rois.values()), tuple(series))
+    return StructureSet(
+        for_uid or str(ds.get("FrameOfReferenceUID", "")),
+        list(rois.values()),
+        tuple(series),
+        str(ds.get("SOPInstanceUID", "")),
+    )
 
 
 def map_name(roi_name: str, name_map: Mapping[str, str] | None) -> str | None:
@@ -177,19 +185,136 @@ def rtstruct_masks(
     return out
 
 
-def find_rtstructs(folder: str | Path) -> list[Path]:
-    """RTSTRUCT files under ``folder`` (headers only)."""
-    found = []
-    for p in sorted(Path(folder).rglob("*")):
-        if not p.is_file():
-            continue
+_SPLIT_TAGS = ["SOPClassUID", "Modality", "SeriesInstanceUID"]
+
+
+def split_rtstructs(files: Sequence[Path]) -> tuple[list[Path], list[Path], set[str]]:
+    """``(RTSTRUCT files, other files, SeriesInstanceUIDs of the other DICOM files)`` (headers only)."""
+    found: list[Path] = []
+    others: list[Path] = []
+    series: set[str] = set()
+    for p in files:
         try:
-            ds = pydicom.dcmread(str(p), stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True, specific_tags=_SPLIT_TAGS)
         except (OSError, pydicom.errors.InvalidDicomError):
+            others.append(p)
             continue
         if str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS or ds.get("Modality", "") == "RTSTRUCT":
             found.append(p)
-    return found
+        else:
+            others.append(p)
+            if ds.get("SeriesInstanceUID"):
+                series.add(str(ds.SeriesInstanceUID))
+    return found, others, series
+
+
+def find_rtstructs(folder: str | Path) -> list[Path]:
+    """RTSTRUCT files under ``folder`` (headers only)."""
+    return split_rtstructs([p for p in sorted(Path(folder).rglob("*")) if p.is_file()])[0]
+
+
+@dataclass
+class PhaseContours:
+    """Contours of several RTSTRUCTs placed on the phases of one 4DCT (:func:`read_phase_contours`)."""
+
+    masks: dict[str, np.ndarray]  # structure -> bool (P, Z, Y, X)
+    missing: dict[str, list[float]]  # structure -> phase percents without any of its contours
+    rois: list[dict[str, Any]]  # per ROI used: file, ROI name, structure, phase percents it was placed on
+    unmapped: list[str]  # ROI names that no roi_map pattern (or no wanted structure) matched
+    ignored: list[dict[str, str]]  # RTSTRUCTs not used and why (another frame of reference, no phase series)
+    files: list[Path]  # the RTSTRUCTs used
+
+
+def read_phase_contours(
+    rtstructs: Sequence[Path],
+    geometries: Sequence[Geometry],
+    phase_percents: Sequence[float],
+    name_map: Mapping[str, str],
+    *,
+    folder_series: Collection[str] = (),
+    structures: Collection[str] | None = None,
+    only_mapped: bool = True,
+) -> PhaseContours:
+    """Per-phase masks of the mapped ROIs of ``rtstructs`` on the phases ``geometries`` of one 4DCT.
+
+    Both layouts: one RTSTRUCT per phase series (TCIA 4D-Lung: its ROIs go to the phase(s) it references) or
+    one referencing every phase with per-phase ROI names (``GTVp^P40`` goes to the 40 % phase only). Within
+    those phases each contour lands on the slice it references (:func:`rasterise`). Only ROIs whose name
+    ``name_map`` maps (:func:`map_name`), to one of ``structures`` when given, are used
+    (``only_mapped=False``: unmapped ROIs keep their base name, as for annotated data); ROIs mapping to one
+    structure are united per phase.
+
+    Raises :class:`RTStructReadError` when an RTSTRUCT of this frame of reference references a series that is
+    neither a phase nor in ``folder_series``, and when no ROI maps to a structure (the message lists the
+    names seen). RTSTRUCTs of another frame of reference, or referencing only non-phase series of the folder
+    (an AVG), are listed in ``ignored``.
+    """
+    if not geometries or len(geometries) != len(phase_percents):
+        raise ValueError("one geometry per phase percent is needed")
+    for_uid = geometries[0].frame_of_reference_uid
+    phase_of = {g.series_instance_uid: p for p, g in enumerate(geometries)}
+    shape = (len(geometries), *geometries[0].shape)
+    masks: dict[str, np.ndarray] = {}
+    rois: list[dict[str, Any]] = []
+    unmapped: list[str] = []
+    ignored: list[dict[str, str]] = []
+    used: list[Path] = []
+    seen: list[str] = []
+    for path in rtstructs:
+        ss = read_structure_set(path)
+        name = Path(path).name
+        if ss.frame_of_reference_uid and for_uid and ss.frame_of_reference_uid != for_uid:
+            why = f"frame of reference {ss.frame_of_reference_uid} is not the 4DCT's"
+            ignored.append({"file": name, "why": why})
+            continue
+        absent = [s for s in ss.referenced_series if s not in phase_of and s not in folder_series]
+        if absent:
+            raise RTStructReadError(
+                f"{name} references series {', '.join(absent)}, which is not in the folder (phase series: "
+                + ", ".join(f"{phase_label(phase_percents[p])} {s}" for s, p in phase_of.items())
+                + ")"
+            )
+        candidates = sorted({phase_of[s] for s in ss.referenced_series if s in phase_of})
+        if ss.referenced_series and not candidates:
+            ignored.append({"file": name, "why": "references no phase series (only "
+                            + ", ".join(ss.referenced_series) + ")"})
+            continue
+        candidates = candidates or list(range(len(geometries)))
+        used.append(Path(path))
+        for roi in ss.rois:
+            seen.append(roi.name)
+            base, percent = parse_roi_name(roi.name)
+            target = map_name(roi.name, name_map)
+            if target is None and not only_mapped:
+                target = base.split("^", 1)[0].strip()
+            if target is None or (structures is not None and target not in structures):
+                unmapped.append(roi.name)
+                continue
+            phases = candidates
+            if percent is not None:
+                phases = [p for p in candidates if abs(phase_percents[p] - percent) < 1e-6]
+            placed_on: list[float] = []
+            for p in phases:
+                mask, placed = rasterise(roi.contours, geometries[p])
+                if placed:
+                    arr = masks.setdefault(target, np.zeros(shape, dtype=bool))
+                    arr[p] |= mask
+                    placed_on.append(float(phase_percents[p]))
+            masks.setdefault(target, np.zeros(shape, dtype=bool))
+            rois.append({"file": name, "roi": roi.name, "structure": target, "phases": placed_on})
+            log.debug("%s: ROI %r -> %s on phases %s", name, roi.name, target, placed_on)
+    if not masks:
+        wanted = f" to one of {sorted(structures)}" if structures is not None else ""
+        raise RTStructReadError(
+            f"no ROI name matches roi_map{wanted}; ROI names seen: "
+            + (", ".join(sorted(set(seen))) or "none")
+            + f" (in {len(rtstructs) - len(ignored)} of {len(rtstructs)} RTSTRUCT(s)); patterns: "
+            + ", ".join(f"{k} -> {v}" for k, v in name_map.items())
+        )
+    missing = {k: [float(phase_percents[p]) for p in range(len(v)) if not v[p].any()]
+               for k, v in masks.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    return PhaseContours(masks, missing, rois, sorted(set(unmapped)), ignored, used)
 
 
 @dataclass

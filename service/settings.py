@@ -131,6 +131,20 @@ def default_structures() -> list[StructureSetting]:
     ]
 
 
+def default_roi_map() -> dict[str, str]:
+    """RTSTRUCT ROI names a site already uses -> our structure names (regex, full match, case-insensitive,
+    tried on the whole name, then on the part before a ``^`` qualifier: ``GTVp^P40`` matches ``GTVp``).
+
+    The usual primary GTV spellings (GTV, GTVp, GTV1, GTV_Primary, GTV-1, GTV_P ...), lungs by side, heart.
+    """
+    return {
+        r"gtv(?:[ _-]?(?:p|1|p1|prim|primary|primaire|t))?": "GTVp",
+        r"lung[ _-]?(?:l|lt|left)|(?:l|lt|left)[ _-]?lung": "Lung_L",
+        r"lung[ _-]?(?:r|rt|right)|(?:r|rt|right)[ _-]?lung": "Lung_R",
+        r"heart": "Heart",
+    }
+
+
 class Settings(BaseSettings):
     """Every knob of the node. Env: ``ITVNODE_<FIELD>``; nested: ``ITVNODE_TLS__CERT``."""
 
@@ -194,9 +208,10 @@ class Settings(BaseSettings):
     structures: list[StructureSetting] = Field(default_factory=default_structures)
     temporal_min_phases: int = Field(3, ge=1)  # k: contiguous phases a component must be matched in
     temporal_min_overlap: float = Field(0.1, gt=0, le=1)
-    # annotated data (train / evaluate): RTSTRUCT ROI name (regex, full match, case-insensitive) -> structure
-    # name, e.g. {"(?i)lung[ _]?left": "Lung_L", "GTV.*": "GTVp"}; unmapped ROIs keep their base name
-    roi_map: dict[str, str] = Field(default_factory=dict)
+    # RTSTRUCT ROI name (regex, full match, case-insensitive) -> structure name, for contours a site already
+    # has (itv, train, evaluate), e.g. {"lung[ _]?left": "Lung_L", "GTV.*": "GTVp"}; replaces the defaults
+    # (default_roi_map). train / evaluate keep unmapped ROIs under their base name; itv uses mapped ROIs only
+    roi_map: dict[str, str] = Field(default_factory=default_roi_map)
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
     temporal_match: Literal["iou", "overlap"] = "iou"  # how temporal_min_overlap is measured

@@ -311,6 +311,120 @@ def process_study(
     return outcome
 
 
+@dataclass
+class ContourOutcome:
+    """What :func:`process_contours` wrote and found."""
+
+    study_key: str
+    files: list[Path]
+    qa: dict[str, Any]
+    warnings: list[str]
+    timings: dict[str, float]
+
+
+def process_contours(
+    study_key: str,
+    data_dir: Path,
+    config: EngineConfig,
+    rtstructs: Sequence[Path],
+    roi_map: dict[str, str],
+    *,
+    folder_series: Sequence[str] = (),
+    uid_prefix: str | None = None,
+) -> ContourOutcome:
+    """``itvnode itv``: the pipeline of :func:`process_study` with contours from RTSTRUCTs instead of SAM 3.
+
+    manifest -> 4D HU volume + geometry (:func:`_load`) -> the ROIs ``roi_map`` maps, placed on their phases
+    (service.rtstruct_read.read_phase_contours) -> temporal filter, connectivity, envelopes, QA
+    (models.engine.postprocess_volume, the engine's own post-processing) -> RTSTRUCT(s) + qa.json
+    (:func:`_write_results`). Nothing is queued or sent. Output UIDs derive from the study key and a digest
+    of the CT instances (manifest fingerprint) and the bytes of the RTSTRUCTs used, so different input
+    contours give new objects. Raises :class:`PipelineError` with a message for the user.
+    """
+    import hashlib
+
+    from models.engine import output_structures, postprocess_volume
+    from service.rtstruct import Algorithm, roi_name
+    from service.rtstruct_read import RTStructReadError, read_phase_contours
+
+    data_dir = Path(data_dir)
+    path = manifest_path(data_dir, study_key)
+    if not path.is_file():
+        raise PipelineError(f"study {study_key}: no manifest at {path}")
+    m = load_manifest(path)
+    if m.state not in RUNNABLE_STATES:
+        raise PipelineError(f"state is {m.state!r}{f' ({m.reason})' if m.reason else ''}")
+    stages = _Stages(study_key)
+    hu, geoms, references = _load(study_key, data_dir, m, stages)
+    percents = [p.percent for p in m.phases]
+    wanted = [o.name for o in output_structures(list(config.structures))]
+    with stages.stage("contours"):
+        try:
+            pc = read_phase_contours(
+                rtstructs, geoms, percents, roi_map, folder_series=set(folder_series), structures=wanted
+            )
+        except RTStructReadError as exc:
+            raise PipelineError(str(exc)) from exc
+    with stages.stage("filter"):
+        result = postprocess_volume(
+            pc.masks,
+            hu,
+            geoms[0].spacing,
+            list(config.structures),
+            temporal_params(config),
+            phase_percents=percents,
+            study_key=study_key,
+            qa_params=config.qa,
+        )
+    del hu
+    _add_cycle_qa(result.qa, m)
+    warnings = [
+        f"{k}: no input contour on phase(s) " + ", ".join(f"{p:g} %" for p in v)
+        for k, v in pc.missing.items()
+    ]
+    removed: dict[str, dict[str, int]] = {}
+    for k, sq in result.qa["structures"].items():
+        rep = sq.get("cleanup") or {}
+        rm = {f"{percents[i]:g}": int(n) for i, n in enumerate(rep.get("removed_temporal") or []) if n}
+        if rm:
+            removed[k] = rm
+            warnings.append(
+                f"{k}: temporal filter removed "
+                + ", ".join(f"{n} component(s) on phase {p} %" for p, n in rm.items())
+            )
+    digest = hashlib.sha256((m.fingerprint or "").encode())
+    for f in sorted(pc.files):
+        digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    algorithm = Algorithm(
+        model="input contours",
+        model_version=f"{len(pc.files)} RTSTRUCT(s) {digest.hexdigest()[:12]}",
+        adapter_version="none",
+        generation="SEMIAUTOMATIC",
+    )
+    no_contour = {roi_name(k, p): "no input contour" for k, v in pc.missing.items() for p in v}
+    files, _record = _write_results(
+        study_key, data_dir, m, geoms, references, result, no_contour, config, algorithm,
+        {
+            "algorithm": {
+                "model": algorithm.model,
+                "model_version": algorithm.model_version,
+                "generation": algorithm.generation,
+            },
+            "rtstructs": [Path(f).name for f in pc.files],
+            "roi_map": roi_map,
+            "rois": pc.rois,
+            "unmapped_rois": pc.unmapped,
+            "ignored_rtstructs": pc.ignored,
+            "missing": pc.missing,
+            "removed_temporal": removed,
+            "warnings": warnings,
+        },
+        stages, uid_prefix,
+    )
+    qa = json.loads((results_dir(data_dir, study_key) / QA_FILE).read_text())
+    return ContourOutcome(study_key, files, qa, warnings, stages.timings)
+
+
 def interrupted_attempts(m: Manifest) -> int:
     """How many times in a row processing started and never finished (no other state in between but
     ``queued``, which orphan recovery writes)."""
@@ -346,19 +460,10 @@ def outcome_uids(files: Sequence[Path]) -> list[str]:
     return [str(read_file_meta_info(f).MediaStorageSOPInstanceUID) for f in files]
 
 
-def _compute(
-    study_key: str,
-    data_dir: Path,
-    m: Manifest,
-    config: EngineConfig,
-    segmenter: LoadedSegmenter,
-    stages: _Stages,
-    uid_prefix: str | None,
-) -> StudyOutcome:
-    from models.engine import segment_volume
-    from service.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
-    from service.spool import read_revisions
-    from service.uids import settings_digest
+def _load(
+    study_key: str, data_dir: Path, m: Manifest, stages: _Stages
+) -> tuple[Any, list[Any], dict[str, Any]]:
+    """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind)``."""
     from service.volume import VolumeError, read_phases, read_series
 
     if not m.phases:
@@ -387,13 +492,26 @@ def _compute(
                 log.warning(
                     "study %s: reference series %s is on another grid: not referenced", study_key, ref.kind
                 )
-    spacing = geoms[0].spacing
-    log.info("study %s: volume %s, spacing %s mm", study_key, hu.shape, spacing)
+    log.info("study %s: volume %s, spacing %s mm", study_key, hu.shape, geoms[0].spacing)
+    return hu, geoms, references
 
+
+def _compute(
+    study_key: str,
+    data_dir: Path,
+    m: Manifest,
+    config: EngineConfig,
+    segmenter: LoadedSegmenter,
+    stages: _Stages,
+    uid_prefix: str | None,
+) -> StudyOutcome:
+    from models.engine import segment_volume
+
+    hu, geoms, references = _load(study_key, data_dir, m, stages)
     with stages.stage("engine"):
         result = segment_volume(
             hu,
-            spacing,
+            geoms[0].spacing,
             list(config.structures),
             segmenter.segmenter,
             temporal=temporal_params(config),
@@ -417,9 +535,37 @@ def _compute(
         log.warning(
             "study %s: structures SKIPPED: %s", study_key, "; ".join(f"{k}: {v}" for k, v in skipped.items())
         )
+    files, record = _write_results(
+        study_key, data_dir, m, geoms, references, result, skipped, config, _algorithm(segmenter),
+        {"algorithm": _algorithm_dict(segmenter)}, stages, uid_prefix,
+    )
+    return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True,
+                        content_key=record["content_key"], version_record=record, qa=qa_summary(result.qa))
+
+
+def _write_results(
+    study_key: str,
+    data_dir: Path,
+    m: Manifest,
+    geoms: Sequence[Any],
+    references: dict[str, Any],
+    result: Any,
+    skipped: dict[str, str],
+    config: EngineConfig,
+    algorithm: Any,
+    qa_extra: dict[str, Any],
+    stages: _Stages,
+    uid_prefix: str | None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """The ``rtstruct`` stage: RTSTRUCT(s) (and SEGs with ``write_seg``) of an engine result and ``qa.json``
+    (the engine's QA, ``skipped``, timings, layout, files, the result version, then ``qa_extra``), swapped
+    into the study's results folder at once. Output UIDs derive from the inputs used (service.uids); the
+    version counts distinct results of this study. Returns the result files and the version record."""
+    from service.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
+    from service.spool import read_revisions
+    from service.uids import settings_digest
 
     with stages.stage("rtstruct"):
-        algorithm = _algorithm(segmenter)
         key = result_content_key(
             study_key=study_key, geometries=geoms, references=references, algorithm=algorithm,
             layout=config.layout, settings_digest=settings_digest(config),
@@ -463,7 +609,7 @@ def _compute(
             files = [write_rtstruct(ds, staging) for ds in datasets]
             if config.write_seg:
                 files += _write_segs(
-                    study_key, data_dir, m, geoms, result, config, segmenter, uid_prefix, staging,
+                    study_key, data_dir, m, geoms, result, config, algorithm, uid_prefix, staging,
                     key, version,
                 )
             qa = {
@@ -471,10 +617,10 @@ def _compute(
                 "qa": _jsonable(result.qa),
                 "skipped": skipped,
                 "timings": stages.timings,
-                "algorithm": _algorithm_dict(segmenter),
                 "layout": config.layout,
                 "files": [f.name for f in files],
                 "version": record,
+                **_jsonable(qa_extra),
             }
             (staging / QA_FILE).write_text(json.dumps(qa, indent=1) + "\n")
             if out_dir.exists():
@@ -483,9 +629,7 @@ def _compute(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        files = [out_dir / f.name for f in files]
-    return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True,
-                        content_key=key, version_record=record, qa=qa_summary(result.qa))
+    return [out_dir / f.name for f in files], record
 
 
 def result_version(m: Manifest, key: str) -> int:
@@ -544,7 +688,7 @@ def _write_segs(
     geoms: Sequence[Any],
     result: Any,
     config: EngineConfig,
-    segmenter: LoadedSegmenter,
+    algorithm: Any,
     uid_prefix: str | None,
     out_dir: Path,
     content_key: str,
@@ -573,7 +717,7 @@ def _write_segs(
                 geometry=g,
                 segments=segments,
                 styles=roi_styles(config),
-                algorithm=_algorithm(segmenter),
+                algorithm=algorithm,
                 uid_prefix=uid_prefix or config.uid_root,
                 content_key=content_key,
                 series_number=951 + 100 * (version - 1),

@@ -53,39 +53,37 @@ def _phantom_study(folder: str) -> Study:
 
 
 def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any) -> list[Study]:
-    import numpy as np
-
     from service.assembler import assemble_folder
     from service.manifest import iter_manifests
-    from service.rtstruct_read import find_rtstructs, rtstruct_masks
+    from service.rtstruct_read import RTStructReadError, read_phase_contours, split_rtstructs
     from service.volume import read_phases
 
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    rts = find_rtstructs(folder)
+    rts, others, series = split_rtstructs(files)
     out = []
     with tempfile.TemporaryDirectory(prefix="itvnode-evaluate-") as tmp:
         work = Path(tmp)
-        assemble_folder([f for f in files if f not in rts], work,
-                        expected_phases=settings.expected_phases, phase_rules=settings.phase_rules)
+        assemble_folder(
+            others, work, expected_phases=settings.expected_phases, phase_rules=settings.phase_rules
+        )
         for _, m in iter_manifests(work):
             if m.state != "complete":
                 log.warning("study %s not evaluated: %s (%s)", m.study_key, m.state, m.reason)
                 continue
             hu, geoms = read_phases(m, work)
-            truth: dict[str, Any] = {}
-            for p, g in enumerate(geoms):
-                per_rs = [rtstruct_masks(r, g, roi_map) for r in rts]
-                for masks in per_rs:
-                    for k, v in masks.items():
-                        arr = truth.setdefault(k, np.zeros(hu.shape, dtype=bool))
-                        arr[p] |= v
-            truth = {k: v for k, v in truth.items() if v.any()}
+            percents = [float(ph.percent) for ph in m.phases]
+            try:
+                contours = read_phase_contours(
+                    rts, geoms, percents, roi_map, folder_series=series, only_mapped=False
+                )
+            except RTStructReadError as exc:
+                log.warning("study %s: no RTSTRUCT ground truth: %s", m.study_key, exc)
+                continue
+            truth = {k: v for k, v in contours.masks.items() if v.any()}
             if not truth:
                 log.warning("study %s: no RTSTRUCT contours on its phases", m.study_key)
                 continue
-            out.append(
-                Study(m.study_key, hu, geoms[0].spacing, [float(ph.percent) for ph in m.phases], truth)
-            )
+            out.append(Study(m.study_key, hu, geoms[0].spacing, percents, truth))
     if not out:
         raise ValueError(f"{folder}: no complete 4DCT with RTSTRUCT ground truth")
     return out

@@ -9,11 +9,7 @@ and :func:`worker.pipeline.process_study` runs on it. Results: ``RS.<uid>.dcm`` 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    from service.assembler import assemble_folder
-    from service.manifest import iter_manifests, load_manifest
+    from itvnode.commands.offline import intake, publish, target_dir, work_dir
     from service.settings import load_settings
     from worker.engine_settings import engine_config, load_segmenter
-    from worker.pipeline import RUNNABLE_STATES, PipelineError, process_study, results_dir
+    from worker.pipeline import QA_FILE, RUNNABLE_STATES, PipelineError, process_study, results_dir
 
-    log = logging.getLogger("itvnode.segment")
     src = Path(args.dicom_dir)
     if not src.is_dir():
         print(f"itvnode segment: {src} is not a directory", file=sys.stderr)
@@ -47,37 +39,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    tmp = None
-    if args.work_dir:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="itvnode-segment-")
-        work = Path(tmp.name)
-    try:
-        t0 = time.perf_counter()
+    with work_dir(args.work_dir, "segment") as work:
         files = sorted(p for p in src.rglob("*") if p.is_file())
-        stored, skipped_files = assemble_folder(
-            files, work, expected_phases=settings.expected_phases, phase_rules=settings.phase_rules
-        )
-        log.info(
-            "read %d DICOM instance(s) from %s in %.1f s%s",
-            stored,
-            src,
-            time.perf_counter() - t0,
-            f"; ignored {skipped_files}" if skipped_files else "",
-        )
-        manifests = list(iter_manifests(work))
+        manifests = intake("segment", src, files, work, settings)
         if not manifests:
-            print(
-                f"itvnode segment: no respiratory-phase series found in {src} ({stored} DICOM instances)",
-                file=sys.stderr,
-            )
             return 1
         seg = load_segmenter(cfg)
         status = 0
         for path, m in manifests:
-            target = out if len(manifests) == 1 else out / m.study_key
             if m.state not in RUNNABLE_STATES:  # done/failed in a kept --work-dir: re-send / re-run
                 print(f"study {m.study_key}: {m.state}: {m.reason}", file=sys.stderr)
                 status = 1
@@ -88,35 +57,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"study {m.study_key}: failed: {exc}", file=sys.stderr)
                 status = 1
                 continue
-            target.mkdir(parents=True, exist_ok=True)
-            for f in outcome.files:
-                shutil.copy2(f, target / f.name)
-            qa = json.loads((results_dir(work, m.study_key) / "qa.json").read_text())
-            final = load_manifest(path)
-            qa["study_instance_uid"] = final.study_instance_uid
-            qa["phases"] = [
-                {
-                    "percent": p.percent,
-                    "series_instance_uid": p.series_instance_uid,
-                    "series_description": p.series_description,
-                    "slices": p.slices,
-                }
-                for p in final.phases
-            ]
-            qa["references"] = [
-                {"kind": r.kind, "series_instance_uid": r.series_instance_uid} for r in final.references
-            ]
-            qa["assembly"] = m.reason
-            qa["source"] = str(src.resolve())
-            (target / "qa.json").write_text(json.dumps(qa, indent=1) + "\n")
+            target = target_dir(out, manifests, m.study_key)
+            qa_file = results_dir(work, m.study_key) / QA_FILE
+            qa = publish(outcome.files, qa_file, path, src, target, m.reason)
             print(
-                f"study {m.study_key}: {len(final.phases)} phases -> "
+                f"study {m.study_key}: {len(qa['phases'])} phases -> "
                 + ", ".join(str(target / f.name) for f in outcome.files)
             )
             for name, why in outcome.skipped.items():
                 print(f"  WARNING: {name} not contoured: {why}", file=sys.stderr)
             print("  timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.timings.items()))
         return status
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
