@@ -91,7 +91,7 @@ class _Conn:
     ip: str
     deadline: float
     associated: bool = False  # delivered an A-ASSOCIATE-RQ and holds an association slot
-    dropped: bool = False  # closed by the gate; the thread ends on its own
+    dropped: bool = False  # closed by the gate, or its association ended; the thread ends on its own
     thread: threading.Thread | None = None  # the association's thread: the record lives as long as it runs
 
     def finished(self) -> bool:
@@ -196,6 +196,14 @@ class ConnectionGate:
                          "association from %s (calling AE %r) rejected: local limit exceeded, %s",
                          ip, calling_ae, why)
         return why
+
+    def ended(self, thread: threading.Thread) -> None:
+        """The association on ``thread`` was released or aborted: its slot is free now, not only once its
+        threads have wound down (a sender that associates again at once must not see "local limit")."""
+        with self._lock:
+            for conn in self._conns.values():
+                if conn.thread is thread:
+                    conn.dropped = True
 
     def handler_done(self, sock: socket.socket) -> None:
         """The server's handler thread for ``sock`` returned: forget the connection unless an association

@@ -710,6 +710,8 @@ class StorageSCP:
         LOG.info("association accepted: %s from %s", assoc.requestor.ae_title, assoc.requestor.address)
 
     def _on_finished(self, event: evt.Event, how: str) -> None:
+        if how != "closed":
+            self.gate.ended(event.assoc)
         with self._stats_lock:
             stats = self._stats.get(id(event.assoc))
             if stats is None or stats.ended:
