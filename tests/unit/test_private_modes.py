@@ -45,7 +45,7 @@ def test_write_atomic_and_private_dir(tmp_path: Path) -> None:
 
 
 def test_secure_data_dir_tightens_an_existing_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="service.durable")  # in-process CLI tests may raise the root level
+    caplog.set_level(logging.WARNING, logger="service.durable")  # in-process CLI runs raise the root level
     data = tmp_path / "data"
     data.mkdir()
     os.chmod(data, 0o755)  # explicit: an earlier in-process CLI call may have set the private umask
