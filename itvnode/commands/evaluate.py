@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itvnode.commands import DefaultsHelpFormatter
+
 log = logging.getLogger("itvnode.evaluate")
 
 RANDOM_BANNER = (
@@ -40,7 +42,7 @@ PAPER_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
     parser.add_argument("--phantom", action="append", default=[], metavar="DIR", help="phantom study")
     parser.add_argument(
