@@ -24,7 +24,8 @@ COMMANDS: dict[str, str] = {
     "send": "C-STORE files to a destination (manual resend)",
     "phantom": "write a synthetic breathing-thorax 4DCT with ground truth",
     "train": "fine-tune the LoRA adapter on annotated volumes",
-    "evaluate": "Dice / HD95 / MSD report on annotated 4DCTs",
+    "evaluate": "Dice / HD95 / MSD report on annotated 4DCTs (the node's model or --predicted RTSTRUCTs)",
+    "testmodel": "write a tiny RANDOM-INIT SAM 3 to try train / evaluate without the weights",
     "health": "check the running node (exit 0 when healthy)",
     "release": "admin: process a held study anyway (STUDY = study key or StudyInstanceUID)",
 }

@@ -230,6 +230,12 @@ def build_segmenter(
         if merge_adapter:
             model = model.merge_and_unload()
         identity["adapter"] = adapter_identity(adapter_path)
+    if identity.get("trained") is False:
+        log.warning(
+            "%s in %s is a RANDOM-INIT test model, NOT a trained SAM 3: its outputs mean nothing",
+            identity["model"],
+            path,
+        )
     log.info(
         "SAM 3 ready: %s, adapter %s, device %s",
         identity["model"],

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from itvnode.commands import DefaultsHelpFormatter
+
 log = logging.getLogger("itvnode.train")
 
 
@@ -44,7 +46,35 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class TrainHelpFormatter(DefaultsHelpFormatter):
+    """``--help`` shows every default; an unset hyper-parameter uses ``TrainConfig``'s, read only when help is
+    printed (so that building the CLI never imports torch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None and action.dest in train_defaults():
+            value = train_defaults()[action.dest]
+            return f"{text} (default: {str(value).replace('%', '%%')})"
+        return super()._get_help_string(action)
+
+
+def train_defaults() -> dict[str, Any]:
+    """``TrainConfig`` field defaults as ``--help`` shows them (tuples comma-separated)."""
+    import dataclasses
+
+    from models.training.trainer import TrainConfig
+
+    out: dict[str, Any] = {}
+    for k, v in dataclasses.asdict(TrainConfig()).items():
+        out[k] = ",".join(map(str, v)) if isinstance(v, list | tuple) else v
+    out["loss"] = json.dumps(out["loss"])
+    if out.get("steps_per_epoch") is None:
+        out["steps_per_epoch"] = "one pass over the training slices"
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = TrainHelpFormatter
     parser.add_argument("--out", required=True, metavar="DIR", help="adapter + training.json + checkpoint")
     add_data_arguments(parser)
     parser.add_argument("--sam3-dir", metavar="DIR", help="base SAM 3 (HF format; default: setting sam3_dir)")
@@ -81,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("hu-tolerance", float),
         ("score-threshold", float),
     ):
-        g.add_argument(f"--{name}", type=typ)
+        g.add_argument(f"--{name}", type=typ, help=name.replace("-", " "))
     g.add_argument("--lora-targets", metavar="NAMES", help="Linear layer names, e.g. q_proj,v_proj")
     g.add_argument("--lora-components", metavar="NAMES", help="vision,text,detr,mask,geometry")
     g.add_argument(
@@ -285,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device or settings.device)
         model, processor = load_sam3(sam3_dir, device)
         identity = model_identity(Path(str(sam3_dir)))
+        if identity.get("trained") is False:
+            log.warning("the base model is a RANDOM-INIT test model (%s): this adapter will mean nothing",
+                        identity.get("model"))
     except Sam3LoadError as exc:
         print(f"itvnode train: {exc}", file=sys.stderr)
         return 2
@@ -311,6 +344,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = trainer.fit(resume=not args.no_resume)
+    if result.manifest:
+        from models.evaluation import plot_training
+
+        png = plot_training(result.manifest, Path(args.out) / "training.png")
+        log.info("training curves: %s", png)
     before = result.baseline.get("mean")
     after = result.final.get("mean")
     print(

@@ -39,6 +39,10 @@ class AnnotatedVolume:
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"volume {self.name}: spacing must be three positive values")
 
+    def image_digest(self) -> str:
+        """sha256 of the CT alone (:func:`image_digest`): the same image is a leak whatever its contours."""
+        return image_digest(self.hu, self.spacing)
+
     def digest(self) -> str:
         """sha256 over HU, spacing and the masks (sorted by name): identifies the training data."""
         h = hashlib.sha256()
@@ -48,6 +52,18 @@ class AnnotatedVolume:
             h.update(k.encode())
             h.update(np.packbits(np.asarray(self.masks[k], dtype=bool)).tobytes())
         return h.hexdigest()
+
+
+def image_digest(hu: np.ndarray, spacing: Sequence[float]) -> str:
+    """sha256 over one 3D CT's shape, HU values (as float32, so int16 and float readers agree) and spacing
+    (rounded to 0.1 µm, so DS-formatted and computed spacings agree). ``training.json`` stores it per volume
+    (``image_sha256``); ``itvnode evaluate`` uses it to find evaluation volumes that were trained on."""
+    a = np.ascontiguousarray(np.asarray(hu, dtype=np.float32))
+    h = hashlib.sha256()
+    h.update(repr(a.shape).encode())
+    h.update(a.tobytes())
+    h.update(repr(tuple(round(float(s), 4) for s in spacing)).encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

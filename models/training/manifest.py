@@ -114,3 +114,16 @@ def read_manifest(adapter_dir: str | Path) -> dict[str, Any] | None:
         return None
     data: dict[str, Any] = json.loads(path.read_text())
     return data
+
+
+def training_hashes(manifest: Mapping[str, Any] | None) -> dict[str, str]:
+    """Volume hash -> ``"train"`` / ``"validation"`` for every volume a ``training.json`` lists (both the
+    CT-only ``image_sha256`` and the CT+masks ``sha256``; the training split wins over validation)."""
+    out: dict[str, str] = {}
+    data = (manifest or {}).get("data") or {}
+    for split in ("validation", "train"):
+        for v in data.get(split) or []:
+            for key in ("image_sha256", "sha256"):
+                if v.get(key):
+                    out[str(v[key])] = split
+    return out

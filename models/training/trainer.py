@@ -554,6 +554,7 @@ class Trainer:
                 "shape": list(v.hu.shape),
                 "spacing": list(v.spacing),
                 "sha256": v.digest(),
+                "image_sha256": v.image_digest(),
             }
 
         n_pos = sum(s.positive for s in self.samples)

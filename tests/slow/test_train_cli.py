@@ -1,6 +1,7 @@
 """``itvnode train`` then ``itvnode evaluate`` as a site runs them (subprocesses, files only): tiny random
-SAM 3 in HF format, a phantom written by the phantom writer, an adapter + training.json, then a report with
-zero-shot and adapted side by side."""
+SAM 3 in HF format written by ``itvnode testmodel``, a phantom written by the phantom writer, an adapter +
+training.json + training.png, then a report with zero-shot and adapted side by side (the phantom was trained
+on: flagged, kept with --include-training, and the report says the model is random)."""
 
 from __future__ import annotations
 
@@ -33,15 +34,17 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_train_then_evaluate_cli(tmp_path: Path) -> None:
     from itvnode.commands.phantom import write_phantom
     from models.phantom import PhantomSpec
-    from models.tiny import write_tiny_model
 
     spec = PhantomSpec.small(
         n_phases=4, shape=(16, 64, 64), pixel_spacing=(500 / 64, 500 / 64), slice_thickness=7.5
     )
     write_phantom(tmp_path / "phantom", spec)
-    tiny = write_tiny_model(tmp_path / "tiny", seed=0, image_size=56)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ITVNODE_")}
     env["ITVNODE_DATA_DIR"] = str(tmp_path / "data")
+    tiny = tmp_path / "tiny"
+    made = _cli("testmodel", str(tiny), env=env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert "RANDOM" in made.stdout and (tiny / "RANDOM_WEIGHTS_NOT_A_TRAINED_MODEL.txt").is_file()
     adapter = tmp_path / "adapter"
     patient = f"phantom-{spec.digest()[:8]}"  # split group names: <patient>/P<percent>
 
@@ -90,6 +93,9 @@ def test_train_then_evaluate_cli(tmp_path: Path) -> None:
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     manifest = json.loads((adapter / "training.json").read_text())
     assert manifest["base_model"]["trained"] is False  # the tiny model says what it is
+    assert "RANDOM-INIT" in train.stderr  # logged loudly
+    assert (adapter / "training.png").stat().st_size > 10_000  # loss + validation Dice per epoch
+    assert all(v.get("image_sha256") for v in manifest["data"]["train"])
     assert manifest["data"]["sources"][0]["kind"] == "phantom"
     assert len(manifest["data"]["validation"]) == 2 and manifest["hyperparameters"]["train_modules"]
 
@@ -104,6 +110,7 @@ def test_train_then_evaluate_cli(tmp_path: Path) -> None:
         str(tiny),
         "--adapter",
         str(adapter),
+        "--include-training",
         "--threads",
         "1",
         env=env,
@@ -127,6 +134,10 @@ def test_train_then_evaluate_cli(tmp_path: Path) -> None:
     assert len([r for r in rows if r["variant"] == "adapted" and r["structure"] == "Lung_L"]) == 4
     md = (report / "report.md").read_text()
     assert "Dice zero-shot" in md and "Dice adapted" in md and "RANDOM-INIT" in md
+    assert md.startswith("# itvnode evaluation\n\n> **WARNING: RANDOM-INIT TEST MODEL")
+    # every phase was a training or validation volume of this adapter: flagged, kept on request
+    assert {r["training"] for r in rows if r["phase"] != "envelope"} == {"train", "validation"}
+    assert "INCLUDED in the summary" in md
 
     def median(variant: str, structure: str) -> float:
         vals = sorted(

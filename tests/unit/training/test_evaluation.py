@@ -54,16 +54,72 @@ def test_rows_summary_and_files(tmp_path: Path) -> None:
     md = ev.markdown_report(list(summary.values()), "t", {"model": "x"}, ["b.png"])
     assert "| Lung_L | 2 |" in md and "inf [inf, inf]" in md and "![b](b.png)" in md
     assert ev.plot_boxplots(rows, tmp_path / "b.png").stat().st_size > 1000
-    items = [("t", np.zeros((10, 10)), truth["Lung_L"][0, 2], pred["Lung_L"][1, 2])]
-    assert ev.plot_overlays(items, tmp_path / "o.png").stat().st_size > 1000
+    w = ev.worst_error_slice("Lung_L", "s1", "adapted", "P50", np.zeros((6, 10, 10)), pred["Lung_L"][1],
+                             truth["Lung_L"][1], (2.0, 1.0, 1.0))
+    assert w is not None
+    assert ev.plot_worst_slices([w], tmp_path / "o.png").stat().st_size > 1000
 
 
-def test_quantiles_with_inf_and_worst_slices() -> None:
+def test_quantiles_with_inf() -> None:
     assert ev._quantiles(np.array([1.0, 2.0, np.inf])) == (1.5, 2.0, math.inf)
     assert ev._quantiles(np.array([np.inf, np.inf])) == (math.inf, math.inf, math.inf)
-    truth = _box((3, 4, 4), np.s_[:, :2, :2])
+
+
+def _rows_with_one_empty_prediction() -> list[ev.MetricRow]:
+    shape = (4, 6, 12, 12)
+    truth = {"GTVp": _box(shape, np.s_[:, 2:4, 4:8, 4:8])}
+    pred = {"GTVp": truth["GTVp"].copy()}
+    pred["GTVp"][2] = False  # phase 3 of 4: nothing predicted
+    return ev.evaluate_study("s", "adapted", pred, truth, (3.0, 1.0, 1.0), [0, 25, 50, 75])
+
+
+def test_boxplot_annotates_infinite_values() -> None:
+    """inf cannot be drawn: the figure says how many values were infinite and why."""
+    rows = _rows_with_one_empty_prediction()
+    assert sum(math.isinf(r.hd95) for r in rows) == 1
+    fig = ev.boxplot_figure(rows)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    hd95_panel = [t.get_text() for t in fig.axes[1].texts]
+    assert any("∞ ×1/4" in t and "1 empty prediction" in t for t in hd95_panel), texts
+    assert not fig.axes[0].texts  # Dice is 0 there, a finite value drawn in the box
+    assert "not drawn" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_worst_slice_is_the_largest_error_area_and_is_drawn() -> None:
+    """Not a tie at Dice 0 on a speck: the panel of each structure shows its biggest FP + FN area."""
+    truth = _box((8, 20, 20), np.s_[1:7, 4:16, 4:16])
     pred = truth.copy()
-    pred[1] = False
-    pred[2, 3, 3] = True
-    worst = ev.worst_slices(np.zeros((3, 4, 4)), pred, truth, k=2)
-    assert [z for z, _ in worst] == [1, 2] and worst[0][1] == 0.0
+    pred[0, 0, 0] = True  # a speck on a slice with no truth (Dice 0 there: the old choice)
+    pred[5, 4:16, 4:10] = False  # the big miss: half of slice 5
+    fp, fn = ev.error_per_slice(pred, truth)
+    assert (fp[0], fn[5]) == (1, 72)
+    hu = np.full((8, 20, 20), -800.0)
+    z_mm = [10.0 + 3 * k for k in range(8)]
+    w = ev.worst_error_slice("Heart", "s", "adapted", "P50", hu, pred, truth, (3.0, 2.0, 1.5), z_mm)
+    assert w is not None and (w.z, w.fn_px, w.fp_px, w.z_mm) == (5, 72, 0, 25.0)
+    assert w.error_mm2 == 72 * 2.0 * 1.5
+    fig = ev.worst_slices_figure([w])
+    ax = fig.axes[0]
+    assert "Heart" in ax.get_title() and "P50" in ax.get_title() and "z = 25.0 mm" in ax.get_title()
+    assert "FN 2.2 cm²" in ax.get_title()  # 72 px x 3 mm² = 216 mm²
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["truth", "prediction", "missed (false negative)", "extra (false positive)"]
+    assert {"R", "L", "A", "P", "10 mm"} <= {t.get_text() for t in ax.texts}  # 30 mm wide: a 1 cm bar
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_shapes_and_motion_amplitude() -> None:
+    """Volumes in cm³ and peak-to-peak centroid motion in mm along the right axes."""
+    m = np.zeros((3, 10, 10, 10), dtype=bool)
+    for p, dz in enumerate((0, 2, 4)):
+        m[p, 2 + dz : 4 + dz, 3:5, 3:5] = True  # moves 2 slices per phase: SI only
+    rows = ev.shape_rows("s", "truth", {"GTVp": m}, (2.5, 1.0, 0.5), [0, 50, 100], {"ITV": m.any(axis=0)})
+    assert rows[0].volume_cc == 8 * 2.5 * 1.0 * 0.5 / 1000
+    amp = ev.motion_amplitudes(rows)[("s", "truth", "GTVp")]
+    assert (amp["SI"], amp["AP"], amp["LR"]) == (4 * 2.5, 0.0, 0.0)
+    assert rows[-1].phase == "envelope" and rows[-1].volume_cc == pytest.approx(24 * 1.25 / 1000)
