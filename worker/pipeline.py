@@ -301,6 +301,8 @@ def process_study(
                 "algorithm": _algorithm_dict(seg_loaded),
             }
         )
+        if outcome.computed:  # what the model was for this run: /health and /metrics read it (service.health)
+            mm.results["model"] = model_record(seg_loaded, outcome.skipped)
 
     _update(path, finished)
     outcome.state, outcome.reason = state, note
@@ -325,6 +327,23 @@ def skipped_note(skipped: dict[str, str] | None) -> str | None:
     if not skipped:
         return None
     return "skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+
+
+def model_record(seg: LoadedSegmenter, skipped: dict[str, str]) -> dict[str, Any]:
+    """``results.model`` of a manifest: was SAM 3 loaded for this run, and if not why (``cause`` is a
+    ``models.model_files.ModelCause`` value; ``broken``: a configured model that does not work, which makes
+    /health unhealthy); the structures skipped for it."""
+    from models.model_files import BROKEN_CAUSES
+
+    cause = None if seg.segmenter is not None else (seg.unavailable_cause or "load_error")
+    return {
+        "loaded": seg.segmenter is not None,
+        "cause": cause,
+        "broken": cause in BROKEN_CAUSES,
+        "reason": seg.unavailable_reason if seg.segmenter is None else None,
+        "skipped": sorted(skipped),
+        "at": time.time(),
+    }
 
 
 def _algorithm_dict(seg: LoadedSegmenter) -> dict[str, Any]:
