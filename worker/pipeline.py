@@ -442,16 +442,18 @@ def _compute(
             "version": version,
             "content_key": key,
             "phases": [p.percent for p in m.phases],
+            "phase_labels": [p.label for p in m.phases],
             "phase_series": [p.series_instance_uid for p in m.phases],
             "references": sorted(references),
         }
         log.info("study %s: result version %d (content key %s, %s)", study_key, version, key,
-                 inputs_note([p.percent for p in m.phases], list(references)))
+                 inputs_note([p.percent for p in m.phases], list(references), [p.label for p in m.phases]))
         datasets = build_rtstructs(
             study_key=study_key,
             identifiers=m.identifiers,
             geometries=geoms,
             phase_percents=[p.percent for p in m.phases],
+            phase_labels=[p.label for p in m.phases],
             masks=result.masks,
             envelopes=result.envelopes,
             styles=roi_styles(config),
@@ -535,7 +537,7 @@ def _write_segs(
         return []
     out: list[Path] = []
     for p, (phase, g) in enumerate(zip(m.phases, geoms, strict=True)):
-        segments = {roi_name(n, phase.percent): v[p] for n, v in result.masks.items()}
+        segments = {roi_name(n, phase.percent, phase.label): v[p] for n, v in result.masks.items()}
         segments.update(result.envelopes)
         try:
             ds = build_seg(
