@@ -461,7 +461,8 @@ class Assembler:
                 a.references.append((s, sl))
         # breathing order and the meaning of the labels (amplitude vs phase binning): service.phases owns it
         phases.sort(key=lambda s: s.uid)
-        order = order_phases([s.cls for s in phases], self.expected_phases)
+        order = order_phases([s.cls for s in phases], self.expected_phases,
+                             [f"{s.uid} ({s.description!r})" for s in phases])
         problems.extend(order.problems)
         resolved = []
         for i, cls in order.ordered:

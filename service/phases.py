@@ -303,7 +303,8 @@ def _phase_numbers(items: list[tuple[int, SeriesClass]],
     return out, []
 
 
-def order_phases(classes: Sequence[SeriesClass], expected_phases: int | None = None) -> PhaseOrder:
+def order_phases(classes: Sequence[SeriesClass], expected_phases: int | None = None,
+                 names: Sequence[str] | None = None) -> PhaseOrder:
     """Put the phase series of one set in breathing order and decide what their labels mean.
 
     * Siemens ``NN% In`` / ``NN% Ex``: *amplitude* binning when a percentage appears with both directions,
@@ -314,6 +315,7 @@ def order_phases(classes: Sequence[SeriesClass], expected_phases: int | None = N
     * everything else: ``percent`` as read, ``P<percent>``.
 
     Problems (the set is held): several labelling schemes mixed in one set, the same label twice.
+    ``names`` (one per class, e.g. series UID and description) name the series in those reasons.
     """
     items = [(i, c) for i, c in enumerate(classes) if c.kind is SeriesKind.PHASE and c.percent is not None]
     problems: list[str] = []
@@ -346,13 +348,14 @@ def order_phases(classes: Sequence[SeriesClass], expected_phases: int | None = N
         keyed += [(c.percent or 0.0, i, c) for i, c in resolved]
     keyed += [(c.percent or 0.0, i, replace(c, roi_label=f"P{_fmt(c.percent or 0.0)}")) for i, c in plain]
     keyed.sort(key=lambda t: (t[0], t[1]))
-    by_label: dict[str, list[SeriesClass]] = {}
-    for _, _, c in keyed:
-        by_label.setdefault(c.roi_label, []).append(c)
+    by_label: dict[str, list[tuple[int, SeriesClass]]] = {}
+    for _, i, c in keyed:
+        by_label.setdefault(c.roi_label, []).append((i, c))
     for lab, group in by_label.items():
         if len(group) > 1:
-            listed = ", ".join(repr(c.label) for c in group)
-            problems.append(f"{len(group)} series claim phase {lab} ({listed})")
+            listed = ", ".join(names[i] if names else repr(c.label) for i, c in group)
+            shown = f"{lab[1:]}%" if lab.startswith("P") else f"{lab[2:]}% {lab[:2]}"
+            problems.append(f"{len(group)} series claim phase {shown}: {listed}")
     return PhaseOrder([(i, c) for _, i, c in keyed], binning, problems)
 
 

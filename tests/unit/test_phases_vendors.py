@@ -116,7 +116,7 @@ def test_duplicate_label_is_held() -> None:
     _, _, problems = ordered(["RespCT 3.0 B30f 50% Ex", "RespCT 3.0 B30f 50% Ex", "RespCT 3.0 B30f 0% In"])
     assert any("2 series claim phase" in p for p in problems)
     _, _, problems = ordered(["T=50%", "Phase 50%"])
-    assert any("2 series claim phase P50" in p for p in problems)
+    assert any("2 series claim phase 50%: 'T=50%', 'Phase 50%'" in p for p in problems)
 
 
 def test_site_rule_with_direction_for_a_local_amplitude_naming() -> None:
