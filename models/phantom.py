@@ -84,11 +84,19 @@ class PhantomSpec:
     arms: bool = False  # arms beside the torso (separate External components)
     vessels: int = 24  # pulmonary vessel segments per lung (HU texture only; 0: none)
     seed: int = 0  # noise and vessel pattern
+    # "phase": phases at equal times t = 0, 100/P, ... % (0 % = end-inhale). "amplitude": Siemens-style
+    # amplitude binning, phases at the times the breathing amplitude crosses 0, 200/P, ... 100 % (inhale,
+    # from end-exhale) and back down (exhale), in that breathing order; P must be even (see amplitude_bins)
+    sampling: str = "phase"
 
     def __post_init__(self) -> None:
         z, y, x = self.shape
         if self.n_phases < 1 or self.n_phases > 100:
             raise ValueError(f"n_phases must be 1-100, got {self.n_phases}")
+        if self.sampling not in ("phase", "amplitude"):
+            raise ValueError(f"sampling must be 'phase' or 'amplitude', got {self.sampling!r}")
+        if self.sampling == "amplitude" and (self.n_phases < 2 or self.n_phases % 2):
+            raise ValueError(f"amplitude sampling needs an even number of phases >= 2, got {self.n_phases}")
         if z < 1 or y < 8 or x < 8:
             raise ValueError(f"shape {self.shape} too small (need >= 1 slice and >= 8 x 8 pixels)")
         if min(self.pixel_spacing) <= 0 or self.slice_thickness <= 0:
@@ -141,6 +149,25 @@ class PhantomPhase:
     masks: dict[str, np.ndarray]
 
 
+def amplitude_bins(n_phases: int, n: int = 2, phi: float = 0.0) -> list[tuple[float, float, str]]:
+    """Amplitude binning of the Lujan curve: ``(time percent, amplitude percent, "In" | "Ex")`` per phase in
+    breathing order: inhale from end-exhale (amplitude 0) up to end-inhale (100) in steps of
+    ``200 / n_phases``, then exhale back down (the end points are not repeated). Amplitude = inhale fraction.
+    """
+    step = 200.0 / n_phases
+    half = n_phases // 2
+    out: list[tuple[float, float, str]] = []
+    for k in range(half + 1):  # In: 0, step, ... 100
+        a = k * step
+        t = 100.0 - 100.0 / np.pi * (float(np.arccos((a / 100.0) ** (1.0 / (2 * n)))) - phi)
+        out.append((t % 100.0, a, "In"))
+    for k in range(half - 1, 0, -1):  # Ex: 100 - step ... step
+        a = k * step
+        t = 100.0 / np.pi * (float(np.arccos((a / 100.0) ** (1.0 / (2 * n)))) + phi)
+        out.append((t % 100.0, a, "Ex"))
+    return out
+
+
 def lujan(percent: float | np.ndarray, n: int = 2, phi: float = 0.0) -> np.ndarray:
     """Inhale fraction s = cos^(2n)(pi t/tau - phi) in [0, 1] (1: end-inhale) at phase ``percent``."""
     return np.asarray(np.cos(np.pi * np.asarray(percent, dtype=np.float64) / 100.0 - phi) ** (2 * n))
@@ -156,7 +183,11 @@ class Phantom:
         self.shape: tuple[int, int, int, int] = (p, z, y, x)
         self.spacing: tuple[float, float, float] = (
             float(spec.slice_thickness), float(spec.pixel_spacing[0]), float(spec.pixel_spacing[1]))
-        self.phase_percents: tuple[float, ...] = tuple(round(100.0 * i / p, 4) for i in range(p))
+        if spec.sampling == "amplitude":
+            self.phase_percents: tuple[float, ...] = tuple(
+                round(t, 4) for t, _, _ in amplitude_bins(p, spec.breathing_n, spec.breathing_phi))
+        else:
+            self.phase_percents = tuple(round(100.0 * i / p, 4) for i in range(p))
         self.inhale = lujan(np.array(self.phase_percents), spec.breathing_n, spec.breathing_phi)
         self._tumour_z0 = self._tumour_exhale_z()
         self._vessel_tree = self._make_vessels()

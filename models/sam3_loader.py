@@ -21,77 +21,36 @@ from typing import Any
 import torch
 
 from models.inference import Sam3Segmenter
+from models.model_files import (  # re-exported: the loader's public names
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    HELP,
+    HF_REPO,
+    PROCESSOR_FILES,
+    TOKENIZER_ALTERNATIVES,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    ModelCause,
+    Sam3LoadError,
+    check_adapter_dir,
+    check_model_files,
+    check_sam3_dir,
+    missing_sam3_files,
+)
 from models.windowing import DEFAULT_WINDOWS, windows_from_pairs
+
+__all__ = [
+    "ADAPTER_FILES", "CONFIG_FILE", "HELP", "HF_REPO", "IDENTITY_FILE", "PROCESSOR_FILES",
+    "TOKENIZER_ALTERNATIVES", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "ModelCause", "Sam3LoadError",
+    "adapter_identity", "build_segmenter",
+    "check_adapter_dir", "check_model_files", "check_sam3_dir", "default_dtype", "load_sam3",
+    "missing_sam3_files", "model_identity", "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
-HF_REPO = "facebook/sam3"
 IDENTITY_FILE = "itvnode_model.json"  # optional: {"model": name, "trained": bool}; written by models.tiny
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints
-PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json")
-TOKENIZER_ALTERNATIVES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-_HELP = (
-    f"A site downloads the Hugging Face model {HF_REPO} (gated: accept the licence on huggingface.co, then "
-    f"`huggingface-cli download {HF_REPO} --local-dir /opt/itvnode/sam3`) and points ITVNODE_SAM3_DIR "
-    "(setting "
-    "sam3_dir) at that directory; it must hold config.json, model.safetensors, processor_config.json and the "
-    "tokenizer files. See docs/sam3.md."
-)
-
-
-class Sam3LoadError(RuntimeError):
-    """The model or adapter directory is missing, incomplete or does not match the model."""
-
-
-def missing_sam3_files(sam3_dir: Path) -> list[str]:
-    """Names of required files absent from ``sam3_dir`` (empty list: complete)."""
-    missing = [f for f in (CONFIG_FILE, *PROCESSOR_FILES) if not (sam3_dir / f).is_file()]
-    if not (sam3_dir / WEIGHTS_FILE).is_file():
-        index = sam3_dir / WEIGHTS_INDEX_FILE
-        if not index.is_file():
-            missing.append(WEIGHTS_FILE)
-        else:
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-            missing += [s for s in shards if not (sam3_dir / s).is_file()]
-    if not any(all((sam3_dir / f).is_file() for f in alt) for alt in TOKENIZER_ALTERNATIVES):
-        missing.append("tokenizer.json (or vocab.json + merges.txt)")
-    return missing
-
-
-def check_sam3_dir(sam3_dir: str | Path | None) -> Path:
-    """Raise :class:`Sam3LoadError` naming every missing file, else return the directory."""
-    if sam3_dir is None or str(sam3_dir) == "":
-        raise Sam3LoadError(f"no SAM 3 model directory configured (ITVNODE_SAM3_DIR is unset). {_HELP}")
-    path = Path(sam3_dir).expanduser()
-    if not path.is_dir():
-        raise Sam3LoadError(f"SAM 3 model directory {path} does not exist or is not a directory. {_HELP}")
-    missing = missing_sam3_files(path)
-    if missing:
-        raise Sam3LoadError(
-            f"SAM 3 model directory {path} is incomplete: missing {', '.join(missing)}. {_HELP}"
-        )
-    return path
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    path = Path(adapter_dir).expanduser()
-    if not path.is_dir():
-        raise Sam3LoadError(
-            f"LoRA adapter directory {path} (ITVNODE_ADAPTER_DIR) does not exist; unset "
-            "ITVNODE_ADAPTER_DIR to run zero-shot SAM 3, or point it at the output of `itvnode train`"
-        )
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
-        raise Sam3LoadError(
-            f"LoRA adapter directory {path} is incomplete: missing {', '.join(missing)} "
-            "(an adapter is what `itvnode train` writes: adapter_config.json + "
-            "adapter_model.safetensors)"
-        )
-    return path
+_HELP = HELP
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -100,7 +59,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Sam3LoadError(f"device {device!r} requested but CUDA is not available on this machine")
+        raise Sam3LoadError(f"device {device!r} requested but CUDA is not available on this machine",
+                            ModelCause.LOAD_ERROR)
     return dev
 
 
@@ -174,7 +134,7 @@ def load_sam3(sam3_dir: str | Path | None, device: str | torch.device = "cpu") -
         model, info = loaded
         processor = Sam3Processor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise Sam3LoadError(f"cannot load SAM 3 from {path}: {exc}. {_HELP}") from exc
+        raise Sam3LoadError(f"cannot load SAM 3 from {path}: {exc}. {_HELP}", ModelCause.LOAD_ERROR) from exc
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = [k for k in info.get("unexpected_keys", []) if not any(p.search(k) for p in ignored)]
     problems = {
@@ -189,7 +149,8 @@ def load_sam3(sam3_dir: str | Path | None, device: str | torch.device = "cpu") -
             for k, v in problems.items()
             if v
         )
-        raise Sam3LoadError(f"weights in {path} do not match the SAM 3 architecture: {detail}. {_HELP}")
+        raise Sam3LoadError(f"weights in {path} do not match the SAM 3 architecture: {detail}. {_HELP}",
+                            ModelCause.WEIGHTS_MISMATCH)
     return model.to(resolve_device(device)).eval(), processor
 
 
@@ -213,7 +174,9 @@ def build_segmenter(
     (``settings.hu_windows``), default :data:`models.windowing.DEFAULT_WINDOWS`.
     """
     dev = resolve_device(device)
-    path = check_sam3_dir(sam3_dir)
+    path = check_model_files(sam3_dir, adapter_dir)  # files, headers and adapter fit, before any load
+    if path is None:
+        path = check_sam3_dir(sam3_dir)  # raises: not configured
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir else None
     model, processor = load_sam3(path, dev)
     identity = model_identity(path, hash_weights=hash_weights)
@@ -225,7 +188,8 @@ def build_segmenter(
             model = load_adapter(model, adapter_path)
         except (ValueError, RuntimeError, OSError, KeyError, TypeError) as exc:
             raise Sam3LoadError(
-                f"LoRA adapter {adapter_path} cannot be applied to the model in {path}: {exc}"
+                f"LoRA adapter {adapter_path} cannot be applied to the model in {path}: {exc}",
+                ModelCause.ADAPTER_MISMATCH,
             ) from exc
         if merge_adapter:
             model = model.merge_and_unload()

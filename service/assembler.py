@@ -80,7 +80,16 @@ from service.manifest import (
     update_manifest,
     utcnow_iso,
 )
-from service.phases import SeriesClass, SeriesKind, SiteRule, classify_series, compile_rules, cycle_coverage
+from service.phases import (
+    SeriesClass,
+    SeriesKind,
+    SiteRule,
+    classify_series,
+    compile_rules,
+    cycle_coverage,
+    descriptions_seen,
+    order_phases,
+)
 from service.queue import prune_embedded_broker
 
 if TYPE_CHECKING:
@@ -393,7 +402,7 @@ class Assembler:
             quiet_from = max(last, self._resumed_at)  # a restart: the downtime was not quiet
         quiet = now - quiet_from >= self.quiet_period
 
-        if m is None and not any(s.cls.kind is SeriesKind.PHASE for s in series):
+        if m is None and not any(s.cls.kind is SeriesKind.PHASE for s in series) and not _looks_4d(series):
             if quiet and key not in self._non4d_logged:
                 self._non4d_logged.add(key)
                 log.info("study key %s: no respiratory phase series among %d series; not a 4DCT, ignored",
@@ -592,15 +601,18 @@ class Assembler:
             if s.cls.kind is SeriesKind.REFERENCE:
                 sl, _ = self._slices(s)
                 a.references.append((s, sl))
-        by_pct: dict[float, list[_Series]] = defaultdict(list)
+        # breathing order and the meaning of the labels (amplitude vs phase binning): service.phases owns it
+        phases.sort(key=lambda s: s.uid)
+        order = order_phases([s.cls for s in phases], self.expected_phases,
+                             [f"{s.uid} ({s.description!r})" for s in phases])
+        problems.extend(order.problems)
+        resolved = []
+        for i, cls in order.ordered:
+            phases[i].cls = cls  # percent = position in the cycle, roi_label = the ROI suffix
+            resolved.append(phases[i])
+        phases = resolved
+        by_pct = {s.cls.percent for s in phases}
         for s in phases:
-            assert s.cls.percent is not None
-            by_pct[s.cls.percent].append(s)
-        for pct, group in sorted(by_pct.items()):
-            if len(group) > 1:
-                listed = ", ".join(f"{g.uid} ({g.description!r})" for g in group)
-                problems.append(f"{len(group)} series claim phase {pct:g}%: {listed}")
-        for s in sorted(phases, key=lambda s: (s.cls.percent or 0.0, s.uid)):
             tags = {m.nominal_phase_percent for m, _ in s.items}
             if len(tags) > 1:
                 problems.append(f"series {s.uid} mixes {len(tags)} respiratory phases in (0020,9245); "
@@ -611,8 +623,15 @@ class Assembler:
                 problems.append(problem)
             elif sl is not None:
                 a.phases.append((s, sl))
-        if len(by_pct) < 2:
-            problems.append(f"{len(by_pct)} distinct respiratory phase(s) found; a 4D set needs at least 2")
+        if not by_pct:
+            seen = descriptions_seen(s.description for s in series)
+            problems.append(f"no respiratory phase recognised in {len(series)} series that look like a 4D "
+                            "set (phase naming unknown: add a site rule, setting phase_rules); descriptions "
+                            f"seen: {seen}")
+        elif len(by_pct) < 2:
+            seen = descriptions_seen(s.description for s in series if s.cls.kind is not SeriesKind.REFERENCE)
+            problems.append(f"{len(by_pct)} distinct respiratory phase(s) found; a 4D set needs at least 2; "
+                            f"descriptions seen: {seen}")
         if not problems:
             problems.extend(self._geometry_problems(a.phases))
         a.uniform = not problems
@@ -676,7 +695,7 @@ class Assembler:
             m = Manifest(study_key=key, study_instance_uid=study_uid, frame_of_reference_uid=for_uid)
         m.fingerprint = fp
         m.phases = [
-            PhaseEntry(percent=float(s.cls.percent or 0.0), series_instance_uid=s.uid,
+            PhaseEntry(percent=float(s.cls.percent or 0.0), label=s.cls.roi_label, series_instance_uid=s.uid,
                        series_description=s.description, slices=len(sl.positions),
                        files=[self._rel(f) for f in sl.distinct_files])
             for s, sl in a.phases
@@ -742,6 +761,18 @@ def assemble_folder(
     finally:
         spool.close()
     return stored, dict(ignored)
+
+
+def _looks_4d(series: Sequence[_Series]) -> bool:
+    """A group without a recognised phase that still looks like a 4D set (held, not ignored, so that an
+    unknown naming is seen): an AVG/MIP/MinIP series, or three or more other series of one slice count."""
+    if any(s.cls.kind is SeriesKind.REFERENCE for s in series):
+        return True
+    counts: defaultdict[int, int] = defaultdict(int)
+    for s in series:
+        if s.cls.kind is SeriesKind.OTHER and len(s.items) >= 2:
+            counts[len(s.items)] += 1
+    return any(n >= 3 for n in counts.values())
 
 
 def _ref_files(s: _Series, sl: _Slices | None) -> list[Path]:

@@ -167,9 +167,38 @@ def check_health(
     broker_ok = bool(report.checks.get("broker", {}).get("ok"))
     report.add("studies", *check_stuck(data_dir, broker_url, reconcile or ReconcilePolicy(),
                                        broker_ok=broker_ok, timeout=timeout))
+    report.add("model", *check_model(data_dir))
     if dicom is not None:
         report.add("dicom", *check_dicom(dicom[0], dicom[1], dicom[2], timeout=timeout))
     return report
+
+
+def latest_model_record(data_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """(study key, ``results.model``) of the study most recently segmented (worker.pipeline writes it)."""
+    best: tuple[float, str, dict[str, Any]] | None = None
+    for m in iter_manifests(data_dir):
+        rec = (m.get("results") or {}).get("model")
+        if isinstance(rec, dict) and isinstance(rec.get("at"), int | float):
+            if best is None or float(rec["at"]) > best[0]:
+                best = (float(rec["at"]), str(m.get("study_key", "")), rec)
+    return None if best is None else (best[1], best[2])
+
+
+def check_model(data_dir: Path) -> tuple[bool, str]:
+    """Not ok while the latest study skipped its SAM 3 structures because the configured model is broken
+    (directory or file missing, adapter mismatch...; ``broken`` in the record). A node without a model by
+    choice (ITVNODE_SAM3_DIR unset) is healthy; the next study run with a working model clears it."""
+    found = latest_model_record(data_dir)
+    if found is None:
+        return True, "no study segmented yet"
+    key, rec = found
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(rec["at"])))
+    if rec.get("loaded"):
+        return True, f"SAM 3 loaded for the latest study ({key}, {when})"
+    skipped = ", ".join(rec.get("skipped") or []) or "none"
+    detail = (f"SAM 3 not loaded for the latest study ({key}, {when}): {rec.get('cause')}: "
+              f"{rec.get('reason')}; structures skipped: {skipped}")
+    return not rec.get("broken"), detail
 
 
 def check_stuck(data_dir: Path, broker_url: str | None, policy: ReconcilePolicy, *, broker_ok: bool = True,
@@ -342,8 +371,21 @@ class NodeCollector(Collector):
         stage_obs: dict[str, list[float]] = {s: [] for s in STAGES}
         phase_slices = 0
         qa = _QAMetrics()
+        skipped: dict[tuple[str, str], int] = {}
+        latest: tuple[float, dict[str, Any]] | None = None
         for m in iter_manifests(self.data_dir):
             qa.add(m)
+            results = m.get("results") or {}
+            rec = results.get("model")
+            if isinstance(rec, dict) and isinstance(rec.get("at"), int | float):
+                if latest is None or float(rec["at"]) > latest[0]:
+                    latest = (float(rec["at"]), rec)
+                for name in rec.get("skipped") or []:
+                    k = (str(name), str(rec.get("cause") or "unknown"))
+                    skipped[k] = skipped.get(k, 0) + 1
+            elif isinstance(results.get("skipped"), dict):  # written before results.model existed
+                for name in results["skipped"]:
+                    skipped[(str(name), "unknown")] = skipped.get((str(name), "unknown"), 0) + 1
             state = str(m.get("state", ""))
             by_state[state] = by_state.get(state, 0) + 1
             history = m.get("history") or []
@@ -366,6 +408,21 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("itvnode_studies_failed", "Studies whose processing failed", value=failed)
 
         yield from qa.metrics()
+        ml = GaugeMetricFamily(
+            "itvnode_model_loaded",
+            "1 when SAM 3 was loaded for the most recently segmented study, 0 when it was not (no sample "
+            "before the first study)", labels=["cause"])
+        if latest is not None:
+            ml.add_metric([str(latest[1].get("cause") or "loaded")], 1 if latest[1].get("loaded") else 0)
+        yield ml
+        sk = CounterMetricFamily(
+            "itvnode_structures_skipped",
+            "Structures left out of a study's RTSTRUCT, by structure and cause (not_configured, dir_missing, "
+            "file_missing, file_invalid, adapter_mismatch, weights_mismatch, load_error)",
+            labels=["structure", "cause"])
+        for (name, cause), n in sorted(skipped.items()):
+            sk.add_metric([name, cause], n)
+        yield sk
 
         received = _count_instances(self.data_dir)
         yield CounterMetricFamily(

@@ -43,7 +43,8 @@ def utcnow_iso() -> str:
 
 
 class PhaseEntry(BaseModel):
-    percent: float
+    percent: float  # position in the breathing cycle, 0 <= p < 100 (service.phases.order_phases)
+    label: str = ""  # ROI suffix from the vendor's label ("P40", "In50"); empty: P<percent>
     series_instance_uid: str
     series_description: str = ""
     slices: int

@@ -9,6 +9,11 @@ Vendor styles (what the phase detector has to cope with, see shared/DESIGN.md):
 - ``philips``: TCIA 4D-Lung ``P4^P100^S300^I00008, Gated, 50.0%A``; SeriesNumber 1 on every phase.
 - ``enhanced``: neutral ``4DCT phase`` description; the percent is in (0020,9245) Nominal Percentage of
   Respiratory Phase at the top level of each classic CT image.
+- ``siemens-amplitude``: Siemens amplitude binning, ``RespCT  3.0  B30f  0% In`` ... ``100% In``, ``80% Ex``
+  ... ``20% Ex`` (needs a phantom made with ``PhantomSpec(sampling="amplitude")``: the labels are the
+  phantom's breathing amplitudes at its sampled times).
+- ``ge``: GE Advantage 4D style ``Phase 50%``; series numbers 300 + index.
+- ``canon``: Canon / Toshiba Aquilion style ``4D  50%  FC13``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from pydicom.valuerep import format_number_as_ds
 
 log = logging.getLogger(__name__)
 
-Vendor = Literal["siemens", "philips", "enhanced"]
-VENDORS: tuple[str, ...] = ("siemens", "philips", "enhanced")
+Vendor = Literal["siemens", "philips", "enhanced", "siemens-amplitude", "ge", "canon"]
+VENDORS: tuple[str, ...] = ("siemens", "philips", "enhanced", "siemens-amplitude", "ge", "canon")
 RESCALE_INTERCEPT = -1024  # stored value = HU + 1024, unsigned 12 bits in 16
 PATIENT_NAME = "PHANTOM^4DCT"
 STUDY_DATE, STUDY_TIME = "20260101", "120000"
@@ -109,13 +114,35 @@ def phase_description(vendor: str, percent: float) -> str:
         return f"P4^P100^S300^I00008, Gated, {percent:.1f}%A"
     if vendor == "enhanced":
         return "4DCT phase"
+    if vendor == "ge":
+        return f"Phase {percent:g}%"
+    if vendor == "canon":
+        return f"4D  {percent:g}%  FC13"
+    if vendor == "siemens-amplitude":
+        raise ValueError("siemens-amplitude labels are amplitudes, not phase percents: see amplitude_labels")
     raise ValueError(f"unknown vendor {vendor!r}; choose one of {', '.join(VENDORS)}")
+
+
+def amplitude_labels(phantom: PhantomLike) -> list[str]:
+    """``0% In`` ... ``100% In``, ``80% Ex`` ...: the phantom's breathing amplitude (inhale fraction, %) at
+    each sampled phase, with the half-cycle (the first P/2 + 1 phases inhale from end-exhale, the rest
+    exhale)."""
+    spec = getattr(phantom, "spec", None)
+    inhale = getattr(phantom, "inhale", None)
+    if getattr(spec, "sampling", None) != "amplitude" or inhale is None:
+        raise ValueError("vendor siemens-amplitude needs a phantom sampled by amplitude (PhantomSpec("
+                         "sampling='amplitude'); `itvnode phantom --vendor siemens-amplitude` does it)")
+    n = len(phantom.phase_percents)
+    return [f"{round(100.0 * float(a)):d}% {'In' if i <= n // 2 else 'Ex'}" for i, a in enumerate(inhale)]
 
 
 _EQUIPMENT = {
     "siemens": ("SIEMENS", "SOMATOM Definition AS", "B30f", "Thorax^4DCT (Adult)"),
     "philips": ("Philips", "Brilliance Big Bore", "B", "4D Lung"),
     "enhanced": ("ITVNODE", "Synthetic Phantom", "STANDARD", "4DCT"),
+    "siemens-amplitude": ("SIEMENS", "SOMATOM Confidence", "Br40", "Thorax^4DCT_Amplitude (Adult)"),
+    "ge": ("GE MEDICAL SYSTEMS", "Discovery CT590 RT", "STANDARD", "4D THORAX"),
+    "canon": ("TOSHIBA", "Aquilion LB", "FC13", "4D CHEST"),
 }
 
 
@@ -171,10 +198,11 @@ def write_phantom_dicom(
     acc_sum = np.zeros((nz, ny, nx), dtype=np.float32) if with_avg else None
     acc_max = np.full((nz, ny, nx), np.iinfo(np.int16).min, dtype=np.int16) if with_mip else None
     order = 0
+    amp = amplitude_labels(phantom) if vendor == "siemens-amplitude" else None
     for i, pct in enumerate(phantom.phase_percents):
         hu = phantom.phase_hu(i)
-        number = 1 if vendor == "philips" else 10 + i
-        desc = phase_description(vendor, pct)
+        number = 1 if vendor == "philips" else (300 + i if vendor == "ge" else 10 + i)
+        desc = f"RespCT  3.0  Br40  {amp[i]}" if amp is not None else phase_description(vendor, pct)
         label = _safe(desc) if vendor != "enhanced" else f"4DCT_phase_{pct:05.1f}"
         info = SeriesInfo(
             series_instance_uid=_uid(uid_seed, vendor, "series", "phase", i), description=desc,
@@ -332,7 +360,7 @@ def _write_series(
         ds.SOPInstanceUID = sop
         meta.MediaStorageSOPInstanceUID = sop
         # Siemens and Philips number from the head down; 'enhanced' from the feet up
-        ds.InstanceNumber = (nz - k) if vendor in ("siemens", "philips") else k + 1
+        ds.InstanceNumber = (nz - k) if vendor in ("siemens", "philips", "siemens-amplitude") else k + 1
         x, y, z = positions[k]
         ds.ImagePositionPatient = [_ds(x), _ds(y), _ds(z)]
         ds.SliceLocation = _ds(z)

@@ -4,7 +4,8 @@ Order (see :func:`classify_series`):
 
 1. ``(0020,9245)`` Nominal Percentage of Respiratory Phase, when the instance carries it.
 2. Site rules (``settings.phase_rules``): a regex with a named group ``pct`` on SeriesDescription,
-   ProtocolName or ImageComments. Checked before every built-in so a site can override them.
+   ProtocolName or ImageComments (optionally a group ``dir`` matching ``In``/``Ex`` for amplitude
+   binning). Checked before every built-in so a site can override them.
 3. Reference series: ImageType containing AVERAGE / MIP / MINIP, or a description token (``AVG``,
    ``AVE``, ``Ave-IP``, ``Average``, ``MIP``, ``MinIP``, ``Min-IP``...). These are not phases.
 4. Built-in description patterns: Siemens ``RespCT 3.0 B30f 50% Ex`` / ``0% In``; Philips / TCIA
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -47,8 +48,11 @@ __all__ = [
     "SeriesClass",
     "SiteRule",
     "SeriesHeader",
+    "PhaseOrder",
     "classify_series",
     "compile_rules",
+    "descriptions_seen",
+    "order_phases",
     "reference_kind",
     "cycle_coverage",
 ]
@@ -85,6 +89,8 @@ class SeriesClass:
     rule: str = ""
     label: str = ""  # the matched text, e.g. "50% Ex"
     note: str = ""
+    direction: str = ""  # "In" | "Ex" when the label names the half-cycle (Siemens)
+    roi_label: str = ""  # set by order_phases: the per-phase ROI suffix ("P40", "In50")
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ def compile_rules(rules: Iterable[_RuleLike]) -> list[SiteRule]:
 
 
 _NUM = r"(?P<pct>\d{1,3}(?:[.,]\d+)?)"
+_PHASE_NUMBER = re.compile(r"(?<![a-z])(?:phase|ph)\s*[#:=]?\s*(?P<n>\d{1,3})(?![\d.,]|\s*%)", re.I)
 
 # Reference series. Word-ish boundaries: letters/digits must not continue the token ("AVGA", "MIPS").
 _REF_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
@@ -131,8 +138,11 @@ _PHASE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("siemens", re.compile(rf"(?<![\d.,%-]){_NUM}\s*%\s*(?P<half>in|ex)(?![a-z])", re.I)),
     # Philips / TCIA 4D-Lung: "..., Gated, 50.0%A", "4DFBCT, Gated, 0.0%A  extra"
     ("philips", re.compile(rf"gated\s*[,;:]?\s*{_NUM}\s*%", re.I)),
-    # "T=50%", "T = 50 %", "Phase=50%", "Phase 50%"
+    # GE (Advantage 4D) / Canon: "Phase 50%", "Ph50%", "T=50%", "T = 50 %", "Phase=50%", "50% Phase"
     ("t-equals", re.compile(rf"(?<![a-z])(?:t|phase|ph)\s*[=:]?\s*{_NUM}\s*%", re.I)),
+    ("percent-phase", re.compile(rf"(?<![\d.,]){_NUM}\s*%\s*(?:phase|ph)(?![a-z])", re.I)),
+    # Canon / Toshiba (Aquilion 4D, assumed): "4D 50%", "Resp 50%", "RESP_50%", "BH 4D 50.0%"
+    ("canon", re.compile(rf"(?<![a-z])(?:4d|resp|respiratory|gate|gating)[\s_-]*{_NUM}\s*%", re.I)),
     # a lone percentage anywhere
     ("generic", re.compile(rf"(?<![\d.,]){_NUM}\s*%", re.I)),
 ]
@@ -171,7 +181,11 @@ def _percent_ok(p: float) -> bool:
 def _phase_from_description(text: str) -> SeriesClass | None:
     """The built-in description rows; None when nothing phase-like is present."""
     if not _PERCENT_ANY.search(text):
-        return None
+        m = _PHASE_NUMBER.search(text)
+        if m is None or len(_PHASE_NUMBER.findall(text)) > 1:
+            return None
+        # "Phase 3" / "Phase 30": an index or a percent, decided per set by order_phases
+        return SeriesClass(SeriesKind.PHASE, percent=float(m["n"]), rule="phase-number", label=m.group(0))
     if _RANGE.search(text):
         return SeriesClass(SeriesKind.OTHER, rule="range", note=f"percent range in {text!r}, not one phase")
     if len(_PERCENT_ANY.findall(text)) > 1:
@@ -185,6 +199,12 @@ def _phase_from_description(text: str) -> SeriesClass | None:
                                note=f"percentage qualifies reconstruction/dose in {text!r}")
         pct = _to_float(m["pct"])
         label = m.group(0).strip()
+        if name == "siemens":
+            direction = "In" if m["half"].lower() == "in" else "Ex"
+            if not 0.0 <= pct <= 100.0:  # 100 % is an amplitude (amplitude binning), decided per set
+                return SeriesClass(SeriesKind.OTHER, rule=name, label=label,
+                                   note=f"{pct:g}% {direction} is outside 0..100 %")
+            return SeriesClass(SeriesKind.PHASE, percent=pct, rule=name, label=label, direction=direction)
         if not _percent_ok(pct):
             return SeriesClass(SeriesKind.OTHER, rule=name, label=label,
                                note=f"{pct:g}% is outside the phase range 0 <= p < 100")
@@ -215,6 +235,12 @@ def classify_series(header: SeriesHeader, site_rules: Sequence[SiteRule] = ()) -
             except ValueError:
                 continue
             name = f"site[{i}]"
+            half = (m.groupdict().get("dir") or "").strip().lower()
+            if half in ("in", "ex", "i", "e", "insp", "exp"):  # a site rule for amplitude binning
+                direction = "In" if half.startswith("i") else "Ex"
+                if 0.0 <= pct <= 100.0:
+                    return SeriesClass(SeriesKind.PHASE, percent=pct, rule=name, label=m.group(0),
+                                       direction=direction)
             if not _percent_ok(pct):
                 return SeriesClass(SeriesKind.OTHER, rule=name, label=m.group(0),
                                    note=f"{pct:g}% is outside the phase range 0 <= p < 100")
@@ -276,3 +302,133 @@ def cycle_coverage(percents: Iterable[float], expected_phases: int | None) -> Cy
         note = (f"the labels lie on a {round(step, 2):g} % grid ({m}-phase cycle) but {expected_phases} "
                 "phases are expected (setting expected_phases)")
     return Cycle(expected=expected, present=present, missing=missing, note=note)
+
+
+# --------------------------------------------------------------------------------------------- one set
+
+
+@dataclass(frozen=True)
+class PhaseOrder:
+    """The phases of one candidate 4D set in breathing order, each re-labelled (``percent`` = its position
+    in the cycle, ``roi_label`` = the ROI suffix), and why the set is ambiguous (``problems``)."""
+
+    ordered: list[tuple[int, SeriesClass]]  # (index into the input, resolved class), breathing order
+    binning: str  # "phase" | "amplitude" | "mixed"
+    problems: list[str]
+
+
+def _fmt(p: float) -> str:
+    return f"{p:g}"
+
+
+def _phase_convention_ok(c: SeriesClass) -> bool:
+    """A Siemens In/Ex label that fits *phase* binning (0 % end-inhale, Ex on the way to 50 %, In after)."""
+    p = c.percent or 0.0
+    if p >= 100.0:
+        return False
+    if p in (0.0, 50.0):
+        return True
+    return (c.direction == "Ex") == (0.0 < p < 50.0)
+
+
+def _amplitude(c: SeriesClass) -> tuple[float, SeriesClass]:
+    """Sort key and resolved class of an amplitude-binned label: ``NN% In`` at NN/2, ``NN% Ex`` at 100 - NN/2
+    (inhale from end-exhale 0 % up to 100 %, then exhale back down: 0 % In first, 0 % Ex last)."""
+    a = c.percent or 0.0
+    key = a / 2.0 if c.direction == "In" else 100.0 - a / 2.0
+    position = key % 100.0
+    return key, replace(c, percent=position, roi_label=f"{c.direction}{_fmt(a)}")
+
+
+def _phase_numbers(items: list[tuple[int, SeriesClass]],
+                   expected: int | None) -> tuple[list[tuple[int, SeriesClass]], list[str]]:
+    """``Phase N`` without a percent sign: percents when every N is a multiple of 5 and one is >= 10
+    (``Phase 0`` .. ``Phase 90``), else indices of an ``expected`` (or as many as seen) phase cycle numbered
+    from 0, or from 1 when 0 is absent and the highest index equals the cycle length."""
+    values = [c.percent or 0.0 for _, c in items]
+    if all(v == int(v) for v in values) and all(v % 5 == 0 for v in values) and max(values) >= 10 \
+            and max(values) < 100:
+        return [(i, replace(c, roi_label=f"P{_fmt(c.percent or 0.0)}")) for i, c in items], []
+    cycle = max(expected or 0, len(values))
+    base = 1 if 0 not in values and max(values) == cycle else 0
+    if any(v != int(v) or not 0 <= v - base < cycle for v in values):
+        seen = ", ".join(sorted({c.label for _, c in items}))
+        return [], [f"'Phase N' labels ({seen}) are neither percents nor indices of a {cycle}-phase cycle"]
+    out = []
+    for i, c in items:
+        pct = round(((c.percent or 0.0) - base) * 100.0 / cycle, 4)
+        out.append((i, replace(c, percent=pct, roi_label=f"P{_fmt(pct)}",
+                               note=f"phase index {c.percent:g} of {cycle} (numbered from {base})")))
+    return out, []
+
+
+def order_phases(classes: Sequence[SeriesClass], expected_phases: int | None = None,
+                 names: Sequence[str] | None = None) -> PhaseOrder:
+    """Put the phase series of one set in breathing order and decide what their labels mean.
+
+    * Siemens ``NN% In`` / ``NN% Ex``: *amplitude* binning when a percentage appears with both directions,
+      a label reads 100 %, or a direction contradicts phase binning (``25% In``, ``75% Ex``); then
+      ``percent`` becomes the cycle position (In: NN/2, Ex: 100 - NN/2, so 0 % In = 0 = end-exhale) and
+      ``roi_label`` keeps the label (``In50``). Otherwise phase binning: ``percent`` = NN, ``P<NN>``.
+    * ``Phase N`` (no percent sign): see :func:`_phase_numbers`.
+    * everything else: ``percent`` as read, ``P<percent>``.
+
+    Problems (the set is held): several labelling schemes mixed in one set, the same label twice.
+    ``names`` (one per class, e.g. series UID and description) name the series in those reasons.
+    """
+    items = [(i, c) for i, c in enumerate(classes) if c.kind is SeriesKind.PHASE and c.percent is not None]
+    problems: list[str] = []
+    directional = [(i, c) for i, c in items if c.direction]
+    numbered = [(i, c) for i, c in items if c.rule == "phase-number" and not c.direction]
+    plain = [(i, c) for i, c in items if not c.direction and c.rule != "phase-number"]
+    families = [name for name, group in (("Siemens 'NN% In/Ex'", directional), ("'Phase N'", numbered),
+                                         ("percent", plain)) if group]
+    binning = "phase"
+    keyed: list[tuple[float, int, SeriesClass]] = []
+    if len(families) > 1:
+        binning = "mixed"
+        seen = ", ".join(sorted({repr(c.label) for _, c in items}))
+        problems.append(f"phase labels mix {' and '.join(families)} naming ({seen}); set a site phase rule")
+    if directional:
+        amplitude = (any(not _phase_convention_ok(c) for _, c in directional)
+                     or len({c.percent for _, c in directional}) < len({(c.percent, c.direction)
+                                                                      for _, c in directional}))
+        if amplitude:
+            binning = "amplitude" if binning != "mixed" else binning
+            for i, c in directional:
+                key, r = _amplitude(c)
+                keyed.append((key, i, r))
+        else:
+            keyed += [(c.percent or 0.0, i, replace(c, roi_label=f"P{_fmt(c.percent or 0.0)}"))
+                      for i, c in directional]
+    if numbered:
+        resolved, more = _phase_numbers(numbered, expected_phases)
+        problems += more
+        keyed += [(c.percent or 0.0, i, c) for i, c in resolved]
+    keyed += [(c.percent or 0.0, i, replace(c, roi_label=f"P{_fmt(c.percent or 0.0)}")) for i, c in plain]
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    by_label: dict[str, list[tuple[int, SeriesClass]]] = {}
+    for _, i, c in keyed:
+        by_label.setdefault(c.roi_label, []).append((i, c))
+    for lab, group in by_label.items():
+        if len(group) > 1:
+            listed = ", ".join(names[i] if names else repr(c.label) for i, c in group)
+            shown = f"{lab[1:]}%" if lab.startswith("P") else f"{lab[2:]}% {lab[:2]}"
+            problems.append(f"{len(group)} series claim phase {shown}: {listed}")
+    return PhaseOrder([(i, c) for _, i, c in keyed], binning, problems)
+
+
+_LONG_DIGITS = re.compile(r"\d{6,}")
+
+
+def descriptions_seen(descriptions: Iterable[str], limit: int = 8, width: int = 40) -> str:
+    """The series descriptions of a set for a hold reason: distinct, each cut at ``width`` characters, runs of
+    six or more digits masked (dates, IDs: no patient data in reasons), at most ``limit`` listed."""
+    seen: list[str] = []
+    for d in descriptions:
+        text = _LONG_DIGITS.sub("#", " ".join((d or "").split()))
+        text = text if len(text) <= width else text[: width - 1] + "…"
+        if text not in seen:
+            seen.append(text)
+    shown = ", ".join(repr(t) for t in seen[:limit]) or "(no SeriesDescription)"
+    return shown + (f" and {len(seen) - limit} more" if len(seen) > limit else "")

@@ -110,14 +110,16 @@ class _Plan:
     rois: list[_Roi] = field(default_factory=list)
 
 
-def phase_label(percent: float) -> str:
-    """``40.0 -> 'P40'``, ``12.5 -> 'P12.5'``."""
-    return f"P{percent:g}"
+def phase_label(percent: float, label: str = "") -> str:
+    """``40.0 -> 'P40'``, ``12.5 -> 'P12.5'``; a vendor label from the manifest wins (``'In50'`` for Siemens
+    amplitude binning, service.phases.order_phases)."""
+    return label or f"P{percent:g}"
 
 
-def roi_name(base: str, percent: float) -> str:
-    """Per-phase ROI name, TG-263 style ``<name>^P<percent>``, at most 16 characters (base truncated)."""
-    suffix = "^" + phase_label(percent)
+def roi_name(base: str, percent: float, label: str = "") -> str:
+    """Per-phase ROI name, TG-263 style ``<name>^P<percent>`` (or ``<name>^In50``), at most 16 characters
+    (base truncated)."""
+    suffix = "^" + phase_label(percent, label)
     return base[: 16 - len(suffix)] + suffix
 
 
@@ -229,6 +231,7 @@ def _check_inputs(
     phase_percents: Sequence[float],
     masks: Mapping[str, np.ndarray],
     envelopes: Mapping[str, np.ndarray],
+    tags: Sequence[str],
 ) -> None:
     if not geometries:
         raise ValueError("no phase geometries")
@@ -253,7 +256,8 @@ def _check_inputs(
     for name, m in envelopes.items():
         if m.shape != g0.shape:
             raise ValueError(f"envelope {name!r} has shape {m.shape}, expected (z, y, x) = {g0.shape}")
-    names = [roi_name(n, p) for n in masks for p in phase_percents] + list(envelopes)
+    names = [roi_name(n, p, tag) for n in masks for p, tag in zip(phase_percents, tags, strict=True)]
+    names += list(envelopes)
     if len(names) != len(set(names)):
         raise ValueError(f"ROI names collide after the 16-character limit: {sorted(names)}")
 
@@ -298,10 +302,15 @@ def result_content_key(
     )
 
 
-def inputs_note(phase_percents: Sequence[float], references: Sequence[str] = ()) -> str:
-    """Which inputs a result used, for descriptions: ``10 phases (0, 10, ... 90%) + AVG``."""
-    pcts = ", ".join(f"{p:g}" for p in phase_percents)
-    text = f"{len(phase_percents)} phases ({pcts}%)"
+def inputs_note(phase_percents: Sequence[float], references: Sequence[str] = (),
+                labels: Sequence[str] | None = None) -> str:
+    """Which inputs a result used, for descriptions: ``10 phases (0, 10, ... 90%) + AVG``; with vendor labels
+    (amplitude binning) ``10 phases (In0, In20, ... Ex20) + AVG``."""
+    if labels and any(labels) and any(not lab.startswith("P") for lab in labels):
+        text = f"{len(phase_percents)} phases ({', '.join(labels)})"
+    else:
+        pcts = ", ".join(f"{p:g}" for p in phase_percents)
+        text = f"{len(phase_percents)} phases ({pcts}%)"
     return text + "".join(f" + {k}" for k in references)
 
 
@@ -313,6 +322,7 @@ def _plans(
     envelopes: Mapping[str, np.ndarray],
     styles: Mapping[str, RoiStyle],
     references: Mapping[str, Geometry],
+    tags: Sequence[str],
 ) -> list[_Plan]:
     g0 = geometries[0]
     refs = usable_references(geometries, references)
@@ -321,14 +331,16 @@ def _plans(
         return styles.get(name, RoiStyle())
 
     def phase_rois(p: int) -> list[_Roi]:
-        return [_Roi(roi_name(n, phase_percents[p]), style(n), m[p], geometries[p]) for n, m in masks.items()]
+        return [_Roi(roi_name(n, phase_percents[p], tags[p]), style(n), m[p], geometries[p])
+                for n, m in masks.items()]
 
     if layout == "combined":
         env_geom = next(iter(refs.values()), g0)
         plan = _Plan("combined", "4D", series=list(geometries) + list(refs.values()))
         for n, m in masks.items():  # structure-major: GTVp^P0 .. GTVp^P90, then the next structure
             plan.rois.extend(
-                _Roi(roi_name(n, pct), style(n), m[p], geometries[p]) for p, pct in enumerate(phase_percents)
+                _Roi(roi_name(n, pct, tags[p]), style(n), m[p], geometries[p])
+                for p, pct in enumerate(phase_percents)
             )
         plan.rois.extend(_Roi(n, style(n), e, env_geom) for n, e in envelopes.items())
         return [plan]
@@ -336,7 +348,7 @@ def _plans(
         plans = []
         for p, g in enumerate(geometries):
             plan = _Plan(
-                g.series_instance_uid, phase_label(phase_percents[p]), series=[g], rois=phase_rois(p)
+                g.series_instance_uid, phase_label(phase_percents[p], tags[p]), series=[g], rois=phase_rois(p)
             )
             plan.rois.extend(_Roi(n, style(n), e, g) for n, e in envelopes.items())
             plans.append(plan)
@@ -361,6 +373,7 @@ def build_rtstructs(
     phase_percents: Sequence[float],
     masks: Mapping[str, np.ndarray],
     envelopes: Mapping[str, np.ndarray],
+    phase_labels: Sequence[str] | None = None,
     styles: Mapping[str, RoiStyle] | None = None,
     algorithm: Algorithm | None = None,
     layout: str = "combined",
@@ -378,13 +391,15 @@ def build_rtstructs(
 ) -> list[Dataset]:
     """Build the RTSTRUCT(s) of one 4DCT.
 
-    ``geometries``/``phase_percents``: one per phase, in the order of the masks' P axis. ``masks``: structure
-    name -> bool (P, Z, Y, X); ``envelopes``: name (e.g. ``ITV``) -> bool (Z, Y, X). ``identifiers``: the
-    manifest's patient/study attributes. ``references``: kind (``AVG``/``MIP``) -> geometry of a reference
-    series. ``skipped``: structure -> reason, listed in StructureSetDescription. ``uid_prefix``: the site's
-    UID root (ending in '.'); default pydicom's. Empty masks give an ROI without ContourSequence. ``holes``:
-    ``keyhole`` (one contour per outer boundary, holes cut in through a zero-width channel: right for
-    receivers that OR or XOR the contours of a slice) or ``xor`` (holes as separate inner contours).
+    ``geometries``/``phase_percents`` (/``phase_labels``, the manifest's vendor labels such as ``In50``: the
+    per-phase ROI suffix; default ``P<percent>``): one per phase, in the order of the masks' P axis.
+    ``masks``: structure name -> bool (P, Z, Y, X); ``envelopes``: name (e.g. ``ITV``) -> bool (Z, Y, X).
+    ``identifiers``: the manifest's patient/study attributes. ``references``: kind (``AVG``/``MIP``) ->
+    geometry of a reference series. ``skipped``: structure -> reason, listed in StructureSetDescription.
+    ``uid_prefix``: the site's UID root (ending in '.'); default pydicom's. Empty masks give an ROI without
+    ContourSequence. ``holes``: ``keyhole`` (one contour per outer boundary, holes cut in through a zero-width
+    channel: right for receivers that OR or XOR the contours of a slice) or ``xor`` (holes as separate inner
+    contours).
 
     UIDs: ``content_key`` (default: :func:`result_content_key` of these inputs and ``settings_digest``) and
     each object's referenced series. ``version``: this study's result version (1 for the first; a late phase
@@ -400,8 +415,11 @@ def build_rtstructs(
     references = references or {}
     skipped = skipped or {}
     now = now or datetime.now(UTC)
-    _check_inputs(geometries, phase_percents, masks, envelopes)
-    plans = _plans(layout, geometries, phase_percents, masks, envelopes, styles, references)
+    tags = list(phase_labels) if phase_labels is not None else [""] * len(phase_percents)
+    if len(tags) != len(phase_percents):
+        raise ValueError(f"{len(tags)} phase labels but {len(phase_percents)} phase percents")
+    _check_inputs(geometries, phase_percents, masks, envelopes, tags)
+    plans = _plans(layout, geometries, phase_percents, masks, envelopes, styles, references, tags)
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
     key = content_key or result_content_key(
@@ -409,7 +427,8 @@ def build_rtstructs(
         layout=layout, settings_digest=settings_digest,
     )
     ref_kinds = list(usable_references(geometries, references, warn=False))
-    used = inputs_note(phase_percents, ref_kinds)
+    used = inputs_note(phase_percents, ref_kinds, [phase_label(p, t) for p, t in zip(phase_percents, tags,
+                                                                                      strict=True)])
     short = f"v{version} {len(phase_percents)}ph" + "".join(f"+{k}" for k in ref_kinds)
     out = []
     for i, plan in enumerate(plans):

@@ -57,6 +57,9 @@ class LoadedSegmenter:
 
     segmenter: Any | None
     unavailable_reason: str | None = None
+    #: ``models.model_files.ModelCause`` value when there is no segmenter (``not_configured``,
+    #: ``dir_missing``, ``file_missing``, ``adapter_mismatch``...): recorded per study for /health, /metrics
+    unavailable_cause: str | None = None
     version_info: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0
 
@@ -162,7 +165,7 @@ def load_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
     import time
 
     if not cfg.needs_sam3:
-        return LoadedSegmenter(None, "no structure uses SAM 3")
+        return LoadedSegmenter(None, "no structure uses SAM 3", "unused")
     from models.sam3_loader import Sam3LoadError, build_segmenter
 
     t0 = time.monotonic()
@@ -175,9 +178,10 @@ def load_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
             windows=cfg.hu_windows,
         )
     except Sam3LoadError as exc:
-        log.warning("SAM 3 unavailable, SAM 3 structures will be SKIPPED: %s", exc)
+        log.warning("SAM 3 unavailable (%s), SAM 3 structures will be SKIPPED: %s", exc.cause, exc)
         # first sentence only: it goes into the RTSTRUCT description and the manifest reason
-        return LoadedSegmenter(None, "SAM 3 unavailable: " + re.split(r"\.\s+(?=[A-Z])", str(exc))[0])
+        return LoadedSegmenter(None, "SAM 3 unavailable: " + re.split(r"\.\s+(?=[A-Z])", str(exc))[0],
+                               str(exc.cause))
     info = seg.version_info()
     if info.get("trained") is False:
         log.warning(
@@ -185,7 +189,7 @@ def load_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
             cfg.sam3_dir,
             info.get("note") or info.get("model"),
         )
-    return LoadedSegmenter(seg, None, info, time.monotonic() - t0)
+    return LoadedSegmenter(seg, None, version_info=info, load_seconds=time.monotonic() - t0)
 
 
 def get_segmenter(cfg: EngineConfig) -> LoadedSegmenter:

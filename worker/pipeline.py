@@ -304,6 +304,8 @@ def process_study(
                 "qa": outcome.qa,
             }
         )
+        if outcome.computed:  # what the model was for this run: /health and /metrics read it (service.health)
+            mm.results["model"] = model_record(seg_loaded, outcome.skipped)
 
     _update(path, finished)
     outcome.state, outcome.reason = state, note
@@ -444,6 +446,23 @@ def skipped_note(skipped: dict[str, str] | None) -> str | None:
     return "skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
 
 
+def model_record(seg: LoadedSegmenter, skipped: dict[str, str]) -> dict[str, Any]:
+    """``results.model`` of a manifest: was SAM 3 loaded for this run, and if not why (``cause`` is a
+    ``models.model_files.ModelCause`` value; ``broken``: a configured model that does not work, which makes
+    /health unhealthy); the structures skipped for it."""
+    from models.model_files import BROKEN_CAUSES
+
+    cause = None if seg.segmenter is not None else (seg.unavailable_cause or "load_error")
+    return {
+        "loaded": seg.segmenter is not None,
+        "cause": cause,
+        "broken": cause in BROKEN_CAUSES,
+        "reason": seg.unavailable_reason if seg.segmenter is None else None,
+        "skipped": sorted(skipped),
+        "at": time.time(),
+    }
+
+
 def _algorithm_dict(seg: LoadedSegmenter) -> dict[str, Any]:
     a = _algorithm(seg)
     return {
@@ -576,16 +595,18 @@ def _write_results(
             "version": version,
             "content_key": key,
             "phases": [p.percent for p in m.phases],
+            "phase_labels": [p.label for p in m.phases],
             "phase_series": [p.series_instance_uid for p in m.phases],
             "references": sorted(references),
         }
         log.info("study %s: result version %d (content key %s, %s)", study_key, version, key,
-                 inputs_note([p.percent for p in m.phases], list(references)))
+                 inputs_note([p.percent for p in m.phases], list(references), [p.label for p in m.phases]))
         datasets = build_rtstructs(
             study_key=study_key,
             identifiers=m.identifiers,
             geometries=geoms,
             phase_percents=[p.percent for p in m.phases],
+            phase_labels=[p.label for p in m.phases],
             masks=result.masks,
             envelopes=result.envelopes,
             styles=roi_styles(config),
@@ -708,7 +729,7 @@ def _write_segs(
         return []
     out: list[Path] = []
     for p, (phase, g) in enumerate(zip(m.phases, geoms, strict=True)):
-        segments = {roi_name(n, phase.percent): v[p] for n, v in result.masks.items()}
+        segments = {roi_name(n, phase.percent, phase.label): v[p] for n, v in result.masks.items()}
         segments.update(result.envelopes)
         try:
             ds = build_seg(

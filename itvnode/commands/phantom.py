@@ -18,10 +18,14 @@ if TYPE_CHECKING:
     from service.phantom_dicom import PhantomSeries
 
 
+_VENDORS = ("siemens", "philips", "enhanced", "siemens-amplitude", "ge", "canon")  # service.phantom_dicom
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder (dicom/ and ground_truth/ are created in it)")
-    parser.add_argument("--vendor", choices=["siemens", "philips", "enhanced"], default="siemens",
-                        help="how phases are labelled (default: siemens)")
+    parser.add_argument("--vendor", choices=list(_VENDORS), default="siemens",
+                        help="how phases are labelled (default: siemens; siemens-amplitude: amplitude "
+                             "binning, 0%% In .. 100%% In .. Ex, even --phases; table: docs/phases.md)")
     parser.add_argument("--size", choices=["small", "full"], default="full",
                         help="full: 10 x 120 x 512 x 512, 0.98 mm, 2.5 mm slices; small: 4 x 24 x 96 x 96")
     parser.add_argument("--phases", type=int, help="number of respiratory phases (default 10; small: 4)")
@@ -55,6 +59,10 @@ def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
             over[key] = value
     if args.arms:
         over["arms"] = True
+    if getattr(args, "vendor", "") == "siemens-amplitude":
+        over["sampling"] = "amplitude"
+        if args.size == "small" and args.phases is None:
+            over["n_phases"] = 4  # 0% In, 50% In, 100% In, 50% Ex
     base = PhantomSpec.small() if args.size == "small" else PhantomSpec.full()
     z, y, _ = base.shape
     if args.rows is not None or args.slices is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +15,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                         help="Celery pool (prefork is needed for time limits)")
     parser.add_argument("--hostname", default=None, help="worker node name (default itvnode-<queues>@%%h)")
+
+
+def model_refusal(settings: Any) -> str | None:
+    """Why an inference worker must not start, or None. ``ITVNODE_SAM3_DIR`` / ``ITVNODE_ADAPTER_DIR`` set but
+    unusable (directory or file missing, unreadable, adapter not fitting the model) is a configuration error,
+    not a reason to run on and skip every SAM 3 structure. Unset: a threshold-only node, which may start.
+    Checks files and safetensors headers only (no weights loaded, no torch)."""
+    from models.model_files import Sam3LoadError, check_model_files
+    from worker.engine_settings import engine_config
+
+    cfg = engine_config(settings)
+    if not cfg.needs_sam3:
+        return None
+    try:
+        check_model_files(cfg.sam3_dir, cfg.adapter_dir)
+    except Sam3LoadError as exc:
+        return f"{exc} [{exc.cause}]"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not queues:
         raise SystemExit(f"itvnode worker: unknown queue(s) {unknown or queues}: "
                          f"choose from {', '.join(QUEUES)}")
+    if "inference" in queues:
+        refusal = model_refusal(settings)
+        if refusal:
+            print(f"itvnode worker: refusing to start: {refusal}", file=sys.stderr)
+            return 3
     app = app_from_settings(settings)
     try:
         argv = worker_argv(app, queues, args.concurrency, pool=args.pool, hostname=args.hostname,

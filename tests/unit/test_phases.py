@@ -35,10 +35,10 @@ PHASES = [
     ("T=50%", 50.0, "t-equals"),
     ("T = 30 %", 30.0, "t-equals"),
     ("Phase 40%", 40.0, "t-equals"),
-    ("CT 4D 70%", 70.0, "generic"),
+    ("CT 4D 70%", 70.0, "canon"),
     ("4DCT 90%", 90.0, "generic"),
     ("Exhale 50%", 50.0, "generic"),
-    ("4D 10,0%", 10.0, "generic"),
+    ("4D 10,0%", 10.0, "canon"),
     ("0%", 0.0, "generic"),
     ("99.5%", 99.5, "generic"),
 ]
@@ -85,7 +85,6 @@ NOT_PHASES = [
     "50% 75%",  # two percentages
     "100%",  # 100 % is 0 % of the next cycle: not a phase percent
     "Gated, 100.0%A",
-    "RespCT 3.0 B30f 100% In",  # amplitude binning
     "Lung 40% ASiR",  # GE iterative reconstruction strength
     "ASIR-V 50%",
     "Chest iDose4 30%",

@@ -40,7 +40,8 @@ def test_health_and_metrics_over_http(assembled: tuple[Path, str, Any]) -> None:
         code, body = _get(f"{base}/health")
         assert code == 200, body
         report = json.loads(body)
-        assert report["status"] == "ok" and set(report["checks"]) == {"data_dir", "broker", "studies"}
+        assert report["status"] == "ok"
+        assert set(report["checks"]) == {"data_dir", "broker", "studies", "model"}
 
         # a computed study waiting for its (unreachable) destination
         cfg = engine_config(load_settings(sam3_dir=None))
