@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from service.layout import DataLayout
 from service.manifest import Manifest, iter_manifests, manifest_path, set_state, update_manifest
 from service.queue import HARD_LIMIT_GRACE, queued_study_keys
 
@@ -53,7 +54,7 @@ _RESET_STATES = frozenset({"collecting", "complete", "held", "done", "failed"})
 
 
 def heartbeat_path(data_dir: Path, study_key: str) -> Path:
-    return manifest_path(data_dir, study_key).with_name(HEARTBEAT_FILE)
+    return DataLayout(data_dir).heartbeat(study_key)
 
 
 @dataclass(frozen=True)

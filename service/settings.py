@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from service.layout import DataLayout
+
 _AE_RE = re.compile(r"^[ -~]{1,16}$")
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
@@ -310,16 +312,20 @@ class Settings(BaseSettings):
 
     # Derived locations: everything lives under data_dir.
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+    @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        return self.layout.spool
 
     @property
     def outbox_dir(self) -> Path:
-        return self.data_dir / "outbox"
+        return self.layout.outbox
 
     @property
     def broker_dir(self) -> Path:
-        return self.data_dir / "broker"
+        return self.layout.broker
 
     @classmethod
     def settings_customise_sources(

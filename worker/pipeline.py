@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from service.durable import DIR_MODE
+from service.layout import DataLayout
 from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest, utcnow_iso
 from service.outbox import Outbox, RetryPolicy
 from service.settings import Destination
@@ -96,7 +97,7 @@ class _Stages:
 
 
 def results_dir(data_dir: Path, study_key: str) -> Path:
-    return manifest_path(data_dir, study_key).parent / RESULTS_DIR
+    return DataLayout(data_dir).results(study_key)
 
 
 def _receive_timings(data_dir: Path, m: Manifest) -> dict[str, float]:
