@@ -13,9 +13,9 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -254,7 +254,8 @@ def set_state(m: Manifest, state: str, reason: str | None = None) -> Manifest:
     if state not in STATES:
         raise ValueError(f"unknown manifest state {state!r}")
     if m.history and state not in TRANSITIONS[m.state].exits:
-        log.warning("study key %s: transition %s -> %s is not in the state table", m.study_key, m.state, state)
+        log.warning("study key %s: transition %s -> %s is not in the state table", m.study_key, m.state,
+                    state)
     now = utcnow_iso()
     m.state = state  # type: ignore[assignment]
     m.reason = reason

@@ -88,7 +88,7 @@ class ReconcilePolicy:
             interval=settings.reconcile_interval,
             heartbeat_interval=settings.heartbeat_interval,
             heartbeat_timeout=settings.heartbeat_timeout,
-            hard_time_limit=settings.inference_soft_time_limit + HARD_LIMIT_GRACE,
+            hard_time_limit=settings.inference_soft_time_limit + settings.time_limit_grace,
             queued_lost_after=settings.queued_lost_after,
             max_attempts=settings.reconcile_max_attempts,
             backoff=settings.reconcile_backoff,
