@@ -27,6 +27,10 @@ COMMANDS: dict[str, str] = {
     "evaluate": "Dice / HD95 / MSD report on annotated 4DCTs",
     "health": "check the running node (exit 0 when healthy)",
     "release": "admin: process a held study anyway (STUDY = study key or StudyInstanceUID)",
+    "retry": "admin: process a failed study again",
+    "resend": "admin: deliver a study's kept RTSTRUCT again [--to AE@host:port]",
+    "delete": "admin: remove a study and everything held of it",
+    "purge": "admin: purge finished studies now [--older-than DAYS] [--dry-run]",
 }
 
 

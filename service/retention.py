@@ -81,6 +81,7 @@ class Purgeable:
     since: float  # epoch: finished (or last instance, if later)
     states: list[str] = field(default_factory=list)
     last_received: float | None = None
+    frame_of_reference_uid: str | None = None  # only this frame of reference's instances (itvnode delete)
 
     def label(self) -> str:
         return ", ".join(self.keys) if self.keys else "spooled series without a 4D set"
@@ -200,7 +201,8 @@ def purge(layout: DataLayout, spool: Spool, unit: Purgeable, reason: str, *, dry
         if dry_run:
             spool_bytes = sum(p.stat().st_size for _m, p in spool.instances(unit.study_uid) if p.is_file())
             return spool_bytes + sum(_du(d) for d in [*dirs, *records])
-        _n, freed = spool.remove_instances(unit.study_uid, received_before=decided)
+        _n, freed = spool.remove_instances(unit.study_uid, received_before=decided,
+                                           frame_of_reference_uid=unit.frame_of_reference_uid)
         for d in [*records, *dirs]:
             size = _du(d)
             keep_lock = d in dirs
