@@ -150,7 +150,7 @@ def deliveries(data_dir: Path, study_key: str) -> list[dict[str, Any]]:
     from service.layout import DataLayout
     from service.outbox import OutboxItem, iso
 
-    out = []
+    out: list[dict[str, Any]] = []
     root = DataLayout(data_dir).outbox
     for sub in ("items", "done"):
         for path in sorted((root / sub).glob("*/item.json")):
@@ -168,7 +168,7 @@ def deliveries(data_dir: Path, study_key: str) -> list[dict[str, Any]]:
                     "dead_reason": st.dead_reason, "dead_letter": st.dead_letter,
                     "next_attempt_at": iso(st.next_attempt_at) if st.status == "pending" else None,
                 })
-    out.sort(key=lambda d: d["created"] or "")
+    out.sort(key=lambda d: str(d["created"] or ""))
     return out
 
 
