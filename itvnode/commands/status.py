@@ -22,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     where = f"data directory: {settings.data_dir.resolve()}"
-    # the JSON on stdout stays a list (scripts parse it); the data directory goes to stderr there
-    print(where, file=sys.stderr if args.json else sys.stdout)
+    # last line for people; on stderr with --json (its stdout stays the JSON scripts parse)
+    if args.json:
+        print(where, file=sys.stderr)
     if args.study:
         from service.status import format_detail, study_detail
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(detail, sys.stdout, indent=1)
             sys.stdout.write("\n")
         else:
-            sys.stdout.write(format_detail(detail) + "\n")
+            sys.stdout.write(format_detail(detail) + "\n" + where + "\n")
         return 0
     rows = collect_status(settings.data_dir, quiet_period=settings.quiet_period)
     if args.state:
@@ -44,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_table(rows) + "\n")
+        sys.stdout.write(format_table(rows) + "\n" + where + "\n")
     return 0
