@@ -28,6 +28,10 @@ COMMANDS: dict[str, str] = {
     "testmodel": "write a tiny RANDOM-INIT SAM 3 to try train / evaluate without the weights",
     "health": "check the running node (exit 0 when healthy)",
     "release": "admin: process a held study anyway (STUDY = study key or StudyInstanceUID)",
+    "retry": "admin: process a failed study again",
+    "resend": "admin: deliver a study's kept RTSTRUCT again [--to AE@host:port]",
+    "delete": "admin: remove a study and everything held of it",
+    "purge": "admin: purge finished studies now [--older-than DAYS] [--dry-run]",
 }
 
 

@@ -443,6 +443,26 @@ class NodeCollector(Collector):
             h.add_metric([stage], buckets, sum(values))
         yield h
 
+        from service.layout import DataLayout
+        from service.retention import RetentionStats
+
+        purged = RetentionStats(DataLayout(self.data_dir)).read()
+        ps = CounterMetricFamily("itvnode_purged_studies", "Studies purged, by reason (age, watermark, admin "
+                                 "purge, delete)", labels=["reason"])
+        pb = CounterMetricFamily("itvnode_purged_bytes", "Bytes freed by purges, by reason",
+                                 labels=["reason"])
+        for reason in sorted(purged["studies"]):
+            ps.add_metric([reason], purged["studies"][reason])
+            pb.add_metric([reason], purged["bytes"][reason])
+        yield ps
+        yield pb
+        free = GaugeMetricFamily("itvnode_data_free_bytes", "Free bytes on the data directory's file system")
+        try:
+            free.add_metric([], shutil.disk_usage(self.data_dir).free)
+        except OSError:
+            pass
+        yield free
+
         exports = _export_counts(self.data_dir)
         yield CounterMetricFamily(
             "itvnode_export_failures", "Export items given up (dead letter)", value=exports.get("dead", 0)

@@ -63,14 +63,15 @@ def celery_config(
     inference_soft_time_limit: float = DEFAULT_INFERENCE_SOFT_LIMIT,
     export_soft_time_limit: float = DEFAULT_EXPORT_SOFT_LIMIT,
     broker_transport_options: dict[str, Any] | None = None,
+    time_limit_grace: float = HARD_LIMIT_GRACE,
 ) -> dict[str, Any]:
     """Celery configuration (new-style lowercase keys) shared by producers and workers.
 
     ``broker_transport_options`` are merged over the defaults (e.g. ``{"global_keyprefix": "site-a:"}`` to
     share one Redis database between nodes or test runs).
     """
-    inference_hard = inference_soft_time_limit + HARD_LIMIT_GRACE
-    export_hard = export_soft_time_limit + HARD_LIMIT_GRACE
+    inference_hard = inference_soft_time_limit + time_limit_grace
+    export_hard = export_soft_time_limit + time_limit_grace
     conf: dict[str, Any] = {
         "task_serializer": "json",
         "result_serializer": "json",

@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from service.layout import DataLayout
 from service.manifest import Manifest, iter_manifests, manifest_path, set_state, update_manifest
 from service.queue import HARD_LIMIT_GRACE, queued_study_keys
 
@@ -53,7 +54,7 @@ _RESET_STATES = frozenset({"collecting", "complete", "held", "done", "failed"})
 
 
 def heartbeat_path(data_dir: Path, study_key: str) -> Path:
-    return manifest_path(data_dir, study_key).with_name(HEARTBEAT_FILE)
+    return DataLayout(data_dir).heartbeat(study_key)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ReconcilePolicy:
             interval=settings.reconcile_interval,
             heartbeat_interval=settings.heartbeat_interval,
             heartbeat_timeout=settings.heartbeat_timeout,
-            hard_time_limit=settings.inference_soft_time_limit + HARD_LIMIT_GRACE,
+            hard_time_limit=settings.inference_soft_time_limit + settings.time_limit_grace,
             queued_lost_after=settings.queued_lost_after,
             max_attempts=settings.reconcile_max_attempts,
             backoff=settings.reconcile_backoff,
@@ -137,12 +138,33 @@ def attempts(m: Manifest) -> tuple[int, float | None]:
     return n, last
 
 
+RETRY_AT = "retry_at"  # manifest results key: epoch at which a scheduled retry is sent (no message before)
+
+
+def schedule_retry(m: Manifest, reason: str, policy: ReconcilePolicy, now: float) -> str:
+    """A transient failure of ``m``'s task (time limit, model load, disk, broker): ``queued`` with
+    ``results.retry_at`` after the backoff (the reconciler sends the message then), or ``failed`` with the
+    reason once the retries (shared with the reconciler's re-queues) are used up. Returns the new state."""
+    n, _last = attempts(m)
+    m.results.pop(RETRY_AT, None)
+    if n >= policy.max_attempts:
+        set_state(m, "failed", f"{reason}; gave up after {n} retr{'y' if n == 1 else 'ies'}"[:2000])
+        return "failed"
+    wait = min(policy.backoff_max, policy.backoff * 2 ** n)
+    m.results[RETRY_AT] = now + wait
+    set_state(m, "queued", f"{REASON_PREFIX}{reason}; retry {n + 1} of {policy.max_attempts} in {wait:.0f} s"
+              [:2000])
+    return "queued"
+
+
 def assess(m: Manifest, now: float, policy: ReconcilePolicy, heartbeat: float | None,
            broker_keys: set[str] | None) -> Stuck | None:
     """Whether ``m``'s task is gone (pure: the caller reads the heartbeat mtime and the broker)."""
     since = _entered(m)
     if since is None:
         return None
+    if m.state == "queued" and m.results.get(RETRY_AT) is not None:
+        return None  # a retry waiting for its time: no message on purpose (Reconciler.send_due_retries)
     if m.state == "processing":
         started = m.results.get("started_at")
         started = float(started) if isinstance(started, int | float) else since
@@ -252,7 +274,7 @@ class Reconciler:
         except Exception as exc:  # broker down: the queued rule waits, the processing rules still apply
             log.warning("reconcile: cannot list the broker's messages (%s); queued studies not checked", exc)
             keys = None
-        acted = []
+        acted = self.send_due_retries(now)
         lost_now: dict[str, float] = {}
         for found in find_stuck(self.data_dir, self.policy, now, keys):
             if found.state == "queued":
@@ -264,6 +286,48 @@ class Reconciler:
                 acted.append((found.study_key, result))
         self._lost_seen = lost_now
         return acted
+
+    def send_due_retries(self, now: float) -> list[tuple[str, str]]:
+        """Send the message of every retry whose time has come (:func:`schedule_retry`)."""
+        sent = []
+        for path, m in iter_manifests(self.data_dir):
+            at = m.results.get(RETRY_AT)
+            if m.state != "queued" or not isinstance(at, int | float) or at > now:
+                continue
+            taken: dict[str, Any] = {}
+
+            def take(mm: Manifest, taken: dict[str, Any] = taken) -> Manifest:
+                if mm.state == "queued" and mm.results.get(RETRY_AT) is not None:
+                    taken["at"] = mm.results.pop(RETRY_AT)
+                    mm.results["task_ids"] = [*(mm.results.get("task_ids") or []),
+                                              *([mm.task_id] if mm.task_id else [])]
+                return mm
+
+            update_manifest(path, take)
+            if "at" not in taken:
+                continue
+            try:
+                task_id = self.enqueue(m.study_key)
+            except Exception as exc:  # put the retry back: the next pass tries again
+                log.error("study %s: retry could not be queued (%s); trying again", m.study_key, exc)
+
+                def again(mm: Manifest) -> Manifest:
+                    if mm.state == "queued":
+                        mm.results[RETRY_AT] = now + self.policy.interval
+                    return mm
+
+                update_manifest(path, again)
+                continue
+
+            def record(mm: Manifest, task_id: str = task_id) -> Manifest:
+                if mm.state == "queued":
+                    mm.task_id = task_id
+                return mm
+
+            update_manifest(path, record)
+            log.warning("study %s: retry sent as task %s", m.study_key, task_id)
+            sent.append((m.study_key, "queued"))
+        return sent
 
     def _act(self, found: Stuck, now: float) -> str | None:
         path = manifest_path(self.data_dir, found.study_key)

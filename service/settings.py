@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from service.layout import DataLayout
+
 _AE_RE = re.compile(r"^[ -~]{1,16}$")
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
@@ -183,17 +185,33 @@ class Settings(BaseSettings):
     phase_rules: list[PhaseRule] = Field(default_factory=list)
     assembler_interval: float = Field(1.0, gt=0)
 
+    # retention (service/retention.py; runs in `itvnode serve`). Only finished studies (done, failed) and
+    # spooled series that never formed a 4D set are ever purged: spool instances, results, outbox records and
+    # dead letters. By age: `retention_days` after the study finished (null: never by age). By watermark: when
+    # free space falls below `retention_free_bytes` (null: 2 x min_free_bytes), the oldest finished work goes
+    # first, also from inside the SCP before it would have to answer 0xA700.
+    retention_days: float | None = Field(7.0, ge=0)
+    retention_free_bytes: int | None = Field(None, ge=0)
+    retention_interval: float = Field(300.0, gt=0)  # seconds between retention passes
+    retention_ignored_after: float = Field(86400.0, ge=0)  # seconds after the last instance of a non-4D study
+    # the spool's own quota (bytes of received instances); free space is the smaller of the file system's and
+    # what the quota leaves. null: the file system only
+    spool_max_bytes: int | None = Field(None, gt=0)
+
     # queue
     broker_url: str | None = None  # None: embedded broker under data_dir, no server needed
     result_backend: str | None = None
-    inference_soft_time_limit: float = Field(4 * 3600.0, gt=0)  # seconds per study; hard limit +300 s
+    inference_soft_time_limit: float = Field(4 * 3600.0, gt=0)  # seconds per study; hard limit + grace
+    time_limit_grace: float = Field(300.0, gt=0)  # seconds between a task's soft and hard time limits
     export_soft_time_limit: float = Field(900.0, gt=0)  # seconds per export item; hard limit +300 s
     # reconciliation of studies whose task is gone (service/reconcile.py; runs in `itvnode serve`)
     reconcile_interval: float = Field(30.0, gt=0)  # seconds between checks
     heartbeat_interval: float = Field(10.0, gt=0)  # a running segment task touches its heartbeat this often
     heartbeat_timeout: float = Field(120.0, gt=0)  # `processing` without a heartbeat this long: task gone
     queued_lost_after: float = Field(300.0, gt=0)  # `queued` this long with no message in the broker: lost
-    reconcile_max_attempts: int = Field(2, ge=0)  # re-queues per study before it is failed with the reason
+    # retries per study (reconciler re-queues and transient task failures alike) before it is failed with the
+    # reason; each waits reconcile_backoff s, doubled per earlier retry
+    reconcile_max_attempts: int = Field(2, ge=0)
     reconcile_backoff: float = Field(60.0, ge=0)  # seconds before a re-queue, doubled per earlier re-queue
 
     # engine
@@ -301,6 +319,13 @@ class Settings(BaseSettings):
                              "or remove them from caller_ips")
         return self
 
+    @property
+    def watermark_bytes(self) -> int:
+        """Free space retention keeps (``retention_free_bytes``, default twice ``min_free_bytes``)."""
+        if self.retention_free_bytes is None:
+            return 2 * self.min_free_bytes
+        return max(self.retention_free_bytes, self.min_free_bytes)
+
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
         names = [s.name for s in self.structures]
@@ -310,16 +335,20 @@ class Settings(BaseSettings):
 
     # Derived locations: everything lives under data_dir.
     @property
+    def paths(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+    @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        return self.paths.spool
 
     @property
     def outbox_dir(self) -> Path:
-        return self.data_dir / "outbox"
+        return self.paths.outbox
 
     @property
     def broker_dir(self) -> Path:
-        return self.data_dir / "broker"
+        return self.paths.broker
 
     @classmethod
     def settings_customise_sources(

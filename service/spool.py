@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
@@ -662,10 +662,17 @@ class Spool:
     free on the spool's file system. ``fsync=False`` is for tests and benchmarks only.
     """
 
-    def __init__(self, root: Path, *, min_free_bytes: int = 0, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, fsync: bool = True,
+                 max_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
+        self.max_bytes = max_bytes
+        #: called with the bytes a store needs when it would leave less than ``min_free_bytes`` free (the
+        #: retention watermark purge, service.retention); the check is repeated after it returns
+        self.on_low_space: Callable[[int], object] | None = None
+        self._low_space_lock = threading.Lock()
+        self._used: int | None = None  # bytes of indexed instances (cached; refreshed when space is short)
         private_dir(self.root)
         self._lock = threading.RLock()
         self._known_dirs: set[Path] = set()
@@ -717,21 +724,24 @@ class Spool:
             row = self._db.execute(
                 "SELECT series_instance_uid, path, revision FROM instances WHERE study_instance_uid = ? "
                 "AND sop_instance_uid = ?", (meta.study_instance_uid, meta.sop_instance_uid)).fetchone()
-        revision = 0
         if row is not None:
             if row[0] != meta.series_instance_uid:
                 raise ConflictingDuplicate("SOP Instance UID already stored in another series")
             if self._same_bytes(self.root / row[1], encoded):
                 with self._lock:
-                    self._db.execute("UPDATE instances SET received_at = ? WHERE study_instance_uid = ? AND "
-                                     "sop_instance_uid = ?",
-                                     (time.time(), meta.study_instance_uid, meta.sop_instance_uid))
-                return self.root / row[1]
+                    cur = self._db.execute(
+                        "UPDATE instances SET received_at = ? WHERE study_instance_uid = ? AND "
+                        "sop_instance_uid = ?", (time.time(), meta.study_instance_uid, meta.sop_instance_uid))
+                if cur.rowcount == 1 and (self.root / row[1]).is_file():
+                    return self.root / row[1]
+                row = None  # purged meanwhile (service.retention): store it as new
+        revision = 0
+        if row is not None:
             revision = int(row[2]) + 1
             LOG.warning("study %s: instance %s re-sent with changed content; replacing it (revision %d)",
                         meta.study_instance_uid, meta.sop_instance_uid, revision)
         if self.free_bytes() - len(encoded) < self.min_free_bytes:
-            raise SpoolFull("spool below its free-space watermark")
+            self._make_room(len(encoded))
         tmp = series_dir / f".{meta.sop_instance_uid}.{threading.get_ident()}{_TMP_SUFFIX}"
         for attempt in (1, 2):
             try:
@@ -778,6 +788,20 @@ class Spool:
                     fsync_dir(d.parent)
             self._known_dirs.add(series_dir)
 
+    def _make_room(self, needed: int) -> None:
+        """Below the watermark: let retention purge finished work (one store at a time), then check again;
+        :class:`SpoolFull` (0xA700) only when that did not free enough."""
+        with self._low_space_lock:
+            self._used = None
+            if self.on_low_space is not None and self.free_bytes() - needed < self.min_free_bytes:
+                try:
+                    self.on_low_space(needed)
+                except Exception:
+                    LOG.exception("retention purge for space failed")
+                self._used = None
+            if self.free_bytes() - needed < self.min_free_bytes:
+                raise SpoolFull("spool below its free-space watermark")
+
     def _index(self, meta: InstanceMeta, path: Path, size: int, received_at: float | None = None,
                revision: int = 0) -> None:
         """Upsert the row of (study, SOP Instance UID). Never deletes a file: other rows own other paths."""
@@ -792,6 +816,59 @@ class Spool:
                 (meta.study_instance_uid, meta.sop_instance_uid, meta.series_instance_uid, rel, size,
                  time.time() if received_at is None else received_at, meta.to_json(), revision),
             )
+            if self._used is not None:
+                self._used += size
+
+    def remove_instances(self, study_uid: str, *, received_before: float,
+                         frame_of_reference_uid: str | None = None) -> tuple[int, int]:
+        """Delete the study's instances received before ``received_before`` (epoch; only of one frame of
+        reference when given): index rows first, in one transaction, then their files. Returns (instances,
+        bytes). Instances received later (a new arrival or an identical re-send during the purge) stay, and
+        a file rewritten after ``received_before`` is never unlinked."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT sop_instance_uid, path, size, meta FROM instances WHERE study_instance_uid = ? "
+                    "AND received_at <= ?", (study_uid, received_before)).fetchall()
+                if frame_of_reference_uid is not None:
+                    rows = [r for r in rows
+                            if InstanceMeta.from_json(r[3]).frame_of_reference_uid == frame_of_reference_uid]
+                self._db.executemany(
+                    "DELETE FROM instances WHERE study_instance_uid = ? AND sop_instance_uid = ? AND "
+                    "received_at <= ?", [(study_uid, r[0], received_before) for r in rows])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._used = None
+        freed = 0
+        dirs: set[Path] = set()
+        for _sop, rel, size, _meta in rows:
+            path = self.root / rel
+            try:
+                if path.stat().st_mtime <= received_before + 1.0:
+                    path.unlink()
+                    freed += int(size)
+            except FileNotFoundError:
+                pass
+            dirs.add(path.parent)
+        for d in sorted(dirs | {d.parent for d in dirs}, key=lambda p: len(p.parts), reverse=True):
+            if d != self.root and d.is_relative_to(self.root):
+                try:
+                    d.rmdir()  # only when empty
+                    self._known_dirs.discard(d)
+                except OSError:
+                    pass
+        return len(rows), freed
+
+    def used_bytes(self) -> int:
+        """Bytes of the indexed instances."""
+        with self._lock:
+            if self._used is None:
+                row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()
+                self._used = int(row[0])
+            return self._used
 
     def remove_study(self, study_uid: str) -> int:
         """Delete a study's files and index rows (after export); returns the number of instances removed."""
@@ -837,7 +914,11 @@ class Spool:
             return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+        """Free space for new instances: the file system's, or what ``max_bytes`` leaves if that is less."""
+        free = shutil.disk_usage(self.root).free
+        if self.max_bytes is not None:
+            free = min(free, self.max_bytes - self.used_bytes())
+        return free
 
     def close(self) -> None:
         with self._lock:

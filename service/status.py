@@ -143,3 +143,74 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for w in r.get("warnings") or []:
             lines.append(f"    warning: {w}")
     return "\n".join(lines)
+
+
+def deliveries(data_dir: Path, study_key: str) -> list[dict[str, Any]]:
+    """Every outbox delivery of the study, per item and destination (pending, finished, dead)."""
+    from service.layout import DataLayout
+    from service.outbox import OutboxItem, iso
+
+    out: list[dict[str, Any]] = []
+    root = DataLayout(data_dir).outbox
+    for sub in ("items", "done"):
+        for path in sorted((root / sub).glob("*/item.json")):
+            try:
+                item = OutboxItem.model_validate_json(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if item.study_key != study_key:
+                continue
+            for dest, st in sorted(item.destinations.items()):
+                out.append({
+                    "item_id": item.item_id, "destination": dest, "status": st.status,
+                    "attempts": st.attempts, "created": iso(item.created_at),
+                    "delivered_at": iso(st.delivered_at), "last_error": st.last_error,
+                    "dead_reason": st.dead_reason, "dead_letter": st.dead_letter,
+                    "next_attempt_at": iso(st.next_attempt_at) if st.status == "pending" else None,
+                })
+    out.sort(key=lambda d: str(d["created"] or ""))
+    return out
+
+
+def study_detail(data_dir: Path, study: str, quiet_period: float = 60.0) -> list[dict[str, Any]]:
+    """``itvnode status STUDY``: each study key's row plus history, timings, QA warnings and deliveries."""
+    from service.admin import resolve_study
+    from service.manifest import load_manifest
+
+    rows = {r["study_key"]: r for r in collect_status(data_dir, quiet_period) if r["study_key"]}
+    out = []
+    for path in resolve_study(Path(data_dir), study):
+        m = load_manifest(path)
+        row = dict(rows.get(m.study_key) or {"study_key": m.study_key, "state": m.state})
+        row["history"] = [h.model_dump() for h in m.history]
+        row["timings"] = dict(m.results.get("timings") or {})
+        row["deliveries"] = deliveries(Path(data_dir), m.study_key)
+        out.append(row)
+    return out
+
+
+def format_detail(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"study key {r['study_key']}  state {r['state']}  study {r.get('study_instance_uid')}")
+        if r.get("reason"):
+            lines.append(f"  reason: {r['reason']}")
+        pcts = ", ".join(f"{p['percent']:g}%" for p in r.get("phases") or [])
+        lines.append(f"  phases: {pcts or '-'}")
+        lines.append("  history:")
+        for h in r["history"]:
+            lines.append(f"    {h['at'][:23]}  {h['state']:<10}  {h.get('reason') or ''}".rstrip())
+        if r["timings"]:
+            lines.append("  timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()
+                                                       if isinstance(v, int | float)))
+        for w in r.get("warnings") or []:
+            lines.append(f"  QA warning: {w}")
+        for n in r.get("notes") or []:
+            lines.append(f"  note {n['at'][:19]}: {n['text']}")
+        lines.append("  delivery:" if r["deliveries"] else "  delivery: none")
+        for d in r["deliveries"]:
+            when = d["delivered_at"] or d["next_attempt_at"] or ""
+            why = d["dead_reason"] or d["last_error"] or ""
+            lines.append(f"    {d['destination']:<30} {d['status']:<9} attempts {d['attempts']}  {when}  "
+                         f"{why}".rstrip())
+    return "\n".join(lines)

@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from service.durable import DIR_MODE
+from service.layout import DataLayout
 from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest, utcnow_iso
 from service.outbox import Outbox, RetryPolicy
+from service.reconcile import ReconcilePolicy, schedule_retry
 from service.settings import Destination
 from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles, temporal_params
 
@@ -96,7 +98,7 @@ class _Stages:
 
 
 def results_dir(data_dir: Path, study_key: str) -> Path:
-    return manifest_path(data_dir, study_key).parent / RESULTS_DIR
+    return DataLayout(data_dir).results(study_key)
 
 
 def _receive_timings(data_dir: Path, m: Manifest) -> dict[str, float]:
@@ -180,6 +182,7 @@ def process_study(
     task_id: str | None = None,
     uid_prefix: str | None = None,
     worker_info: dict[str, Any] | None = None,
+    retry: ReconcilePolicy | None = None,
 ) -> StudyOutcome:
     """Segment the study ``study_key`` under ``data_dir`` and hand its RTSTRUCT(s) to the outbox.
 
@@ -259,8 +262,13 @@ def process_study(
         if isinstance(exc, PipelineError | ValueError):
             reason = f"{stages.current}: {exc}"
 
+        transient = retry is not None and is_transient(exc, stages.current)
+
         def failed(mm: Manifest) -> None:
-            set_state(mm, "failed", reason[:2000])
+            if transient and retry is not None and mm.state == "processing":
+                schedule_retry(mm, reason, retry, time.time())  # queued with backoff, or failed at the limit
+            else:
+                set_state(mm, "failed", reason[:2000])
             mm.results["timings"] = dict(stages.timings)
 
         try:
@@ -425,6 +433,19 @@ def process_contours(
     )
     qa = json.loads((results_dir(data_dir, study_key) / QA_FILE).read_text())
     return ContourOutcome(study_key, files, qa, warnings, stages.timings)
+
+
+def is_transient(exc: BaseException, stage: str) -> bool:
+    """Whether another attempt may succeed: time limits, loading the model, memory, I/O, the broker. Bad
+    input (PipelineError, ValueError, ...) fails at once: a retry would fail the same way."""
+    if isinstance(exc, PipelineError | ValueError | KeyError | TypeError | IndexError | AssertionError):
+        return stage == "model"
+    if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded", "WorkerLostError"):
+        return True
+    if stage == "model" or isinstance(exc, MemoryError | OSError | ConnectionError | TimeoutError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA" in text or "out of memory" in text)
 
 
 def interrupted_attempts(m: Manifest) -> int:

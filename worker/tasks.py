@@ -51,7 +51,7 @@ def _settings() -> Any:
 def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     """``itvnode.segment_study(study_key)``: segment one assembled study and queue its export."""
     from service.outbox import RetryPolicy
-    from service.reconcile import Heartbeat
+    from service.reconcile import Heartbeat, ReconcilePolicy
     from worker.engine_settings import engine_config, get_segmenter
     from worker.pipeline import PipelineError, process_study
 
@@ -71,7 +71,7 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
             outcome = process_study(
                 study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), settings.destinations,
                 enqueue_export=enqueue_export, retry_policy=RetryPolicy.from_settings(settings),
-                task_id=task_id, worker_info=worker_info,
+                task_id=task_id, worker_info=worker_info, retry=ReconcilePolicy.from_settings(settings),
             )
     except PipelineError as exc:
         # deterministic (bad input): recorded in the manifest; retrying cannot help

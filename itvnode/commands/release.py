@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -10,13 +12,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from service.admin import release_study
     from service.settings import load_settings
 
     settings = load_settings()
-    results = release_study(settings.data_dir, args.study)
+    return print_results(release_study(settings.data_dir, args.study))
+
+
+def print_results(results: Sequence[Any]) -> int:
+    """One line per study key (errors on stderr); exit status 0 when every action applied."""
+    import sys
+
     for r in results:
         print(r.message, file=sys.stdout if r.ok else sys.stderr)
     return 0 if all(r.ok for r in results) else 1

@@ -54,6 +54,18 @@ def _start_reconciler(settings: Any, enqueuer: Any, stop_event: threading.Event)
                      kwargs={"stop_event": stop_event}).start()
 
 
+def _start_retention(settings: Any, spool: Any, stop_event: threading.Event) -> None:
+    """Purge finished work by age and watermark (service.retention), also on the spool's demand before it
+    would refuse with 0xA700."""
+    from service.retention import RetentionLoop, RetentionPolicy
+
+    loop = RetentionLoop(settings.paths, spool, RetentionPolicy.from_settings(settings),
+                         settings.retention_interval)
+    spool.on_low_space = loop.on_low_space
+    threading.Thread(target=loop.run, name="retention", daemon=True,
+                     kwargs={"stop_event": stop_event}).start()
+
+
 def run(args: argparse.Namespace) -> int:
     from service.durable import secure_data_dir
     from service.scp import serve
@@ -80,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_bytes, fsync=settings.spool_fsync)
+    spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_bytes, fsync=settings.spool_fsync,
+                  max_bytes=settings.spool_max_bytes)
     spool.reconcile()  # the index is derived from the durable files: catch up after a power cut
+    _start_retention(settings, spool, stop_event)
     if not settings.spool_fsync:
         LOG.warning("spool_fsync is off: acknowledged instances can be lost on a power cut")
     thread, enqueuer = (None, None) if args.no_assembler else _start_assembler(settings, spool, stop_event)
