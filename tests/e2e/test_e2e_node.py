@@ -149,7 +149,7 @@ def test_itvnode_run_embedded_broker_health_and_shutdown(
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=30) as resp:
         health = json.loads(resp.read())
     assert resp.status == 200 and health["status"] == "ok", health
-    assert set(health["checks"]) == {"data_dir", "broker", "studies", "dicom"}
+    assert set(health["checks"]) == {"data_dir", "broker", "studies", "dicom", "model"}
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30) as resp:
         metrics = resp.read().decode()
     assert "itvnode_studies_completed_total 1.0" in metrics
