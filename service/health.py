@@ -40,7 +40,9 @@ from service.reconcile import ReconcilePolicy, find_stuck
 log = logging.getLogger(__name__)
 
 QUEUES = ("inference", "export")
-STAGES = ("receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "export")
+STAGES = (
+    "receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "report", "export",
+)
 STATES = ("collecting", "held", "complete", "queued", "processing", "exporting", "done", "failed")
 _BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
 

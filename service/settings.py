@@ -234,6 +234,9 @@ class Settings(BaseSettings):
     # output
     layout: Literal["combined", "per-series"] = "combined"
     write_seg: bool = False
+    # the QA report (PDF + PNG pages) is always written with the result; this also sends it as a DICOM
+    # Encapsulated PDF to the destinations, beside the RTSTRUCT (docs/qa-report.md)
+    send_qa_report: bool = True
     uid_root: str | None = None  # site UID root (e.g. "1.2.826.0.1.3680043.10.123.") for output UIDs
     rtstruct_holes: Literal["keyhole", "xor"] = "keyhole"  # how contours carry holes (docs/rtstruct.md)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
