@@ -251,6 +251,9 @@ class Settings(BaseSettings):
     # health
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    # the dashboard's admin token (env ITVNODE_HTTP_TOKEN): unset, its actions (release, retry, resend,
+    # delete) are off and no page shows patient identifiers
+    http_token: str | None = Field(None, repr=False)
     log_level: str = "INFO"
 
     _ae = field_validator("ae_title")(_check_ae)
