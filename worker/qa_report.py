@@ -567,7 +567,9 @@ def render(data: ReportData, out_dir: Path, dpi: int = 110) -> ReportFiles:
     figs = figures(data)
     pdf = out_dir / PDF_NAME
     tmp = out_dir / f".{PDF_NAME}.tmp"
-    meta = {"Title": f"itvnode QA report {data.study_key}", "Creator": "itvnode", "Subject": REVIEW}
+    # no creation date: the same result gives the same bytes (its Encapsulated PDF keeps its UID)
+    meta = {"Title": f"itvnode QA report {data.study_key}", "Creator": "itvnode", "Subject": REVIEW,
+            "CreationDate": None}
     with PdfPages(tmp, metadata=meta) as pp:
         for f in figs:
             pp.savefig(f)
