@@ -316,6 +316,8 @@ def process_study(
         study_key, data_dir, report, config, destinations=destinations, outbox=outbox,
         enqueue_export=enqueue_export, uid_prefix=uid_prefix,
     )
+    if outcome.report_files and destinations:  # the report's own item, after the RTSTRUCT's
+        outcome.item_ids = list(load_manifest(path).results.get("items") or item_ids)
     return outcome
 
 
