@@ -217,7 +217,11 @@ def process_study(
     kept = _kept_files(data_dir, m)
     export_failed = m.state == "failed" and bool(m.results.get("items"))
     if kept and (m.state in ("exporting", "done") or export_failed):
-        return _resend(path, m, kept, outbox, destinations, enqueue_export, task_id)
+        resent = _resend(path, m, kept, outbox, destinations, enqueue_export, task_id)
+        report = m.results.get("report") or {}
+        kept_report = [data_dir / str(f) for f in [report.get("pdf"), *(report.get("pages") or [])] if f]
+        resent.report_files = [f for f in kept_report if f.is_file()]  # already rendered: hand them out
+        return resent
 
     interrupted = interrupted_attempts(m)
     if interrupted >= MAX_INTERRUPTED:
