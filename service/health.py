@@ -40,7 +40,9 @@ from service.reconcile import ReconcilePolicy, find_stuck
 log = logging.getLogger(__name__)
 
 QUEUES = ("inference", "export")
-STAGES = ("receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "export")
+STAGES = (
+    "receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "report", "export",
+)
 STATES = ("collecting", "held", "complete", "queued", "processing", "exporting", "done", "failed")
 _BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
 
@@ -500,9 +502,14 @@ class HealthServerConfig:
     min_free_bytes: int = 0
     dicom: tuple[str, int, str] | None = None  # C-ECHO target checked by /health, when set
     reconcile: ReconcilePolicy | None = None  # stuck-study thresholds (None: the defaults)
+    http_token: str | None = None  # the dashboard admin token (None: actions off; service.dashboard)
 
 
 def _make_handler(cfg: HealthServerConfig, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
+    from service.dashboard import CSP, MAX_BODY, Dashboard
+
+    dashboard = Dashboard(cfg.data_dir, cfg.http_token)
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "itvnode-health"
 
@@ -519,11 +526,29 @@ def _make_handler(cfg: HealthServerConfig, registry: CollectorRegistry) -> type[
             elif path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
             else:
-                self._send(404, "text/plain", b"not found: try /health or /metrics\n")
+                self._dashboard("GET", b"")
 
-        def _send(self, code: int, ctype: str, body: bytes) -> None:
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                self._send(413, "text/plain", b"request too large\n")
+                return
+            self._dashboard("POST", self.rfile.read(length))
+
+        def _dashboard(self, method: str, body: bytes) -> None:
+            resp = dashboard.handle(method, self.path, dict(self.headers.items()), body)
+            self._send(resp.code, resp.ctype, resp.body, {
+                "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", **resp.headers})
+
+        def _send(self, code: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -535,7 +560,8 @@ def _make_handler(cfg: HealthServerConfig, registry: CollectorRegistry) -> type[
 
 
 class HealthServer:
-    """HTTP ``/health`` (200/503 + JSON) and ``/metrics`` (Prometheus text) in a background thread."""
+    """HTTP ``/health`` (200/503 + JSON), ``/metrics`` (Prometheus text) and the review dashboard
+    (service.dashboard: every other path) in a background thread."""
 
     def __init__(self, host: str, port: int, cfg: HealthServerConfig) -> None:
         self.registry = CollectorRegistry()

@@ -252,6 +252,9 @@ class Settings(BaseSettings):
     # output
     layout: Literal["combined", "per-series"] = "combined"
     write_seg: bool = False
+    # the QA report (PDF + PNG pages) is always written with the result; this also sends it as a DICOM
+    # Encapsulated PDF to the destinations, beside the RTSTRUCT (docs/qa-report.md)
+    send_qa_report: bool = True
     uid_root: str | None = None  # site UID root (e.g. "1.2.826.0.1.3680043.10.123.") for output UIDs
     rtstruct_holes: Literal["keyhole", "xor"] = "keyhole"  # how contours carry holes (docs/rtstruct.md)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
@@ -266,6 +269,9 @@ class Settings(BaseSettings):
     # health
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    # the dashboard's admin token (env ITVNODE_HTTP_TOKEN): unset, its actions (release, retry, resend,
+    # delete) are off and no page shows patient identifiers
+    http_token: str | None = Field(None, repr=False)
     log_level: str = "INFO"
 
     _ae = field_validator("ae_title")(_check_ae)

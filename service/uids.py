@@ -32,7 +32,7 @@ from pydicom.uid import UID, generate_uid
 #: what the UIDs are rooted on); every other field is part of the settings digest, so a new setting counts
 #: by default (the safe direction: new UIDs rather than a stale copy at the receiver).
 NOT_CONTENT: frozenset[str] = frozenset(
-    {"sam3_dir", "adapter_dir", "device", "batch_size", "uid_root", "write_seg"}
+    {"sam3_dir", "adapter_dir", "device", "batch_size", "uid_root", "write_seg", "send_qa_report"}
 )
 
 

@@ -8,6 +8,7 @@ command -v plastimatch >/dev/null || need+=(plastimatch)
 command -v Orthanc >/dev/null || need+=(orthanc)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v chromium >/dev/null || need+=(chromium)  # the dashboard test (headless)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq

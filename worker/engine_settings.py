@@ -40,6 +40,7 @@ class EngineConfig:
     temporal_motion_min_mm3: float = 30.0
     layout: str = "combined"  # combined | per-series
     write_seg: bool = False
+    send_qa_report: bool = True  # the QA report as an Encapsulated PDF to the destinations too
     envelope_types: dict[str, str] = field(default_factory=dict)  # structure name -> its envelope's type
     uid_root: str | None = None  # site UID root for output UIDs (None: pydicom's)
     rtstruct_holes: str = "keyhole"  # keyhole | xor (service.rtstruct)
@@ -107,6 +108,7 @@ def engine_config(settings: Any) -> EngineConfig:
         temporal_motion_min_mm3=settings.temporal_motion_min_mm3,
         layout=settings.layout,
         write_seg=settings.write_seg,
+        send_qa_report=getattr(settings, "send_qa_report", True),
         envelope_types={s.name: getattr(s, "envelope_interpreted_type", "") for s in settings.structures},
         uid_root=getattr(settings, "uid_root", None),
         rtstruct_holes=getattr(settings, "rtstruct_holes", "keyhole"),

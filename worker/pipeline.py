@@ -76,6 +76,8 @@ class StudyOutcome:
     content_key: str | None = None  # service.uids: what the output UIDs derive from
     version_record: dict[str, Any] = field(default_factory=dict)  # this result's entry in results.versions
     qa: dict[str, Any] = field(default_factory=dict)  # qa_summary() of the computed result
+    report: Any = None  # worker.qa_report.ReportData, rendered once the RTSTRUCT is on its way
+    report_files: list[Path] = field(default_factory=list)  # report.pdf, page PNGs, the DOC instance
 
 
 class _Stages:
@@ -218,7 +220,11 @@ def process_study(
     kept = _kept_files(data_dir, m)
     export_failed = m.state == "failed" and bool(m.results.get("items"))
     if kept and (m.state in ("exporting", "done") or export_failed):
-        return _resend(path, m, kept, outbox, destinations, enqueue_export, task_id)
+        resent = _resend(path, m, kept, outbox, destinations, enqueue_export, task_id)
+        report = m.results.get("report") or {}
+        kept_report = [data_dir / str(f) for f in [report.get("pdf"), *(report.get("pages") or [])] if f]
+        resent.report_files = [f for f in kept_report if f.is_file()]  # already rendered: hand them out
+        return resent
 
     interrupted = interrupted_attempts(m)
     if interrupted >= MAX_INTERRUPTED:
@@ -318,6 +324,14 @@ def process_study(
     _update(path, finished)
     outcome.state, outcome.reason = state, note
     _enqueue(study_key, item_ids, enqueue_export)
+    # the QA report after the RTSTRUCT is on its way: rendering never delays it, and a failure is logged only
+    report, outcome.report = outcome.report, None
+    outcome.report_files = write_report(
+        study_key, data_dir, report, config, destinations=destinations, outbox=outbox,
+        enqueue_export=enqueue_export, uid_prefix=uid_prefix,
+    )
+    if outcome.report_files and destinations:  # the report's own item, after the RTSTRUCT's
+        outcome.item_ids = list(load_manifest(path).results.get("items") or item_ids)
     return outcome
 
 
@@ -330,6 +344,7 @@ class ContourOutcome:
     qa: dict[str, Any]
     warnings: list[str]
     timings: dict[str, float]
+    report_files: list[Path] = field(default_factory=list)  # report.pdf, page PNGs, the DOC instance
 
 
 def process_contours(
@@ -365,7 +380,7 @@ def process_contours(
     if m.state not in RUNNABLE_STATES:
         raise PipelineError(f"state is {m.state!r}{f' ({m.reason})' if m.reason else ''}")
     stages = _Stages(study_key)
-    hu, geoms, references = _load(study_key, data_dir, m, stages)
+    hu, geoms, references, ref_volume = _load(study_key, data_dir, m, stages)
     percents = [p.percent for p in m.phases]
     wanted = [o.name for o in output_structures(list(config.structures))]
     with stages.stage("contours"):
@@ -386,8 +401,16 @@ def process_contours(
             study_key=study_key,
             qa_params=config.qa,
         )
-    del hu
     _add_cycle_qa(result.qa, m)
+    no_contour_note = {k: "no input contour on phase(s) " + ", ".join(f"{p:g} %" for p in v)
+                       for k, v in pc.missing.items()}
+    report = report_data(
+        study_key, hu, geoms, m, result, ref_volume, no_contour_note,
+        {"model": "input contours", "model_version": f"{len(pc.files)} RTSTRUCT(s)",
+         "adapter_version": "none"},
+        config,
+    )
+    del hu, ref_volume
     warnings = [
         f"{k}: no input contour on phase(s) " + ", ".join(f"{p:g} %" for p in v)
         for k, v in pc.missing.items()
@@ -432,7 +455,8 @@ def process_contours(
         stages, uid_prefix,
     )
     qa = json.loads((results_dir(data_dir, study_key) / QA_FILE).read_text())
-    return ContourOutcome(study_key, files, qa, warnings, stages.timings)
+    report_files = write_report(study_key, data_dir, report, config, uid_prefix=uid_prefix)
+    return ContourOutcome(study_key, files, qa, warnings, stages.timings, report_files)
 
 
 def is_transient(exc: BaseException, stage: str) -> bool:
@@ -502,8 +526,9 @@ def outcome_uids(files: Sequence[Path]) -> list[str]:
 
 def _load(
     study_key: str, data_dir: Path, m: Manifest, stages: _Stages
-) -> tuple[Any, list[Any], dict[str, Any]]:
-    """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind)``."""
+) -> tuple[Any, list[Any], dict[str, Any], tuple[str, Any] | None]:
+    """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind, (kind, HU
+    volume) of the QA report's reference series (AVG, else MIP; None without one on the phases' grid))``."""
     from service.volume import VolumeError, read_phases, read_series
 
     if not m.phases:
@@ -514,9 +539,10 @@ def _load(
         except VolumeError as exc:
             raise PipelineError(f"phases rejected: {exc}") from exc
         references: dict[str, Any] = {}
+        ref_volume: tuple[str, Any] | None = None
         for ref in m.references:
             try:
-                _, g = read_series([data_dir / f for f in ref.files])
+                vol, g = read_series([data_dir / f for f in ref.files])
             except VolumeError as exc:
                 log.warning(
                     "study %s: reference series %s (%s) not used: %s",
@@ -528,12 +554,14 @@ def _load(
                 continue
             if g.same_grid(geoms[0]):
                 references[ref.kind] = g
+                if ref.kind == "AVG" or (ref.kind == "MIP" and ref_volume is None):
+                    ref_volume = (ref.kind, vol)
             else:
                 log.warning(
                     "study %s: reference series %s is on another grid: not referenced", study_key, ref.kind
                 )
     log.info("study %s: volume %s, spacing %s mm", study_key, hu.shape, geoms[0].spacing)
-    return hu, geoms, references
+    return hu, geoms, references, ref_volume
 
 
 def _compute(
@@ -547,7 +575,7 @@ def _compute(
 ) -> StudyOutcome:
     from models.engine import segment_volume
 
-    hu, geoms, references = _load(study_key, data_dir, m, stages)
+    hu, geoms, references, ref_volume = _load(study_key, data_dir, m, stages)
     with stages.stage("engine"):
         result = segment_volume(
             hu,
@@ -559,18 +587,20 @@ def _compute(
             study_key=study_key,
             qa_params=config.qa,
         )
-    del hu
     _add_cycle_qa(result.qa, m)
+    skipped = dict(result.skipped)
+    if segmenter.segmenter is None and segmenter.unavailable_reason:
+        # the engine only knows "no segmenter": say why (missing directory, incomplete files, bad weights)
+        skipped = {k: segmenter.unavailable_reason for k in skipped}
+    report = report_data(study_key, hu, geoms, m, result, ref_volume, skipped, _algorithm_dict(segmenter),
+                         config)
+    del hu, ref_volume
     engine_total = stages.timings.pop("engine")
     timing = result.qa.get("timing_s") if isinstance(result.qa, dict) else None
     post = float(timing.get("postprocess", 0.0)) if isinstance(timing, dict) else 0.0
     stages.timings["inference"] = round(max(0.0, engine_total - post), 4)  # SAM 3 + threshold structures
     stages.timings["filter"] = round(post, 4)  # temporal filter, connectivity, envelopes, QA
 
-    skipped = dict(result.skipped)
-    if segmenter.segmenter is None and segmenter.unavailable_reason:
-        # the engine only knows "no segmenter": say why (missing directory, incomplete files, bad weights)
-        skipped = {k: segmenter.unavailable_reason for k in skipped}
     if skipped:
         log.warning(
             "study %s: structures SKIPPED: %s", study_key, "; ".join(f"{k}: {v}" for k, v in skipped.items())
@@ -580,7 +610,8 @@ def _compute(
         {"algorithm": _algorithm_dict(segmenter)}, stages, uid_prefix,
     )
     return StudyOutcome(study_key, "processing", files=files, skipped=skipped, computed=True,
-                        content_key=record["content_key"], version_record=record, qa=qa_summary(result.qa))
+                        content_key=record["content_key"], version_record=record, qa=qa_summary(result.qa),
+                        report=report)
 
 
 def _write_results(
@@ -905,3 +936,119 @@ def sync_export_state(data_dir: Path, study_key: str, outbox: Outbox | None = No
         f" ({reason})" if reason else "",
     )
     return state
+
+
+# --------------------------------------------------------------------------------------------- QA report
+
+
+def report_data(
+    study_key: str,
+    hu: Any,
+    geoms: Sequence[Any],
+    m: Manifest,
+    result: Any,
+    ref_volume: tuple[str, Any] | None,
+    skipped: dict[str, str],
+    algorithm: dict[str, Any],
+    config: EngineConfig,
+) -> Any:
+    """The slices and numbers of the QA report (worker.qa_report.extract), taken while the CT is in memory;
+    None (logged) when that fails: the report never fails a study."""
+    try:
+        from worker.qa_report import extract
+
+        colors = {k: "#{:02x}{:02x}{:02x}".format(*s.color) for k, s in roi_styles(config).items()}
+        return extract(
+            study_key, hu, geoms[0].spacing, geoms[0].origin, [p.percent for p in m.phases],
+            result.masks, result.envelopes, result.qa, skipped=skipped, algorithm=algorithm,
+            reference=ref_volume, colors=colors, notes=[_phases_note(m)],
+        )
+    except Exception:
+        log.exception("study %s: QA report: could not take its slices; no report", study_key)
+        return None
+
+
+def write_report(
+    study_key: str,
+    data_dir: Path,
+    data: Any,
+    config: EngineConfig,
+    *,
+    destinations: Sequence[Destination] = (),
+    outbox: Outbox | None = None,
+    enqueue_export: EnqueueExport | None = None,
+    uid_prefix: str | None = None,
+) -> list[Path]:
+    """Render the QA report into ``results/report/`` (report.pdf, page-N.png) and, with ``send_qa_report``,
+    its Encapsulated PDF (``results/DOC.<uid>.dcm``) through the outbox to ``destinations`` as an item of
+    its own (same retries and dead letters as the RTSTRUCT). Recorded in the manifest (``results.report``;
+    the DOC joins ``results.files`` and ``results.items`` so that a re-send sends it too). Returns the files
+    written; a failure is logged and recorded, never raised."""
+    if data is None:
+        return []
+    from pydicom.filereader import read_file_meta_info
+
+    from service.encapsulated_pdf import build_encapsulated_pdf, write_encapsulated_pdf
+    from worker.qa_report import REPORT_DIR, render
+
+    data_dir = Path(data_dir)
+    path = manifest_path(data_dir, study_key)
+    out = results_dir(data_dir, study_key)
+    t0 = time.perf_counter()
+    try:
+        files = render(data, out / REPORT_DIR)
+        written = [files.pdf, *files.pages]
+        doc: Path | None = None
+        m = load_manifest(path)
+        if config.send_qa_report:
+            rtstructs = [f for f in (Path(data_dir) / n for n in m.results.get("files") or [])
+                         if f.name.startswith("RS.") and f.is_file()]
+            sources = []
+            for f in rtstructs:
+                meta = read_file_meta_info(f)
+                sources.append((str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)))
+            ds = build_encapsulated_pdf(
+                files.pdf.read_bytes(), study_instance_uid=m.study_instance_uid, identifiers=m.identifiers,
+                content_key=str(m.results.get("content_key") or study_key),
+                uid_prefix=uid_prefix or config.uid_root, version=int(m.results.get("version") or 1),
+                sources=sources,
+            )
+            doc = write_encapsulated_pdf(ds, out)
+            written.append(doc)
+        item_ids: list[str] = []
+        if doc is not None and destinations and outbox is not None:
+            item_ids = _to_outbox(outbox, [doc], destinations, study_key)
+        secs = round(time.perf_counter() - t0, 4)
+
+        def record(mm: Manifest) -> None:
+            mm.results["report"] = {
+                "pdf": str(files.pdf.relative_to(data_dir)),
+                "pages": [str(p.relative_to(data_dir)) for p in files.pages],
+                "document": str(doc.relative_to(data_dir)) if doc else None,
+                "items": item_ids,
+                "seconds": secs,
+            }
+            mm.results.setdefault("timings", {})["report"] = secs
+            if doc is not None:
+                rel = str(doc.relative_to(data_dir))
+                mm.results["files"] = [*(f for f in mm.results.get("files") or [] if f != rel), rel]
+            if item_ids:
+                mm.results["items"] = [*(mm.results.get("items") or []), *item_ids]
+
+        _update(path, record)
+    except Exception as exc:
+        log.exception("study %s: QA report not written", study_key)
+        error = f"{type(exc).__name__}: {exc}"[:500]
+
+        def failed(mm: Manifest) -> None:
+            mm.results["report"] = {"error": error}
+
+        try:
+            _update(path, failed)
+        except Exception:
+            log.exception("study %s: could not record the report failure", study_key)
+        return []
+    log.info("study %s: QA report written in %.2f s%s", study_key, secs,
+             f", sent as outbox item(s) {', '.join(item_ids)}" if item_ids else "")
+    _enqueue(study_key, item_ids, enqueue_export)
+    return written

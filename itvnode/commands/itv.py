@@ -6,7 +6,8 @@ TCIA 4D-Lung layout) or one referencing every phase with per-phase ROI names (ou
 The phases are detected exactly as ``itvnode segment`` does (:mod:`itvnode.commands.offline`); then
 :func:`worker.pipeline.process_contours` places the contours on their phases and runs the engine's
 post-processing (temporal filter, connectivity, envelopes: the GTV's is ``ITV``, QA) and writes the
-RTSTRUCT(s) (``--layout`` or the setting) and ``qa.json`` into ``DIR``.
+RTSTRUCT(s) (``--layout`` or the setting), ``qa.json`` and the QA report (``report/``, ``DOC.<uid>.dcm``:
+as ``itvnode segment``) into ``DIR``.
 
 Exit status: 0 written; 1 nothing usable (no phases, no RTSTRUCT, no ROI matching ``roi_map``, an RTSTRUCT
 referencing a series that is not in the folder); 2 bad arguments.
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             target = target_dir(out, manifests, m.study_key)
             qa_file = outcome.files[0].parent / "qa.json"
-            qa = publish(outcome.files, qa_file, path, src, target, m.reason)
+            qa = publish(outcome.files, qa_file, path, src, target, m.reason, outcome.report_files)
             used = ", ".join(sorted({r["structure"] for r in qa["rois"]}))
             print(
                 f"study {m.study_key}: {len(qa['phases'])} phases, {len(qa['rtstructs'])} RTSTRUCT(s), "

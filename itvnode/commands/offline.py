@@ -69,15 +69,22 @@ def target_dir(out: Path, manifests: Sequence[tuple[Path, Any]], study_key: str)
 
 
 def publish(
-    files: Sequence[Path], qa_file: Path, manifest: Path, src: Path, target: Path, assembly: str | None
+    files: Sequence[Path], qa_file: Path, manifest: Path, src: Path, target: Path, assembly: str | None,
+    report_files: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Copy ``files`` into ``target`` and write ``target/qa.json``: ``qa_file`` plus the study's identity,
-    phases and references (from the manifest) and where it came from. Returns that QA dict."""
+    phases and references (from the manifest) and where it came from. ``report_files``: the QA report's
+    PDF and pages go to ``target/report/``, its Encapsulated PDF (``DOC.*.dcm``) beside the RTSTRUCT.
+    Returns that QA dict."""
     from service.manifest import load_manifest
 
     target.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, target / f.name)
+    for f in report_files:
+        dest = target / f.name if f.suffix == ".dcm" else target / "report" / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
     qa = json.loads(qa_file.read_text())
     final = load_manifest(manifest)
     qa["study_instance_uid"] = final.study_instance_uid
@@ -97,3 +104,27 @@ def publish(
     qa["source"] = str(src.resolve())
     (target / "qa.json").write_text(json.dumps(qa, indent=1) + "\n")
     return qa
+
+
+def qa_summary_lines(qa: dict[str, Any], report_dir: Path | None) -> list[str]:
+    """The short QA summary ``segment`` and ``itv`` print at the end: phases, per-structure volume and
+    motion, envelopes, warnings, where the report is."""
+    inner = qa.get("qa") or {}
+    ph = inner.get("phases") or {}
+    lines = [f"QA: ITV from {ph.get('used', '?')} of {ph.get('expected', '?')} phases"]
+    for name, s in (inner.get("structures") or {}).items():
+        if s.get("absent"):
+            lines.append(f"  {name}: empty in every phase")
+            continue
+        mo = s.get("motion_mm") or {}
+        motion = " ".join(f"{a} {mo.get(a, 0) or 0:.1f}" for a in ("SI", "AP", "LR"))
+        lines.append(f"  {name}: median {s.get('volume_median_cc', 0) or 0:.1f} cc, motion mm {motion}")
+    for name, e in (inner.get("envelopes") or {}).items():
+        lines.append(f"  {name}: {e.get('volume_cc', 0) or 0:.1f} cc (envelope of {e.get('source', '?')})")
+    for name, why in (qa.get("skipped") or {}).items():
+        lines.append(f"  skipped {name}: {why}")
+    warnings = inner.get("warnings") or []
+    lines.append(f"  warnings: {len(warnings)}" + "".join(f"\n    - {w}" for w in warnings))
+    if report_dir is not None:
+        lines.append(f"  report: {report_dir / 'report.pdf'} (review before clinical use)")
+    return lines

@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             settings.min_free_bytes,
             (local_dicom_host(settings.host), settings.port, settings.ae_title),
             ReconcilePolicy.from_settings(settings),
+            http_token=settings.http_token,
         )
         try:
             http = HealthServer(settings.http_host, settings.http_port, cfg).start()

@@ -2,8 +2,9 @@
 
 The folder is read exactly as the node would receive it: every DICOM file goes through the same header checks
 and into a private spool (a temporary data directory), the assembler's phase detection builds the manifest,
-and :func:`worker.pipeline.process_study` runs on it. Results: ``RS.<uid>.dcm`` file(s) and ``qa.json`` in
-``DIR`` (one sub-folder per study key when the folder holds several 4D sets).
+and :func:`worker.pipeline.process_study` runs on it. Results: ``RS.<uid>.dcm`` file(s), ``qa.json``, the QA
+report (``report/report.pdf`` + ``report/page-N.png``, and ``DOC.<uid>.dcm``, its Encapsulated PDF, with
+``send_qa_report``) in ``DIR`` (one sub-folder per study key when the folder holds several 4D sets).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from itvnode.commands.offline import intake, publish, target_dir, work_dir
+    from itvnode.commands.offline import intake, publish, qa_summary_lines, target_dir, work_dir
     from service.settings import load_settings
     from worker.engine_settings import engine_config, load_segmenter
     from worker.pipeline import QA_FILE, RUNNABLE_STATES, PipelineError, process_study, results_dir
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             target = target_dir(out, manifests, m.study_key)
             qa_file = results_dir(work, m.study_key) / QA_FILE
-            qa = publish(outcome.files, qa_file, path, src, target, m.reason)
+            qa = publish(outcome.files, qa_file, path, src, target, m.reason, outcome.report_files)
             print(
                 f"study {m.study_key}: {len(qa['phases'])} phases -> "
                 + ", ".join(str(target / f.name) for f in outcome.files)
@@ -67,4 +68,6 @@ def run(args: argparse.Namespace) -> int:
             for name, why in outcome.skipped.items():
                 print(f"  WARNING: {name} not contoured: {why}", file=sys.stderr)
             print("  timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.timings.items()))
+            report = target / "report" if outcome.report_files else None
+            print("\n".join(qa_summary_lines(qa, report)))
         return status

@@ -50,7 +50,7 @@ def test_health_and_metrics_over_http(assembled: tuple[Path, str, Any]) -> None:
         code, metrics = _get(f"{base}/metrics")
         assert code == 200
         assert 'itvnode_studies{state="exporting"} 1.0' in metrics
-        assert 'itvnode_outbox_items{state="pending"} 1.0' in metrics
+        assert 'itvnode_outbox_items{state="pending"} 2.0' in metrics  # the RTSTRUCT and the QA report
         assert "itvnode_export_failures_total 0.0" in metrics
         assert 'itvnode_stage_duration_seconds_count{stage="rtstruct"} 1.0' in metrics
         assert f"itvnode_instances_received_total {len(series.all_files())}.0" in metrics

@@ -138,17 +138,22 @@ def test_export_to_real_storescp_marks_study_done(tmp_path: Path, assembled: tup
         assert out.state == "exporting"
         policy = RetryPolicy(base=1.0, max_delay=1.0, horizon=60.0)
         deadline = time.monotonic() + 30
-        while True:
-            states = run_export(out.item_ids[0], data_dir, "ITVNODE", policy)
-            if states and all(s == "delivered" for s in states.values()):
-                break
-            assert time.monotonic() < deadline, f"not delivered: {states}"
-            time.sleep(0.5)
+        assert len(out.item_ids) == 2  # the RTSTRUCT's item, then the QA report's (send_qa_report)
+        for item_id in out.item_ids:
+            while True:
+                states = run_export(item_id, data_dir, "ITVNODE", policy)
+                if states and all(s == "delivered" for s in states.values()):
+                    break
+                assert time.monotonic() < deadline, f"not delivered: {states}"
+                time.sleep(0.5)
         assert sync_export_state(data_dir, key, Outbox(data_dir / "outbox")) == "done"
         m = load_manifest(manifest_path(data_dir, key))
         assert m.state == "done" and "export" in m.results["timings"]
         assert (m.reason or "").startswith("skipped: ")  # still visible in itvnode status
-        assert [f.name for f in rx_dir.iterdir()] == [f"RS.{m.results['rtstruct_sop_instance_uids'][0]}"]
+        doc_uid = Path(m.results["report"]["document"]).name.removeprefix("DOC.").removesuffix(".dcm")
+        doc = f"PDF.{doc_uid}"  # storescp names files by SOP class
+        assert sorted(f.name for f in rx_dir.iterdir()) == sorted(
+            [doc, f"RS.{m.results['rtstruct_sop_instance_uids'][0]}"])
 
         # asked again after delivery: the kept result goes out again in a new item, nothing is recomputed
         again = process_study(key, data_dir, _config(), NO_SAM3, [Destination.parse(f"RX@127.0.0.1:{port}")],
@@ -210,8 +215,10 @@ def test_per_series_layout_one_rtstruct_per_phase_and_reference(assembled: tuple
         assert len(refs) == 1
         referenced |= refs
     assert referenced == {s.series_instance_uid for s in series.series if s.kind in ("phase", "AVG")}
-    (item_id,) = out.item_ids
+    item_id, report_item = out.item_ids  # the RTSTRUCTs' item, then the QA report's
     assert len(Outbox(data_dir / "outbox").get(item_id).files) == len(out.files)
+    assert [f.sop_class_uid for f in Outbox(data_dir / "outbox").get(report_item).files] == [
+        "1.2.840.10008.5.1.4.1.1.104.1"]  # Encapsulated PDF
 
 
 def test_study_that_keeps_killing_the_worker_fails_instead_of_looping(
