@@ -28,7 +28,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,14 +39,8 @@ log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"[0-9a-f]{16}")
 REPORT_FILE_RE = re.compile(r"page-[1-9][0-9]?\.png|report\.pdf")
-#: dashboard action -> the service.admin function that does it (AdminResult list); looked up by name, so an
-#: action whose function this build lacks answers "not available in this build" instead of failing
-ACTIONS: dict[str, str] = {
-    "release": "release_study",
-    "retry": "retry_study",
-    "resend": "resend_study",
-    "delete": "delete_study",
-}
+#: the dashboard's admin actions, each one of service.admin's commands (the same as the CLI's)
+ACTIONS: tuple[str, ...] = ("release", "retry", "resend", "delete")
 SESSION_COOKIE = "itvnode_session"
 COOKIE_FLAGS = "HttpOnly; SameSite=Strict; Path=/"
 SESSION_TTL = 8 * 3600.0
@@ -92,23 +86,31 @@ def _age(iso: str | None, now: float) -> str:
     return f"{s / 86400:.0f} d"
 
 
-def run_action(action: str, data_dir: Path, study_key: str) -> list[Any]:
-    """Call the service.admin function of ``action`` on one study key; AdminResult-like objects."""
+def run_action(action: str, data_dir: Path, study_key: str,
+               destinations: Sequence[Any] = ()) -> list[Any]:
+    """Run ``action`` (one of :data:`ACTIONS`) on one study key through service.admin, as the CLI does;
+    ``resend`` goes to the configured destinations (delivered by the outbox sweep)."""
     from service import admin
 
-    fn: Callable[..., Any] | None = getattr(admin, ACTIONS.get(action, ""), None)
-    if fn is None:
-        return [admin.AdminResult(study_key, False, False, f"{action}: not available in this build")]
-    return list(fn(data_dir, study_key))
+    if action == "release":
+        return admin.release_study(data_dir, study_key)
+    if action == "retry":
+        return admin.retry_study(data_dir, study_key)
+    if action == "resend":
+        return admin.resend_study(data_dir, study_key, list(destinations))
+    if action == "delete":
+        return admin.delete_study(data_dir, study_key)
+    return [admin.AdminResult(study_key, False, False, f"unknown action {action!r}")]
 
 
 class Dashboard:
     """The dashboard's request handling, independent of the HTTP server (service.health serves it)."""
 
-    def __init__(self, data_dir: Path, token: str | None = None,
-                 action: Callable[[str, Path, str], list[Any]] = run_action) -> None:
+    def __init__(self, data_dir: Path, token: str | None = None, destinations: Sequence[Any] = (),
+                 action: Callable[..., list[Any]] = run_action) -> None:
         self.data_dir = Path(data_dir)
         self.token = token or None
+        self.destinations = tuple(destinations)  # where "resend" sends (the node's ITVNODE_DESTINATIONS)
         self._action = action
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
@@ -212,7 +214,7 @@ class Dashboard:
             return self._text(403, "refused: log in with the node's token (and use the page's form)")
         if action not in ACTIONS:
             return self._text(404, f"unknown action {action}")
-        results = self._action(action, self.data_dir, key)
+        results = self._action(action, self.data_dir, key, self.destinations)
         ok = bool(results) and all(getattr(r, "ok", False) for r in results)
         message = "; ".join(str(getattr(r, "message", r)) for r in results) or "nothing done"
         log.info("dashboard: %s on study %s: %s", action, key, "ok" if ok else "not applied")
@@ -399,17 +401,13 @@ form.action {{ display: inline-block; margin-right: 1em; }}
         if session is None:
             return ('<h2>Actions</h2><p class="muted"><a href="/login">Log in</a> to release, retry, '
                     "resend or delete.</p>")
-        from service import admin
-
         forms = []
-        for action, fn in ACTIONS.items():
-            available = hasattr(admin, fn)
+        for action in ACTIONS:
             forms.append(
                 f'<form class="action" method="post" action="/studies/{_e(key)}/actions/{_e(action)}">'
                 f'<input type="hidden" name="csrf" value="{_e(session.csrf)}">'
                 f'<button type="submit" name="action" value="{_e(action)}">{_e(action)}</button>'
-                + ("" if available else ' <span class="muted">(not available in this build)</span>')
-                + "</form>")
+                "</form>")
         return "<h2>Actions</h2>" + "".join(forms)
 
     def _login_page(self, message: str, code: int = 200) -> Response:

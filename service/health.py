@@ -503,12 +503,13 @@ class HealthServerConfig:
     dicom: tuple[str, int, str] | None = None  # C-ECHO target checked by /health, when set
     reconcile: ReconcilePolicy | None = None  # stuck-study thresholds (None: the defaults)
     http_token: str | None = None  # the dashboard admin token (None: actions off; service.dashboard)
+    destinations: tuple[Any, ...] = ()  # where the dashboard's "resend" sends (settings.destinations)
 
 
 def _make_handler(cfg: HealthServerConfig, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
     from service.dashboard import CSP, MAX_BODY, Dashboard
 
-    dashboard = Dashboard(cfg.data_dir, cfg.http_token)
+    dashboard = Dashboard(cfg.data_dir, cfg.http_token, cfg.destinations)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "itvnode-health"

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         import threading
 
         cfg = HealthServerConfig(settings.data_dir, settings.broker_url, settings.min_free_bytes, dicom,
-                                 ReconcilePolicy.from_settings(settings), http_token=settings.http_token)
+                                 ReconcilePolicy.from_settings(settings), http_token=settings.http_token,
+                                 destinations=tuple(settings.destinations))
         server = HealthServer(settings.http_host, settings.http_port, cfg).start()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

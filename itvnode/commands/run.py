@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             (local_dicom_host(settings.host), settings.port, settings.ae_title),
             ReconcilePolicy.from_settings(settings),
             http_token=settings.http_token,
+            destinations=tuple(settings.destinations),
         )
         try:
             http = HealthServer(settings.http_host, settings.http_port, cfg).start()

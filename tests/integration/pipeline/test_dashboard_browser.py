@@ -135,7 +135,6 @@ def test_actions_off_without_configured_token(tmp_path: Path) -> None:
 
 
 def test_release_with_token(node: Any) -> None:
-    from service import admin
     from service.manifest import load_manifest, manifest_path
 
     base, data_dir, _, patient = node
@@ -147,12 +146,15 @@ def test_release_with_token(node: Any) -> None:
                              {"Cookie": cookie, "Origin": base})
     assert code == 200 and "released" in page
     assert load_manifest(manifest_path(data_dir, HELD_KEY)).state == "complete"
-    for action, fn in (("retry", "retry_study"), ("resend", "resend_study"), ("delete", "delete_study")):
-        if not hasattr(admin, fn):
-            code, _, page = _request(base, "POST", f"/studies/{HELD_KEY}/actions/{action}", {"csrf": csrf},
-                                     {"Cookie": cookie})
-            assert code == 409 and "not available in this build" in page
+    # the same service.admin commands as the CLI: retry applies to failed studies only
+    code, _, page = _request(base, "POST", f"/studies/{HELD_KEY}/actions/retry", {"csrf": csrf},
+                             {"Cookie": cookie, "Origin": base})
+    assert code == 409 and "not done" in page
     # scripts: a bearer token, no cookie
     code, _, body = _request(base, "POST", f"/studies/{HELD_KEY}/actions/release", {},
                              {"Authorization": f"Bearer {TOKEN}"})
     assert code == 200 and '"ok": true' in body  # already released: ok, unchanged
+    code, _, body = _request(base, "POST", f"/studies/{HELD_KEY}/actions/delete", {},
+                             {"Authorization": f"Bearer {TOKEN}"})
+    assert code == 200 and '"ok": true' in body
+    assert not manifest_path(data_dir, HELD_KEY).exists()
