@@ -464,7 +464,7 @@ def _load(
     study_key: str, data_dir: Path, m: Manifest, stages: _Stages
 ) -> tuple[Any, list[Any], dict[str, Any]]:
     """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind)``."""
-    from service.volume import VolumeError, read_phases, read_series
+    from service.volume import VolumeError, read_geometry, read_phases
 
     if not m.phases:
         raise PipelineError("the manifest lists no phases")
@@ -476,7 +476,7 @@ def _load(
         references: dict[str, Any] = {}
         for ref in m.references:
             try:
-                _, g = read_series([data_dir / f for f in ref.files])
+                g = read_geometry([data_dir / f for f in ref.files])  # referenced, not read
             except VolumeError as exc:
                 log.warning(
                     "study %s: reference series %s (%s) not used: %s",
