@@ -19,6 +19,7 @@ Order of work (docs/postprocessing.md):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,50 @@ class EngineResult:
     raw_masks: dict[str, np.ndarray] | None = None  # before temporal filter / connectivity (keep_raw=True)
 
 
+@dataclass(frozen=True)
+class SkipParams:
+    """Which slices can hold a structure: inside the body and near the lungs (cheap HU test, subsampled).
+
+    A slice holds body when at least ``min_body_cm2`` of it is within ``body_hu`` (HU >= the value); lung
+    when at least ``min_lung_cm2`` is air (HU < ``air_hu``) enclosed by body along its row. SAM 3 then runs
+    on body slices within ``margin_mm`` of the lungs' z-range of that phase (or on every body slice when no
+    slice has lung). The test samples rows and columns about every ``sample_mm``.
+    """
+
+    margin_mm: float = 20.0
+    body_hu: float = -350.0
+    air_hu: float = -400.0
+    min_body_cm2: float = 5.0
+    min_lung_cm2: float = 1.0
+    sample_mm: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.margin_mm < 0 or self.sample_mm < 0 or self.min_body_cm2 < 0 or self.min_lung_cm2 < 0:
+            raise ValueError(f"invalid slice-skip parameters: {self}")
+
+
+def prompt_slices(phase: np.ndarray, spacing: Sequence[float], params: SkipParams) -> np.ndarray:
+    """Bool (Z,) of the slices of one phase (Z, Y, X) HU that SAM 3 should see."""
+    dz, dy, dx = (float(v) for v in spacing)
+    sy, sx = max(1, int(params.sample_mm / dy)), max(1, int(params.sample_mm / dx))
+    sub = phase[:, ::sy, ::sx]
+    px_cm2 = dy * dx * sy * sx / 100.0
+    body = sub >= params.body_hu
+    has_body = np.count_nonzero(body, axis=(1, 2)) * px_cm2 >= params.min_body_cm2
+    # air with body on both sides along its row: lungs and airway, not the air around the patient
+    enclosed = np.logical_or.accumulate(body, axis=2) & np.logical_or.accumulate(body[:, :, ::-1], axis=2)[
+        :, :, ::-1]
+    air = enclosed & ~body & (sub < params.air_hu)
+    has_lung = (np.count_nonzero(air, axis=(1, 2)) * px_cm2 >= params.min_lung_cm2) & has_body
+    zs = np.flatnonzero(has_lung)
+    if zs.size == 0:
+        return has_body
+    margin = int(np.ceil(params.margin_mm / dz)) if dz > 0 else 0
+    near = np.zeros_like(has_body)
+    near[max(0, int(zs[0]) - margin) : int(zs[-1]) + margin + 1] = True
+    return has_body & near
+
+
 def body_midlines(body: np.ndarray) -> np.ndarray:
     """x index of the body centroid per phase of a bool (P, Z, Y, X) body mask; image centre when empty."""
     out = np.full(body.shape[0], (body.shape[3] - 1) / 2.0)
@@ -167,8 +212,12 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
                    segmenter: Segmenter | None, temporal: TemporalParams | None = None, *,
                    keep_raw: bool = False, workers: int = 2, qa_params: QAParams | None = None,
                    phase_percents: Sequence[float] | None = None, slices_per_call: int = 32,
-                   study_key: str = "") -> EngineResult:
-    """Segment a 4DCT: HU (P, Z, Y, X) or one phase (Z, Y, X); spacing (dz, dy, dx) in mm."""
+                   study_key: str = "", skip: SkipParams | None = SkipParams()) -> EngineResult:
+    """Segment a 4DCT: HU (P, Z, Y, X) or one phase (Z, Y, X); spacing (dz, dy, dx) in mm.
+
+    ``skip``: SAM 3 runs only on the slices :func:`prompt_slices` keeps (``None``: every slice); the QA's
+    ``sam3_slices`` says how many were skipped per prompt.
+    """
     vol = np.asarray(hu)
     if vol.ndim == 3:
         vol = vol[None]
@@ -208,14 +257,17 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
                     skipped[o.envelope_name] = SAM3_NOT_CONFIGURED
         log.warning("study %s: %d SAM 3 structure(s) skipped: %s", study_key or "-", len(sam_specs),
                     SAM3_NOT_CONFIGURED)
-    elif sam_specs:
-        assert segmenter is not None
-        _run_sam3(vol, sp, structures, sam_specs, segmenter, masks, slices_per_call, study_key)
+    slice_report: dict[str, Any] | None = None
+    if sam_specs and segmenter is not None:
+        slice_report = _run_sam3(vol, sp, structures, sam_specs, segmenter, masks, slices_per_call, study_key,
+                                 skip)
 
     raw = {k: v.copy() for k, v in masks.items()} if keep_raw else None
     result = postprocess_volume(masks, vol, sp, structures, temporal, skipped=skipped, workers=workers,
                                 qa_params=qa_params, phase_percents=phase_percents, study_key=study_key)
     result.qa["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    if slice_report is not None:
+        result.qa["sam3_slices"] = slice_report
     result.raw_masks = raw
     return result
 
@@ -256,8 +308,12 @@ def postprocess_volume(masks: dict[str, np.ndarray], hu: np.ndarray, spacing: Se
 
 def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],
               sam_specs: Sequence[StructureSpec], segmenter: Segmenter, masks: dict[str, np.ndarray],
-              slices_per_call: int, study_key: str) -> None:
-    """Fill ``masks`` with the binarised SAM 3 output of every spec, phase by phase, chunk by chunk."""
+              slices_per_call: int, study_key: str, skip: SkipParams | None = None) -> dict[str, Any]:
+    """Fill ``masks`` with the binarised SAM 3 output of every spec, phase by phase, chunk by chunk.
+
+    Only the slices :func:`prompt_slices` keeps go to the segmenter (all with ``skip=None``); the others stay
+    empty. Returns the QA report of slices run and skipped per prompt.
+    """
     thresholds: dict[str, float] = {}
     for s in sam_specs:
         if s.prompt in thresholds and thresholds[s.prompt] != s.score_threshold:
@@ -274,22 +330,36 @@ def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Seque
         midlines = _midlines(vol, sp, structures, masks)
 
     t0 = time.perf_counter()
+    skipped_per_phase: list[int] = []
     for p in range(n_ph):
-        for z0 in range(0, n_z, slices_per_call):
-            z1 = min(z0 + slices_per_call, n_z)
-            probs = segmenter.predict(vol[p, z0:z1], prompts, score_threshold=dict(thresholds))
+        keep = prompt_slices(vol[p], sp, skip) if skip is not None else np.ones(n_z, dtype=bool)
+        zs = np.flatnonzero(keep)
+        skipped_per_phase.append(int(n_z - zs.size))
+        for c0 in range(0, zs.size, slices_per_call):
+            idx = zs[c0 : c0 + slices_per_call]
+            z0, z1 = int(idx[0]), int(idx[-1]) + 1
+            contiguous = idx.size == z1 - z0
+            probs = segmenter.predict(vol[p, z0:z1] if contiguous else vol[p, idx], prompts,
+                                      score_threshold=dict(thresholds))
+            rows = slice(z0, z1) if contiguous else idx
             for s in sam_specs:
                 m = np.asarray(probs[s.prompt]) >= PROBABILITY_CUT
                 if s.split_laterality:
                     assert midlines is not None
                     left, right = split_sides(m, float(midlines[p]))
-                    masks[f"{s.name}_L"][p, z0:z1] = left
-                    masks[f"{s.name}_R"][p, z0:z1] = right
+                    masks[f"{s.name}_L"][p, rows] = left
+                    masks[f"{s.name}_R"][p, rows] = right
                 else:
-                    masks[s.name][p, z0:z1] = m
+                    masks[s.name][p, rows] = m
             del probs
-        log.info("study %s: SAM 3 phase %d/%d done (%.1f s)", study_key or "-", p + 1, n_ph,
-                 time.perf_counter() - t0)
+        log.info("study %s: SAM 3 phase %d/%d done (%.1f s, %d of %d slices skipped)", study_key or "-",
+                 p + 1, n_ph, time.perf_counter() - t0, skipped_per_phase[-1], n_z)
+    total = n_ph * n_z
+    skipped = sum(skipped_per_phase)
+    per_prompt = {"slices": total, "run": total - skipped, "skipped": skipped,
+                  "skipped_per_phase": skipped_per_phase}
+    return {"rule": None if skip is None else dataclasses.asdict(skip),
+            "prompts": {prompt: dict(per_prompt) for prompt in prompts}}
 
 
 def _midlines(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],

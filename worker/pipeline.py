@@ -529,7 +529,7 @@ def _load(
 ) -> tuple[Any, list[Any], dict[str, Any], tuple[str, Any] | None]:
     """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind, (kind, HU
     volume) of the QA report's reference series (AVG, else MIP; None without one on the phases' grid))``."""
-    from service.volume import VolumeError, read_phases, read_series
+    from service.volume import VolumeError, read_geometry, read_phases, read_series
 
     if not m.phases:
         raise PipelineError("the manifest lists no phases")
@@ -542,7 +542,7 @@ def _load(
         ref_volume: tuple[str, Any] | None = None
         for ref in m.references:
             try:
-                vol, g = read_series([data_dir / f for f in ref.files])
+                g = read_geometry([data_dir / f for f in ref.files])  # referenced: geometry only
             except VolumeError as exc:
                 log.warning(
                     "study %s: reference series %s (%s) not used: %s",
@@ -555,11 +555,18 @@ def _load(
             if g.same_grid(geoms[0]):
                 references[ref.kind] = g
                 if ref.kind == "AVG" or (ref.kind == "MIP" and ref_volume is None):
-                    ref_volume = (ref.kind, vol)
+                    ref_volume = (ref.kind, ref.files)
             else:
                 log.warning(
                     "study %s: reference series %s is on another grid: not referenced", study_key, ref.kind
                 )
+        if ref_volume is not None:  # the QA report draws on it: the one reference read in full
+            kind, files = ref_volume
+            try:
+                ref_volume = (kind, read_series([data_dir / f for f in files])[0])
+            except VolumeError as exc:
+                log.warning("study %s: %s not readable for the QA report: %s", study_key, kind, exc)
+                ref_volume = None
     log.info("study %s: volume %s, spacing %s mm", study_key, hu.shape, geoms[0].spacing)
     return hu, geoms, references, ref_volume
 

@@ -81,9 +81,13 @@ def test_laterality_split_matches_truth(engine_run: tuple, injected: Injected) -
 
 
 def test_segmenter_called_phase_by_phase_with_all_prompts(engine_run: tuple, phantom6: Phantom) -> None:
-    _, seg = engine_run
+    res, seg = engine_run
     n_ph, nz = phantom6.shape[:2]
-    assert sum(n for n, _ in seg.calls) == n_ph * nz  # every slice once
+    report = res.qa["sam3_slices"]["prompts"]
+    assert set(report) == {"lung", "heart", "lung tumor"}
+    skipped = report["lung"]["skipped"]
+    assert sum(report["lung"]["skipped_per_phase"]) == skipped and report["lung"]["slices"] == n_ph * nz
+    assert sum(n for n, _ in seg.calls) == n_ph * nz - skipped  # every slice that can hold a structure once
     assert all(set(pr) == {"lung", "heart", "lung tumor"} for _, pr in seg.calls)
     assert max(n for n, _ in seg.calls) <= 10
 
