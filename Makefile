@@ -31,7 +31,7 @@ test: install
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # Each script prints its numbers against a peer measured in the same run.
-BENCHES ?= ingest assembler postprocess artifacts rtstruct export e2e gpu_infer train_memory
+BENCHES ?= ingest hostile assembler load threshold postprocess itv_motion artifacts rtstruct qa_report export e2e soak gpu_infer train_memory
 
 bench: install
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done

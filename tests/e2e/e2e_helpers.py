@@ -142,6 +142,9 @@ def node_env(
             "ITVNODE_DEVICE": "cpu",
             "ITVNODE_HTTP_HOST": "127.0.0.1",
             "ITVNODE_HTTP_PORT": str(free_port()),
+            # one object per study keeps delivery counts simple; test_storescu_to_storescp_through_redis
+            # switches the QA report PDF on and checks it arrives beside the RTSTRUCT
+            "ITVNODE_SEND_QA_REPORT": "false",
             # 2 shared cores: one thread per process is several times faster than oversubscription
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
@@ -197,8 +200,10 @@ class StoreSCP:
     def destination(self) -> str:
         return f"{self.ae}@127.0.0.1:{self.port}"
 
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+    def files(self, prefix: str = "RS.") -> list[Path]:
+        """Received files whose name starts with ``prefix`` (storescp names them by modality: RS., PDF.);
+        ``""``: all."""
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file() and p.name.startswith(prefix))
 
     def store_requests(self) -> int:
         return self.proc.log(tail=1_000_000).count("Received Store Request")

@@ -63,13 +63,14 @@ def _start_worker(
 
 
 def _serve_with_receiver(
-    procs: list[Proc], tmp: Path, broker_url: str | None, sam3_dir: Path
+    procs: list[Proc], tmp: Path, broker_url: str | None, sam3_dir: Path, extra: dict[str, str] | None = None
 ) -> tuple[StoreSCP, Path, dict[str, str]]:
     """A dcmtk storescp destination and ``itvnode serve`` sending to it; returns (receiver, data dir, env)."""
     rx = StoreSCP(tmp / "rx", tmp)
     procs.append(rx.proc)
     data = tmp / "data"
-    env = node_env(data, free_port(), broker_url=broker_url, destinations=rx.destination, sam3_dir=sam3_dir)
+    env = node_env(data, free_port(), broker_url=broker_url, destinations=rx.destination, sam3_dir=sam3_dir,
+                   extra=extra)
     _start_serve(procs, tmp, env)
     return rx, data, env
 
@@ -103,17 +104,20 @@ def test_storescu_to_storescp_through_redis(
     shared_redis: Callable[[int], str],
 ) -> None:
     url = shared_redis(7)
-    rx, data, env = _serve_with_receiver(procs, tmp_path, url, tiny_model_dir)
+    report_on = {"ITVNODE_SEND_QA_REPORT": "true"}
+    rx, data, env = _serve_with_receiver(procs, tmp_path, url, tiny_model_dir, report_on)
     worker = _start_worker(procs, tmp_path, env)
     storescu(int(env["ITVNODE_PORT"]), "ITVNODE", [e2e_phantom.root])
     wait_for(
-        lambda: study_state(data) == "done",
+        lambda: study_state(data) == "done" and len(rx.files("PDF.")) == 1,
         200,
-        "the study to be done",
+        "the study to be done and its QA report delivered",
         diagnose=lambda: describe(data, worker),
     )
     m = _check_result(rx, e2e_phantom, data)
-    assert rx.store_requests() == 1
+    (pdf,) = rx.files("PDF.")  # the QA report beside the RTSTRUCT, as a DICOM Encapsulated PDF
+    assert dciodvfy_errors(pdf) == []
+    assert rx.store_requests() == 2
     assert [p["percent"] for p in m["phases"]] == [float(p) for p in range(0, 100, 10)]
     status = subprocess.run(
         itvnode_argv("status", "--json"), env=env, capture_output=True, text=True, timeout=60, cwd=REPO

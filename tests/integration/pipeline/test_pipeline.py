@@ -164,7 +164,7 @@ def test_export_to_real_storescp_marks_study_done(tmp_path: Path, assembled: tup
         assert set(states.values()) == {"delivered"}
         assert sync_export_state(data_dir, key) == "done"
         assert load_manifest(manifest_path(data_dir, key)).results["rtstruct_sop_instance_uids"] == [
-            pydicom.dcmread(next(rx_dir.iterdir())).SOPInstanceUID]
+            pydicom.dcmread(next(rx_dir.glob("RS.*"))).SOPInstanceUID]
     finally:
         scp.terminate()
         scp.wait(timeout=10)
