@@ -34,3 +34,25 @@ def test_the_cli_and_the_library_report_the_same_version() -> None:
     cmd = [sys.executable, "-m", "itvnode.cli", "--version"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"itvnode {itvnode_version.__version__}"
+
+
+def test_the_version_comes_from_the_installed_metadata_written_from_pyproject() -> None:
+    import tomllib
+    from importlib.metadata import version
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert itvnode_version.__version__ == version("itvnode")
+    assert itvnode_version.__version__ == declared, "installed metadata is stale: run make install"
+
+
+def test_a_tree_that_was_never_installed_says_so() -> None:
+    assert itvnode_version.distribution_version("itvnode-not-installed-anywhere") == itvnode_version.UNKNOWN
+
+
+def test_library_code_writes_that_version() -> None:
+    import service.encapsulated_pdf
+    import service.rtstruct
+    import service.seg
+
+    for module in (service.rtstruct, service.seg, service.encapsulated_pdf):
+        assert module.__version__ is itvnode_version.__version__, module.__name__
