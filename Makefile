@@ -21,13 +21,15 @@ run: install
 	$(BIN)/itvnode run
 
 lint: install
-	$(BIN)/ruff check itvnode service worker models bench tests
+	$(BIN)/ruff check itvnode itvnode_version.py service worker models bench tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: install
 	tests/peers.sh
-	$(BIN)/ruff check itvnode service worker models bench tests
+	$(BIN)/ruff check itvnode itvnode_version.py service worker models bench tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # Each script prints its numbers against a peer measured in the same run.

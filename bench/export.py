@@ -29,15 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.export import send_files  # noqa: E402
 from service.settings import Destination  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 STORESCP = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_series(folder: Path, n: int, size: int) -> list[Path]:

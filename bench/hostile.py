@@ -32,7 +32,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.ingest import ITVNODE, free_port, phantom, send, stop, wait_echo  # noqa: E402
+from bench.ingest import ITVNODE, phantom, send, stop, wait_echo  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 CLAIM = struct.pack(">BBL", 0x01, 0, 0xFFFF_FFF0)
 

@@ -48,7 +48,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,17 +60,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.net import free_port  # noqa: E402
+
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 ITVNODE = REPO / ".venv" / "bin" / "itvnode"
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def phantom(cache: Path, phases: int, slices: int, size: int) -> tuple[Path, int, int]:

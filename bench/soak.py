@@ -29,13 +29,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.net import free_port  # noqa: E402
+
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def du(path: Path) -> int:

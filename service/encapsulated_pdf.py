@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from itvnode import __version__
+from itvnode_version import __version__
 from service.rtstruct import MANUFACTURER, write_dataset
 from service.uids import output_uid
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # Send the file bytes as stored (no decode / re-encode). A process-wide pynetdicom switch; it only affects
 # send_c_store() called with a path, which is what we want everywhere in this node.
+# (This and the other pynetdicom internals used here are fenced by tests/unit/test_pynetdicom_contract.py.)
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # DICOM PS3.8: at most 128 presentation contexts per association

@@ -38,7 +38,7 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
-from itvnode import __version__
+from itvnode_version import __version__
 from service.contours import mask_to_contours
 from service.durable import private_dir, write_atomic
 from service.uids import content_key as _content_key

@@ -218,6 +218,8 @@ class _FastSocket(AssociationSocket):
 # the DUL waits in select() on the socket plus a wake-up pipe written by send_pdu(); the association thread
 # blocks on the DIMSE message queue. Idle associations also wake ~50 times a second instead of ~1000.
 # They mirror pynetdicom 3.0.x's loops, so other versions fall back to the stock classes.
+# pyproject.toml pins the pynetdicom they mirror; tests/unit/test_pynetdicom_contract.py names what an upgrade
+# changed, tests/integration/scp/test_scp_public_fallback.py serves through the stock classes.
 
 _FAST_REACTOR = pynetdicom.__version__.startswith("3.0.")
 _IDLE_WAIT = 0.02  # seconds: upper bound on timer / kill-flag latency while idle

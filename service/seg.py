@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from itvnode import __version__
+from itvnode_version import __version__
 from service.rtstruct import Algorithm, RoiStyle, write_dataset
 from service.uids import output_uid
 from service.volume import Geometry

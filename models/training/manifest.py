@@ -55,7 +55,7 @@ def software_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from itvnode import __version__
+    from itvnode_version import __version__
 
     return {
         "itvnode": __version__,

@@ -17,16 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.support.net import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(

@@ -35,8 +35,6 @@ def embedded(data_dir: Path) -> Iterator[Enqueuer]:
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (bound then released)."""
-    import socket
+    from tests.support.net import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from export_peers import ABORT, free_port, make_ct, wait_listening
+from export_peers import ABORT, wait_listening
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.support.ctdata import make_ct
+from tests.support.net import free_port
 
 STORESCP = Path("/usr/bin/storescp")
 ORTHANC = Path("/usr/sbin/Orthanc")

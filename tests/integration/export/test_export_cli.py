@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from export_peers import free_port
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, evt
+
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 

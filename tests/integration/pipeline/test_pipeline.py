@@ -20,6 +20,7 @@ from service.manifest import load_manifest, manifest_path, save_manifest
 from service.outbox import Outbox, RetryPolicy
 from service.settings import Destination, load_settings
 from service.status import collect_status
+from tests.support.net import free_port
 from worker.engine_settings import EngineConfig, LoadedSegmenter, engine_config, roi_styles
 from worker.pipeline import PipelineError, process_study, results_dir, sync_export_state
 
@@ -29,14 +30,6 @@ NO_SAM3 = LoadedSegmenter(None, "SAM 3 unavailable: no SAM 3 model directory con
 def _config(**overrides: Any) -> EngineConfig:
     settings = load_settings(**{"sam3_dir": None, "adapter_dir": None, **overrides})
     return engine_config(settings)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_no_destination_keeps_result_done_with_skipped_reason(assembled: tuple[Path, str, Any]) -> None:
@@ -71,7 +64,7 @@ def test_no_destination_keeps_result_done_with_skipped_reason(assembled: tuple[P
 
 def test_rerun_resends_kept_result_instead_of_computing(assembled: tuple[Path, str, Any]) -> None:
     data_dir, key, _ = assembled
-    dest = [Destination.parse(f"RX@127.0.0.1:{_free_port()}")]
+    dest = [Destination.parse(f"RX@127.0.0.1:{free_port()}")]
     sent: list[str] = []
     first = process_study(key, data_dir, _config(), NO_SAM3, dest, enqueue_export=sent.append, task_id="a")
     assert first.state == "exporting" and first.computed and sent == first.item_ids
@@ -127,7 +120,7 @@ def test_export_to_real_storescp_marks_study_done(tmp_path: Path, assembled: tup
     from worker.export_task import run_export
 
     data_dir, key, _ = assembled
-    port = _free_port()
+    port = free_port()
     rx_dir = tmp_path / "rx"
     rx_dir.mkdir()
     scp = subprocess.Popen(["/usr/bin/storescp", "-aet", "RX", "-od", str(rx_dir), str(port)],
@@ -197,7 +190,7 @@ def test_missing_model_is_reported_not_raised(tmp_path: Path) -> None:
 
 def test_per_series_layout_one_rtstruct_per_phase_and_reference(assembled: tuple[Path, str, Any]) -> None:
     data_dir, key, series = assembled
-    dest = [Destination.parse(f"RX@127.0.0.1:{_free_port()}")]
+    dest = [Destination.parse(f"RX@127.0.0.1:{free_port()}")]
     from service.settings import StructureSetting
 
     body = StructureSetting(name="External", method="threshold", hu_range=(-350.0, 3000.0),

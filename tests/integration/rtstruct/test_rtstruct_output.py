@@ -247,10 +247,9 @@ def test_styles_and_input_checks(study10: Study) -> None:
 
 def test_multiframe_source_is_referenced_by_frame(tmp_path: Path) -> None:
     hd = pytest.importorskip("highdicom")
-    from rtstruct_ctwriter import write_ct_series
-
     from service.rtstruct import build_rtstructs
     from service.volume import read_series
+    from tests.support.ctdata import write_ct_series
 
     hu = np.full((6, 32, 32), -1000, np.int16)
     files = write_ct_series(

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
-from rtstruct_ctwriter import write_ct_series
 
 from service.volume import VolumeError, read_geometry, read_phases, read_series
+from tests.support.ctdata import write_ct_series
 
 STUDY, FOR = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
 

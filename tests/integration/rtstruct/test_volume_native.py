@@ -17,9 +17,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
-from rtstruct_ctwriter import write_ct_series
 
 from service import volume
+from tests.support.ctdata import write_ct_series
 
 STUDY, FOR = "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"
 

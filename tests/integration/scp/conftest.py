@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scp_helpers import ITVNODE, REPO, RunningSCP, echo_ok, free_port
+from scp_helpers import ITVNODE, REPO, RunningSCP, echo_ok
 
 from service.scp import StorageSCP
 from service.spool import Spool
+from tests.support.net import free_port
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,6 @@ STORESCU = "/usr/bin/storescu"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scu(ae_title: str = "TESTSCU", contexts: tuple[str, ...] = (CT, ENHANCED_CT, VERIFICATION)) -> AE:

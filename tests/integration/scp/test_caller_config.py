@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from scp_helpers import REPO, free_port
+from scp_helpers import REPO
+
+from tests.support.net import free_port
 
 
 def _serve(tmp_path: Path, **env_extra: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,213 @@
+"""The pynetdicom internals that service/scp.py and service/export.py override or call, fenced.
+
+Both modules subclass private pynetdicom classes and mirror some of their loops (see the comments there:
+event-driven reactors, PDU length checks before allocation, TCP_NODELAY requestor sockets, the reactor guard
+for C-STORE responses, the chunked-send switch). pyproject.toml pins the pynetdicom they were written
+against. An upgrade must fail here, naming what changed, rather than misbehave on a hospital network:
+
+- every private name we use still exists, with the parameters we pass;
+- every stock method that we mirror or replace is unchanged (a fingerprint of its source: comment-only and
+  blank lines ignored). When one fails: diff that method between the pinned and the new pynetdicom, port the
+  change into the override named in the message, then update the fingerprint below.
+
+tests/integration/scp/test_scp_public_fallback.py checks that the SCP still serves through the stock classes
+when ``service.scp._FAST_REACTOR`` is off (what another pynetdicom version gets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pytest
+from pynetdicom import AE
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+
+ROOT = Path(__file__).resolve().parents[2]
+PINNED = "3.0.4"
+
+#: Stock methods that an override of ours copies or replaces, fingerprinted in pynetdicom PINNED.
+#: path under ``pynetdicom`` -> (fingerprint, our code that depends on its exact body)
+MIRRORED: dict[str, tuple[str, str]] = {
+    "acse.ACSE._negotiate_as_acceptor": (
+        "f49644a6d11ff64a", "service/scp.py _PolicyACSE._negotiate_as_acceptor (checks, then calls it)"),
+    "ae.ApplicationEntity._create_socket": (
+        "9b9f827b2e6ddfdd", "service/export.py NoDelayAE._create_socket (replaces it)"),
+    "association.Association.__init__": (
+        "b806282a2d942c1d", "service/scp.py _FastAssociation.__init__ (swaps in _FastDUL)"),
+    "association.Association._run_reactor": (
+        "ca3acbb824fbca27", "service/scp.py _FastAssociation._run_reactor (a copy blocking on DIMSE)"),
+    "dimse.DIMSEServiceProvider.get_msg": (
+        "c212cbcab6189184", "service/export.py _guard_reactor (wraps it)"),
+    "dul.DULServiceProvider.__init__": (
+        "bfebea18107e93cc", "service/scp.py _FastDUL.__init__ (extends it)"),
+    "dul.DULServiceProvider._read_pdu_data": (
+        "500d0ff5100c941f", "service/scp.py _FastDUL._read_pdu_data (length checked first)"),
+    "dul.DULServiceProvider.run_reactor": (
+        "c648dadd489eec02", "service/scp.py _FastDUL.run_reactor (a copy with select())"),
+    "transport.AssociationSocket._create_socket": (
+        "c142d63cc576d0b4", "service/export.py _NoDelaySocket._create_socket (a copy plus TCP_NODELAY)"),
+    "transport.AssociationSocket.recv": (
+        "08f867a5b4ff58f3", "service/scp.py _FastSocket.recv (replaces it)"),
+    "transport.RequestHandler._create_association": (
+        "21eeee1815067005", "service/scp.py _RequestHandler._create_association (a copy with our classes)"),
+}
+
+#: Private (or easily missed) names we import, call or set, and where.
+NAMES: dict[str, str] = {
+    "_globals.MODE_ACCEPTOR": "service/scp.py _RequestHandler._create_association",
+    "_handlers.standard_dimse_recv_handler": "service/scp.py _STANDARD_LOG_HANDLERS (unbound)",
+    "_handlers.standard_dimse_sent_handler": "service/scp.py _STANDARD_LOG_HANDLERS",
+    "_handlers.standard_pdu_recv_handler": "service/scp.py _STANDARD_LOG_HANDLERS",
+    "_handlers.standard_pdu_sent_handler": "service/scp.py _STANDARD_LOG_HANDLERS",
+    "_config.STORE_SEND_CHUNKED_DATASET": "service/export.py (files sent as stored, set at import)",
+    "pdu.A_ABORT_RQ": "service/scp.py _FastDUL._send_abort",
+    "pdu_primitives.A_P_ABORT": "service/scp.py _FastDUL (wakes the association thread)",
+    "dul.DULServiceProvider._decode_pdu": "service/scp.py _FastDUL._read_pdu_data",
+    "dul.DULServiceProvider._process_recv_primitive": "service/scp.py _FastDUL.run_reactor",
+    "dul.DULServiceProvider._is_transport_event": "service/scp.py _FastDUL.run_reactor",
+    "dul.DULServiceProvider.send_pdu": "service/scp.py _FastDUL.send_pdu (wakes the reactor)",
+    "dul.DULServiceProvider.kill_dul": "service/scp.py _FastDUL.kill_dul (wakes the reactor)",
+    "dul.DULServiceProvider.idle_timer_expired": "service/scp.py _FastAssociation._run_reactor",
+    "dul.DULServiceProvider.receive_pdu": "service/scp.py _FastAssociation._run_reactor",
+    "association.Association._serve_request": "service/scp.py _FastAssociation._run_reactor",
+    "association.Association.set_socket": "service/scp.py _RequestHandler._create_association",
+    "association.Association.unbind": "service/scp.py _FastAssociation.__init__",
+    "acse.ACSE.send_reject": "service/scp.py _PolicyACSE._negotiate_as_acceptor",
+    "acse.ACSE.is_release_requested": "service/scp.py _FastAssociation._run_reactor",
+    "acse.ACSE.is_aborted": "service/scp.py _FastAssociation._run_reactor",
+    "acse.ACSE.send_release": "service/scp.py _FastAssociation._run_reactor",
+    "transport.ThreadedAssociationServer.process_request_thread": "service/scp.py _Server",
+    "transport.ThreadedAssociationServer.service_actions": "service/scp.py _Server (the admission gate)",
+    "transport.ThreadedAssociationServer.get_request": "service/scp.py _Server (TLS handshake per thread)",
+    "events.NotificationEvent": "service/scp.py _RequestHandler._create_association",
+}
+
+#: Instance attributes (set in ``__init__``, so not on the classes) that our overrides read or write.
+DUL_ATTRIBUTES = ("event_queue", "to_user_queue", "to_provider_queue", "_recv_pdu", "_kill_thread",
+                  "_idle_timer", "artim_timer", "state_machine", "_run_loop_delay", "socket")
+ASSOCIATION_ATTRIBUTES = ("_dul_ready", "_kill", "_reactor_checkpoint", "_is_paused", "_server", "dul",
+                          "dimse", "acse", "acceptor", "requestor", "is_established", "is_released",
+                          "is_aborted")
+SERVER_ATTRIBUTES = ("_handlers", "contexts", "ae_title", "ae", "ssl_context", "active_associations")
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of an object's source, blank and comment-only lines dropped, indentation ignored."""
+    lines = (line.strip() for line in inspect.getsource(obj).splitlines())
+    kept = [line for line in lines if line and not line.startswith("#")]
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+def resolve(path: str) -> Any:
+    module, _, rest = path.partition(".")
+    obj: Any = importlib.import_module(f"pynetdicom.{module}")
+    for part in rest.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_pynetdicom_is_the_pinned_version() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in deps if re.match(r"pynetdicom\b", d)]
+    assert pins == [f"pynetdicom=={PINNED}"], (
+        f"pyproject.toml must pin pynetdicom=={PINNED} (the version service/scp.py and service/export.py "
+        f"override), found {pins}")
+    assert pynetdicom.__version__ == PINNED, (
+        f"pynetdicom {pynetdicom.__version__} is installed, the overrides were written against {PINNED}: "
+        "run `make install`, or read this file's docstring before moving the pin")
+
+
+def test_the_fast_reactor_is_on_for_the_pinned_version() -> None:
+    import service.scp
+
+    assert service.scp._FAST_REACTOR, f"_FAST_REACTOR is off on pynetdicom {pynetdicom.__version__}"
+
+
+@pytest.mark.parametrize("path", sorted(NAMES))
+def test_private_names_still_exist(path: str) -> None:
+    try:
+        resolve(path)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"pynetdicom {pynetdicom.__version__} has no {path} ({exc}); {NAMES[path]} uses it")
+
+
+@pytest.mark.parametrize("path", sorted(MIRRORED))
+def test_mirrored_methods_are_unchanged(path: str) -> None:
+    expected, used_by = MIRRORED[path]
+    try:
+        got = fingerprint(resolve(path))
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"pynetdicom {pynetdicom.__version__} has no {path} ({exc}); {used_by} depends on it")
+    assert got == expected, (
+        f"pynetdicom {pynetdicom.__version__} changed {path} (fingerprint {got}, {expected} in {PINNED}); "
+        f"{used_by} depends on its body: diff it against {PINNED}, port the change, then update MIRRORED "
+        f"in {Path(__file__).name}")
+
+
+def test_instance_attributes_that_the_overrides_use() -> None:
+    assoc = Association(AE(), MODE_ACCEPTOR)  # builds the DUL and ACSE; starts no thread
+    missing = [f"DULServiceProvider().{a}" for a in DUL_ATTRIBUTES if not hasattr(assoc.dul, a)]
+    missing += [f"Association().{a}" for a in ASSOCIATION_ATTRIBUTES if not hasattr(assoc, a)]
+    missing += [f"Association().dimse.{a}" for a in ("msg_queue", "get_msg") if not hasattr(assoc.dimse, a)]
+    missing += [f"Association().dul.state_machine.{a}" for a in ("current_state", "do_action")
+                if not hasattr(assoc.dul.state_machine, a)]
+    if not hasattr(assoc.requestor, "primitive"):
+        missing.append("Association().requestor.primitive")
+    assert not missing, (f"pynetdicom {pynetdicom.__version__} lost attributes that service/scp.py's "
+                         f"_FastDUL/_FastAssociation/_PolicyACSE use: {missing}")
+
+
+def test_server_attributes_and_hooks_that_the_scp_uses() -> None:
+    ae = AE()
+    ae.add_supported_context("1.2.840.10008.1.1")
+    handler = pynetdicom.transport.RequestHandler
+    server = ae.make_server(("127.0.0.1", 0), request_handler=handler)
+    try:
+        missing = [a for a in SERVER_ATTRIBUTES if not hasattr(server, a)]
+        assert not missing, (f"pynetdicom {pynetdicom.__version__}: the association server has no {missing}; "
+                             "service/scp.py _RequestHandler/_Server/StorageSCP use them")
+        assert hasattr(ae, "_servers"), "AE()._servers is gone; StorageSCP.start appends its server there"
+        assert hasattr(ae, "_create_socket"), "AE._create_socket is gone; export.NoDelayAE overrides it"
+    finally:
+        server.server_close()
+
+
+def test_the_chunked_send_switch_is_still_read() -> None:
+    """service/export.py sets it so that files go out as stored; a switch nobody reads would silently
+    transcode."""
+    source = inspect.getsource(importlib.import_module("pynetdicom.association"))
+    assert "STORE_SEND_CHUNKED_DATASET" in source, (
+        f"pynetdicom {pynetdicom.__version__}.association no longer reads _config.STORE_SEND_CHUNKED_DATASET "
+        "(set by service/export.py)")
+
+
+def test_overridden_signatures() -> None:
+    """Our overrides take the parameters pynetdicom calls them with."""
+    from service import export, scp
+
+    pairs = [
+        (resolve("ae.ApplicationEntity._create_socket"), export.NoDelayAE._create_socket),
+        (resolve("transport.AssociationSocket._create_socket"), export._NoDelaySocket._create_socket),
+        (resolve("transport.AssociationSocket.recv"), scp._FastSocket.recv),
+        (resolve("dul.DULServiceProvider.send_pdu"), scp._FastDUL.send_pdu),
+        (resolve("dul.DULServiceProvider._read_pdu_data"), scp._FastDUL._read_pdu_data),
+        (resolve("dul.DULServiceProvider.run_reactor"), scp._FastDUL.run_reactor),
+        (resolve("association.Association._run_reactor"), scp._FastAssociation._run_reactor),
+        (resolve("acse.ACSE._negotiate_as_acceptor"), scp._PolicyACSE._negotiate_as_acceptor),
+        (resolve("transport.RequestHandler._create_association"), scp._RequestHandler._create_association),
+    ]
+    changed = [f"{stock.__qualname__}{inspect.signature(stock)} vs ours {inspect.signature(ours)}"
+               for stock, ours in pairs
+               if list(inspect.signature(stock).parameters) != list(inspect.signature(ours).parameters)]
+    assert not changed, f"pynetdicom {pynetdicom.__version__} changed the parameters of {changed}"
+    get_msg = inspect.signature(resolve("dimse.DIMSEServiceProvider.get_msg"))
+    assert list(get_msg.parameters) == ["self", "block"], (
+        f"DIMSEServiceProvider.get_msg{get_msg}: service/export.py _guard_reactor wraps get_msg(block)")
