@@ -153,9 +153,8 @@ def trace_mask(mask: np.ndarray, keyhole: bool = False) -> Loops:
             starts = cand[np.argsort(east_keys[cand], kind="stable")]
             walked, bounds = _walk(nxt, starts, n)
     keep = emit[walked]
-    b = np.asarray(bounds, dtype=np.int64)
     cum = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-    offsets = cum[b]
+    offsets = cum[bounds]
     nodes = walked[keep]
     zq, remq = np.divmod(node_v[nodes], (h + 1) * wv)
     iq, jq = np.divmod(remq, wv)
@@ -233,23 +232,30 @@ def _corners(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vtx, code
 
 
-def _walk(nxt: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, list[int]]:
-    """Follow ``nxt`` from each start not yet visited: the nodes in walking order and the loop bounds."""
-    nx = nxt.tolist()
-    seen = bytearray(n)
-    walked: list[int] = []
-    bounds = [0]
-    append = walked.append
-    for s in starts.tolist():
-        if seen[s]:
-            continue
-        e = s
-        while not seen[e]:
-            seen[e] = 1
-            append(e)
-            e = nx[e]
-        bounds.append(len(walked))
-    return np.asarray(walked, dtype=np.int64), bounds
+def _walk(nxt: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Follow ``nxt`` from each start in turn unless already visited: the nodes in walking order and the
+    bounds of each loop among them.
+
+    A depth-first search (in C) does exactly that from a chain of extra roots, root t leading first to
+    ``starts[t]`` and then to root t + 1: it walks a loop until it comes back to a visited corner.
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import depth_first_order
+
+    k = starts.size
+    if k == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    roots = np.empty(2 * k, dtype=np.int64)
+    roots[0::2] = starts
+    roots[1::2] = n + np.arange(1, k + 1)
+    roots[-1] = starts[-1]  # the last root leads to its start only (twice)
+    indices = np.concatenate([nxt, roots])
+    indptr = np.concatenate([np.arange(n + 1), n + 2 * np.arange(1, k + 1)])
+    graph = csr_matrix((np.ones(indices.size), indices, indptr), shape=(n + k, n + k))
+    order, pred = depth_first_order(graph, n, directed=True, return_predecessors=True)
+    walked = order[order < n].astype(np.int64)
+    first = np.flatnonzero(pred[walked] >= n)  # reached from a root: a loop's start
+    return walked, np.append(first, walked.size)
 
 
 def _join_holes(
