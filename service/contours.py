@@ -276,71 +276,62 @@ def _join_holes(
     where it does not turn at w (or at v going down) no vertex is written. Holes go top to bottom, left to
     right; no two channels share a corner or a segment.
     """
-    n = nxt.size
+    n, n_holes = nxt.size, holes.size
     _, hp, nw = words.shape
     hv, wv = hp - 1, 64 * nw
-    prev = np.empty(n, dtype=np.int64)
-    prev[nxt] = np.arange(n)
-    nx, pv_l, nv_l = nxt.tolist(), prev.tolist(), node_v.tolist()
-    emit = [True] * n
-    east_key = np.where(_EAST[ncode], node_v, -1).tolist()
+    z, rem = np.divmod(node_v[holes], hv * wv)
+    i, j = np.divmod(rem, wv)
+    w_vert, w_code = np.empty(n_holes, dtype=np.int64), np.empty(n_holes, dtype=np.int64)
+    for h in range(n_holes):  # up the pixel-edge line j from v to w: corner (k, j) has rows k, k + 1 about it
+        zh, ih, jh = int(z[h]), int(i[h]), int(j[h])
+        left = (words[zh, : ih + 1, jh >> 6] >> np.uint64(jh & 63)) & np.uint64(1)
+        right = (words[zh, : ih + 1, (jh + 1) >> 6] >> np.uint64((jh + 1) & 63)) & np.uint64(1)
+        k = int(np.flatnonzero((left & right)[:ih] == 0)[-1])  # row 0 is the empty frame
+        w_vert[h] = (zh * hv + k) * wv + jh
+        w_code[h] = left[k] + 2 * right[k] + 4 * left[k + 1] + 8 * right[k + 1]
+    # w inside a rightward run: the run's left corner; w a turn: its one corner (original corners only)
+    found = np.searchsorted(node_v, w_vert) - (w_code == 12)
+
+    size = n + 3 * n_holes  # each hole adds three passes: down at w, up at v, up at w
+    nx = np.concatenate([nxt, np.full(3 * n_holes, -1, dtype=np.int64)])
+    pv = np.empty(size, dtype=np.int64)
+    pv[nxt] = np.arange(n)
+    vertex = np.concatenate([node_v, np.zeros(3 * n_holes, dtype=np.int64)])
+    emit = np.ones(size, dtype=bool)
+    east_key = np.concatenate([np.where(_EAST[ncode], node_v, -1), np.full(3 * n_holes, -1, dtype=np.int64)])
     # rightward runs already split: left corner -> [(column, the pass that comes up there and goes on right)]
     splits: dict[int, list[tuple[int, int]]] = {}
     moved: dict[int, int] = {}  # a turn replaced by a channel's passes -> the pass that goes on rightward
-
-    def new(vertex: int, emitted: bool, key: int) -> int:
-        nx.append(-1)
-        pv_l.append(-1)
-        nv_l.append(vertex)
-        emit.append(emitted)
-        east_key.append(key)
-        return len(nx) - 1
-
-    for v in holes.tolist():
-        vert = nv_l[v]
-        z, rem = divmod(vert, hv * wv)
-        i, j = divmod(rem, wv)
-        # pixel columns j and j + 1 (framed), rows 0..i: corner (k, j) has rows k above and k + 1 below it
-        left = (words[z, : i + 1, j >> 6] >> np.uint64(j & 63)) & np.uint64(1)
-        right = (words[z, : i + 1, (j + 1) >> 6] >> np.uint64((j + 1) & 63)) & np.uint64(1)
-        k = int(np.flatnonzero((left & right)[:i] == 0)[-1])  # row 0 is the empty frame
-        wvert = (z * hv + k) * wv + j
-        wcode = int(left[k] + 2 * right[k] + 4 * left[k + 1] + 8 * right[k + 1])
+    for h, (v, wvert, wcode, a, col) in enumerate(
+        zip(holes.tolist(), w_vert.tolist(), w_code.tolist(), found.tolist(), j.tolist(), strict=True)
+    ):
+        down, up, vup = n + 3 * h, n + 3 * h + 1, n + 3 * h + 2
         if wcode == 12:  # both above background: inside a rightward run, split it
-            a = int(np.searchsorted(node_v, wvert)) - 1  # the run's left corner
             seg = moved.get(a, a)  # the part of the run around column j: from w's left turn or split
-            for col, up in sorted(splits.get(a, [])):
-                if col < j:
-                    seg = up
-            pw, sw = seg, nx[seg]
-            d_emit, u_emit = True, True
-        else:
-            nw = int(np.searchsorted(node_v, wvert))  # a turn: one corner there
-            pw, sw = pv_l[nw], nx[nw]
-            d_emit = wcode != 13  # code 13: in from above, so no turn going on down
-            u_emit = wcode != 14  # code 14: out upward, so no turn coming up
-            east_key[nw] = -1
-        down = new(wvert, d_emit, -1)
-        up = new(wvert, u_emit, wvert if wcode != 14 else -1)
-        vup = new(vert, True, -1)
-        if wcode == 12:
-            splits.setdefault(a, []).append((j, up))
-        elif wcode == 13:  # the rightward run from w now starts at the upward pass
-            moved[nw] = up
-        pv, sv = pv_l[v], nx[v]
-        nx[pw], pv_l[down] = down, pw
-        nx[down], pv_l[sv] = sv, down
-        nx[pv], pv_l[vup] = vup, pv
-        nx[vup], pv_l[up] = up, vup
-        nx[up], pv_l[sw] = sw, up
+            for c, u in sorted(splits.get(a, [])):
+                if c < col:
+                    seg = u
+            pw, sw = seg, int(nx[seg])
+            splits.setdefault(a, []).append((col, up))
+        else:  # a turn
+            pw, sw = int(pv[a]), int(nx[a])
+            emit[down] = wcode != 13  # code 13: in from above, so no turn going on down
+            emit[up] = wcode != 14  # code 14: out upward, so no turn coming up
+            east_key[a] = -1
+            if wcode == 13:  # the rightward run from w now starts at the upward pass
+                moved[a] = up
+        vertex[down] = vertex[up] = wvert
+        vertex[vup] = vertex[v]
+        east_key[up] = wvert if wcode != 14 else -1
+        pvv, sv = int(pv[v]), int(nx[v])
+        nx[pw], pv[down] = down, pw
+        nx[down], pv[sv] = sv, down
+        nx[pvv], pv[vup] = vup, pvv
+        nx[vup], pv[up] = up, vup
+        nx[up], pv[sw] = sw, up
         emit[v] = False  # v's corner is replaced by the upward pass (the downward one goes straight on)
         east_key[v] = -1
-    return (
-        np.asarray(nx, dtype=np.int64),
-        np.asarray(nv_l, dtype=np.int64),
-        np.asarray(emit, dtype=bool),
-        np.asarray(east_key, dtype=np.int64),
-    )
+    return nx, vertex, emit, east_key
 
 
 def trace_loops(mask: np.ndarray, keyhole: bool = False) -> list[np.ndarray]:

@@ -194,13 +194,11 @@ def _ds_contour_data(loops: Loops, points: np.ndarray, orientation: Sequence[flo
             tid[cells] = inverse.reshape(-1)
             ids[:, a] = tid[key] + len(texts)
         texts += [_ds(x) for x in uniq.tolist()]
-    # every value followed by a backslash, one row per distinct text
-    width = max(len(t) for t in texts) + 1
-    table_b = np.frombuffer(b"".join((t + "\\").encode("ascii").ljust(width) for t in texts), dtype=np.uint8)
-    lens = np.array([len(t) + 1 for t in texts], dtype=np.int64)
-    flat = ids.reshape(-1)
-    n_chars = lens[flat]
-    chars = table_b.reshape(-1, width)[flat][np.arange(width) < n_chars[:, None]].tobytes()
+    # every value followed by a backslash: fixed-width texts gathered, then the padding deleted
+    with_sep = [(t + "\\").encode("ascii") for t in texts]
+    table = np.array(with_sep, dtype=f"S{max(len(t) for t in with_sep)}")
+    chars = table[ids.reshape(-1)].tobytes().translate(None, b"\0")
+    n_chars = np.array([len(t) for t in with_sep], dtype=np.int64)[ids.reshape(-1)]
     ends = np.concatenate([[0], np.cumsum(n_chars)])[3 * loops.offsets].tolist()
     out = []
     for s, e in zip(ends[:-1], ends[1:], strict=True):
