@@ -159,38 +159,53 @@ def _ds(v: float) -> str:
     return "0" if s == "-0" else s
 
 
-def _ds_contour_data(loops: Loops, points: np.ndarray, orientation: Sequence[float]) -> list[bytes]:
-    """ContourData of each loop as DS text: 4 decimals (0.1 um), trailing zeros dropped, <= 16 characters.
+def _ds_contour_data(loops: Loops, geometry: Geometry) -> list[bytes]:
+    """ContourData of each loop (patient coordinates, see service.contours.loop_points) as DS text: 4 decimals
+    (0.1 um), trailing zeros dropped, <= 16 characters.
 
     Vertices lie on a half-pixel lattice, so an ROI has few distinct coordinates: each is formatted once and
-    the texts are laid out with array operations. With axis-aligned rows and columns an axis depends on the
-    slice and on the column (or the row) alone, which finds the distinct values without sorting every vertex.
+    the texts are laid out with array operations. With rows and columns along the axes, a coordinate
+    ``position[a] + (col * dx) * row_cos[a] + (row * dy) * col_cos[a]`` has one product +-0, so it depends on
+    the slice's position and on the column (or the row) alone: the distinct values come from that small table,
+    computed by the same expression, without computing or sorting every vertex.
     """
     if not len(loops):
         return []
-    iop = np.asarray(orientation, dtype=np.float64)
+    g = geometry
+    ipp = np.asarray(g.positions, dtype=np.float64).reshape(-1, 3)
+    iop = np.asarray(g.orientation, dtype=np.float64)
     row_cos, col_cos = iop[:3], iop[3:]
+    dy, dx = float(g.pixel_spacing[0]), float(g.pixel_spacing[1])
     z = np.repeat(loops.slices, np.diff(loops.offsets))
-    lattice_of = {"col": (loops.cols + 0.5).astype(np.int64), "row": (loops.rows + 0.5).astype(np.int64)}
     texts: list[str] = []
-    ids = np.empty(points.shape, dtype=np.int64)
+    ids = np.empty((z.size, 3), dtype=np.int64)
+    points = None
     for a in range(3):
-        v = points[:, a]
-        along = "col" if col_cos[a] == 0 else "row" if row_cos[a] == 0 else None
-        if along is None:  # oblique: sort them all
-            uniq, inverse = np.unique(np.round(v, 4), return_inverse=True)
+        if row_cos[a] != 0 and col_cos[a] != 0:  # oblique: every vertex, sorted
+            if points is None:
+                points = loop_points(loops, ipp, g.pixel_spacing, g.orientation)
+            uniq, inverse = np.unique(np.round(points[:, a], 4), return_inverse=True)
             ids[:, a] = inverse.reshape(-1) + len(texts)
-        else:  # equal up to the sign of zero for one slice and column (row): same text
-            lat = lattice_of[along]
-            lo, span, zlo = int(lat.min()), int(lat.max() - lat.min()) + 1, int(z.min())
-            key = (z - zlo) * span + (lat - lo)
-            table = np.zeros(int(key.max()) + 1)
-            used = np.zeros(table.size, dtype=bool)
-            table[key] = v
+        else:
+            origins, group = np.unique(ipp[:, a], return_inverse=True)  # equal positions: equal values
+            if row_cos[a] != 0:
+                lat = (loops.cols + 0.5).astype(np.int64)
+            elif col_cos[a] != 0:
+                lat = (loops.rows + 0.5).astype(np.int64)
+            else:
+                lat = np.zeros(z.size, dtype=np.int64)
+            lo, span = int(lat.min()), int(lat.max() - lat.min()) + 1
+            key = group.reshape(-1)[z] * span + (lat - lo)
+            used = np.zeros(origins.size * span, dtype=bool)
             used[key] = True
             cells = np.flatnonzero(used)
-            uniq, inverse = np.unique(np.round(table[cells], 4), return_inverse=True)
-            tid = np.zeros(table.size, dtype=np.int64)
+            cg, cl = np.divmod(cells, span)
+            half = (cl + lo) - 0.5  # the cell's column (row), the other index any: its product is +-0
+            col = half if row_cos[a] != 0 else np.full(cells.size, -0.5)
+            row = half if col_cos[a] != 0 else np.full(cells.size, -0.5)
+            values = origins[cg] + (col * dx) * row_cos[a] + (row * dy) * col_cos[a]
+            uniq, inverse = np.unique(np.round(values, 4), return_inverse=True)
+            tid = np.zeros(used.size, dtype=np.int64)
             tid[cells] = inverse.reshape(-1)
             ids[:, a] = tid[key] + len(texts)
         texts += [_ds(x) for x in uniq.tolist()]
@@ -247,8 +262,7 @@ class _Traced:
 def _trace(roi: _Roi, keyhole: bool) -> _Traced:
     g = roi.geometry
     loops = trace_mask(roi.mask, keyhole=keyhole)
-    points = loop_points(loops, g.positions, g.pixel_spacing, g.orientation)
-    data = _ds_contour_data(loops, points, g.orientation)
+    data = _ds_contour_data(loops, g)
     return _Traced(g, loops.slices.tolist(), np.diff(loops.offsets).tolist(), data)
 
 

@@ -21,7 +21,9 @@ from service.volume import Geometry
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def geometries(n_phases: int, shape: tuple[int, int, int], frames: bool = False) -> list[Geometry]:
+def geometries(
+    n_phases: int, shape: tuple[int, int, int], frames: bool = False, tilt: float = 0.0
+) -> list[Geometry]:
     z, y, x = shape
     out = []
     for p in range(n_phases):
@@ -31,7 +33,7 @@ def geometries(n_phases: int, shape: tuple[int, int, int], frames: bool = False)
                 y,
                 x,
                 (0.9765625, 1.171875),
-                tuple((-249.51171875, -180.3, -159.05 + 2.5 * k) for k in range(z)),
+                tuple((-249.51171875 + tilt * k, -180.3, -159.05 + 2.5 * k) for k in range(z)),
                 (f"{series}.1",) * z if frames else tuple(f"{series}.{k + 1}" for k in range(z)),
                 (CT,) * z,
                 tuple(k + 1 for k in range(z)) if frames else (None,) * z,
@@ -86,6 +88,9 @@ def test_files_are_byte_identical(tmp_path: Path, layout: str, holes: str) -> No
     itv = masks["GTVp"].any(axis=0)
     both(tmp_path, geometries=geometries(3, shape), phase_percents=[0.0, 40.0, 70.0], masks=masks,
          envelopes={"ITV": itv}, layout=layout, holes=holes)
+    # slices whose positions differ in x (a gantry tilt): texts per position
+    both(tmp_path / "tilt", geometries=geometries(3, shape, tilt=0.0123), phase_percents=[0.0, 40.0, 70.0],
+         masks=masks, envelopes={}, layout=layout, holes=holes)
 
 
 def test_multiframe_references_and_implicit_vr_are_byte_identical(tmp_path: Path) -> None:
