@@ -211,24 +211,33 @@ def _corners(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Corner (i, j) has pixels (i, j), (i, j + 1) above and (i + 1, j), (i + 1, j + 1) below it (framed
     coordinates). It is a turn unless the four are equal in pairs along a row or along a column."""
     nz, hp, nw = words.shape
-    nxt_col = _right(words)
-    vert = words ^ nxt_col  # bit j: the vertical edge between pixels j and j + 1 of a row
+    vert = _right(words)
+    vert ^= words  # bit j: the vertical edge between pixels j and j + 1 of a row
     horiz = words[:, 1:] ^ words[:, :-1]  # bit j: the edge between pixel j of row i and of row i + 1
-    turn = (vert[:, 1:] | vert[:, :-1]) & (horiz | _right(horiz))
-    flat = turn.reshape(-1).view(np.uint8)  # byte b of word k: bits 8b..8b+7 (little-endian words)
-    idx = np.flatnonzero(flat)
-    bi = np.nonzero(np.unpackbits(flat[idx], bitorder="little").reshape(-1, 8))
-    byte = idx[bi[0]]
+    turn = vert[:, 1:] | vert[:, :-1]
+    either = _right(horiz)
+    either |= horiz
+    turn &= either
+    # corners are sparse: nonzero words, then their nonzero bytes (little-endian: byte b = bits 8b..8b+7)
+    flat = turn.reshape(-1)
+    word = np.flatnonzero(flat)
+    wi, bi = np.nonzero(flat[word].view(np.uint8).reshape(-1, 8))
+    byte = word[wi] * 8 + bi
+    wi, bit = np.nonzero(np.unpackbits(flat.view(np.uint8)[byte], bitorder="little").reshape(-1, 8))
+    byte = byte[wi]
     z, rem = np.divmod(byte >> 3, (hp - 1) * nw)
     i, k = np.divmod(rem, nw)
-    j = k * 64 + (byte & 7) * 8 + bi[1]
+    j = k * 64 + (byte & 7) * 8 + bit
     vtx = (z * (hp - 1) + i) * (64 * nw) + j
 
-    def bit(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        w = words[z, rows, cols >> 6]
+    flat_words = words.reshape(-1)
+    top = (z * hp + i) * nw  # first word of row i (framed) of slice z
+
+    def pixel(row_start: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        w = flat_words[row_start + (cols >> 6)]
         return ((w >> (cols & 63).astype(np.uint64)) & np.uint64(1)).astype(np.int64)
 
-    code = bit(i, j) | bit(i, j + 1) << 1 | bit(i + 1, j) << 2 | bit(i + 1, j + 1) << 3
+    code = pixel(top, j) | pixel(top, j + 1) << 1 | pixel(top + nw, j) << 2 | pixel(top + nw, j + 1) << 3
     return vtx, code
 
 
