@@ -12,7 +12,12 @@ from scipy import ndimage
 
 from service import contours
 
-ORIENTATIONS = [(1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, -1, 0), (0.6, 0.8, 0, 0, 0, -1)]
+ORIENTATIONS = [
+    (1, 0, 0, 0, 1, 0),
+    (-1, 0, 0, 0, -1, 0),
+    (0.6, 0.8, 0, 0, 0, -1),
+    (0.8, 0.6, 0, -0.6, 0.8, 0),  # rotated in plane
+]
 
 
 def masks(seed: int, n: int) -> Iterator[np.ndarray]:
@@ -57,7 +62,7 @@ def test_mask_to_contours_equals_the_previous_tracer(keyhole: bool) -> None:
     for k, m in enumerate(masks(2024, 300)):
         positions = [(-249.8 + 0.1 * z, -80.7, 10.0 + 2.5 * z) for z in range(m.shape[0])]
         spacing = (0.9765625, 1.2)
-        iop = ORIENTATIONS[k % 3]
+        iop = ORIENTATIONS[k % len(ORIENTATIONS)]
         assert_same(
             previous.mask_to_contours(m, positions, spacing, iop, keyhole=keyhole),
             contours.mask_to_contours(m, positions, spacing, iop, keyhole=keyhole),

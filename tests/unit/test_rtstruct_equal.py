@@ -102,7 +102,13 @@ def test_multiframe_references_and_implicit_vr_are_byte_identical(tmp_path: Path
                  masks={"Comb": comb}, envelopes={})
     assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     g = geometries(1, shape)[0]
-    oblique = dataclasses.replace(g, orientation=(0.6, 0.8, 0.0, 0.0, 0.0, -1.0))
     rng = np.random.default_rng(11)
-    both(tmp_path / "oblique", geometries=[oblique], phase_percents=[0.0],
-         masks={"GTVp": blobs(rng, (1, *shape), 0.5, 0.95)}, envelopes={})
+    for k, iop in enumerate(
+        [
+            (0.6, 0.8, 0.0, 0.0, 0.0, -1.0),  # rows and columns each along one patient axis
+            (0.8, 0.6, 0.0, -0.6, 0.8, 0.0),  # rotated in plane: x and y depend on both
+            (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0),  # flipped
+        ]
+    ):
+        both(tmp_path / f"iop{k}", geometries=[dataclasses.replace(g, orientation=iop)], phase_percents=[0.0],
+             masks={"GTVp": blobs(rng, (1, *shape), 0.5, 0.95)}, envelopes={})
