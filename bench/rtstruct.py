@@ -1,12 +1,17 @@
-"""RTSTRUCT writing speed and fidelity: itvnode (service/rtstruct.py) vs rt-utils 1.2.7, same masks, same run.
+"""RTSTRUCT writing speed and fidelity: itvnode vs its previous writer and rt-utils 1.2.7, same masks and run.
 
-Masks: the breathing phantom (models/phantom.py), 10 phases x 150 x 512 x 512 (0.98 x 0.98 x 2.5 mm) by
+
+Masks: the breathing phantom (models/phantom.py), 10 phases x 120 x 512 x 512 (0.98 x 0.98 x 2.5 mm) by
 default, five structures (External, Lung_L, Lung_R, Heart, GTVp) per phase plus the ITV: 51 ROIs. Only
 phase 0 is written as CT (rt-utils and plastimatch need a folder of one series; every phase shares its grid);
 the other phases' geometries carry their own series/instance UIDs, which is all an RTSTRUCT writer reads.
 
 Measured:
 
+* speed (issue 14: <= 1 s): build + write of the ``combined`` layout by the current writer and, as the peer in
+  the same process, by the previous one (tests/unit/rtstruct_previous.py: slice-by-slice tracer, per-contour
+  datasets), alternating, ``--repeat`` times each after one warm-up; best and median, the load average, and
+  whether both files are byte-identical;
 * build + write wall time of our ``combined`` layout (one file, 51 ROIs) and ``per-series`` layout (10 files);
 * rt-utils 1.2.7 (``RTStructBuilder.create_new`` on phase 0, ``add_roi`` for the same 51 masks, ``save``) and
   the time ratio rt-utils / ours-combined;
@@ -15,7 +20,8 @@ Measured:
   per phase-0 structure and the ITV for our combined file, our per-series phase-0 file and rt-utils' file;
 * DS values longer than 16 characters (Eclipse rejects them) and file sizes.
 
-    .venv/bin/python bench/rtstruct.py                     # full size: ~2 GB of masks, a few minutes
+    .venv/bin/python bench/rtstruct.py                     # full size: ~1.6 GB of masks, a few minutes
+    .venv/bin/python bench/rtstruct.py --speed-only        # only the timing against the previous writer
     .venv/bin/python bench/rtstruct.py --size 256 --slices 60
 """
 
@@ -23,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "rtstruct"))  # the same plastimatch peer as the tests
+sys.path.insert(0, str(ROOT / "tests" / "unit"))  # the previous writer, kept as the tests' reference
 
+import rtstruct_previous  # noqa: E402
 from rtstruct_peers import plastimatch_masks  # noqa: E402
 
 from models.metrics import dice as metric_dice  # noqa: E402
@@ -47,6 +58,7 @@ from service.settings import default_structures  # noqa: E402
 from service.volume import Geometry, read_geometry  # noqa: E402
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
+NOW = datetime(2026, 1, 1, tzinfo=UTC)  # one timestamp: the two writers' files compare byte for byte
 
 
 class OnePhase:
@@ -92,12 +104,48 @@ def long_ds(paths: list[Path]) -> int:
     return n
 
 
+def speed(common: dict, out: Path, repeat: int) -> None:
+    """Combined layout, build + write, current vs previous writer alternating in this process."""
+    writers = {"previous": rtstruct_previous, "current": sys.modules["service.rtstruct"]}
+    times: dict[str, list[float]] = {k: [] for k in writers}
+    paths: dict[str, Path] = {}
+    load0 = os.getloadavg()
+    for run in range(repeat + 1):  # run 0 warms up (imports, first allocations): not counted
+        for name in (list(writers) if run % 2 else list(writers)[::-1]):
+            mod = writers[name]
+            kw = dict(common, styles={k: mod.RoiStyle(v.color, v.interpreted_type)
+                                      for k, v in common["styles"].items()},
+                      algorithm=mod.Algorithm("SAM 3", "bench", "bench"), now=NOW)
+            t = time.perf_counter()
+            (ds,) = mod.build_rtstructs(layout="combined", **kw)
+            paths[name] = mod.write_rtstruct(ds, out / name)
+            dt = time.perf_counter() - t
+            del ds
+            if run:
+                times[name].append(dt)
+    load1 = os.getloadavg()
+    n_rois = len(common["masks"]) * len(common["geometries"]) + len(common["envelopes"])
+    print(f"\nspeed: combined RTSTRUCT ({n_rois} ROIs), build + write, {repeat} runs each, "
+          f"load average {load0[0]:.2f} -> {load1[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"{'writer':<22} {'best s':>8} {'median s':>9} {'runs':>32}")
+    for name, ts in times.items():
+        print(f"{name:<22} {min(ts):>8.3f} {statistics.median(ts):>9.3f}   "
+              + " ".join(f"{t:.3f}" for t in ts))
+    ratio = statistics.median(times["previous"]) / statistics.median(times["current"])
+    same = paths["previous"].read_bytes() == paths["current"].read_bytes()
+    print(f"speed-up (median): {ratio:.1f}x; files byte-identical: {same}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phases", type=int, default=10)
-    ap.add_argument("--slices", type=int, default=150)
+    ap.add_argument("--slices", type=int, default=120)
     ap.add_argument("--size", type=int, default=512, help="rows = columns, 500 mm field of view")
     ap.add_argument("--no-rtutils", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs of each writer (after one warm-up)")
+    ap.add_argument(
+        "--speed-only", action="store_true", help="only the timing against the previous writer"
+    )
     ap.add_argument(
         "--keep", type=Path, help="write everything here and keep it (default: a temporary folder)"
     )
@@ -133,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             styles=styles_from_settings(default_structures()),
             algorithm=Algorithm("SAM 3", "bench", "bench"),
         )
+        speed(common, work / "speed", args.repeat)
+        if args.speed_only:
+            return 0
+
         timings: dict[str, float] = {}
         files: dict[str, list[Path]] = {}
         for layout in ("combined", "per-series"):

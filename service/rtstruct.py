@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +40,7 @@ from pydicom.uid import (
 )
 
 from itvnode_version import __version__
-from service.contours import mask_to_contours
+from service.contours import Loops, loop_points, trace_mask
 from service.durable import private_dir, write_atomic
 from service.uids import content_key as _content_key
 from service.uids import output_uid
@@ -58,6 +59,8 @@ REVIEW_NOTE = "AUTOMATIC CONTOURS - review before clinical use"
 # RT Referenced Study: Detached Study Management (retired); the value RT writers commonly use (rt-utils too).
 _STUDY_REF_CLASS = "1.2.840.10008.3.1.2.3.1"
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
+_CONTOURS = Tag(0x3006, 0x0040)
+_CONTOUR_IMAGES = Tag(0x3006, 0x0016)
 _GEOMETRIC_TYPE = Tag(0x3006, 0x0042)
 _N_POINTS = Tag(0x3006, 0x0046)
 _CONTOUR_NUMBER = Tag(0x3006, 0x0048)
@@ -156,20 +159,65 @@ def _ds(v: float) -> str:
     return "0" if s == "-0" else s
 
 
-def _ds_texts(points: list[np.ndarray]) -> list[bytes]:
-    """ContourData of each contour as DS text: 4 decimals (0.1 um), trailing zeros dropped, <= 16 characters.
+def _ds_contour_data(loops: Loops, geometry: Geometry) -> list[bytes]:
+    """ContourData of each loop (patient coordinates, see service.contours.loop_points) as DS text: 4 decimals
+    (0.1 um), trailing zeros dropped, <= 16 characters.
 
-    Vertices lie on a half-pixel lattice, so an ROI has few distinct coordinates: format each once.
+    Vertices lie on a half-pixel lattice, so an ROI has few distinct coordinates: each is formatted once and
+    the texts are laid out with array operations. With rows and columns along the axes, a coordinate
+    ``position[a] + (col * dx) * row_cos[a] + (row * dy) * col_cos[a]`` has one product +-0, so it depends on
+    the slice's position and on the column (or the row) alone: the distinct values come from that small table,
+    computed by the same expression, without computing or sorting every vertex.
     """
-    if not points:
+    if not len(loops):
         return []
-    flat = np.round(np.concatenate([p.ravel() for p in points]), 4)
-    uniq, inverse = np.unique(flat, return_inverse=True)
-    text = np.array([_ds(v) for v in uniq.tolist()], dtype=object)[inverse]
-    out, start = [], 0
-    for p in points:
-        b = "\\".join(text[start : start + p.size].tolist()).encode("ascii")
-        start += p.size
+    g = geometry
+    ipp = np.asarray(g.positions, dtype=np.float64).reshape(-1, 3)
+    iop = np.asarray(g.orientation, dtype=np.float64)
+    row_cos, col_cos = iop[:3], iop[3:]
+    dy, dx = float(g.pixel_spacing[0]), float(g.pixel_spacing[1])
+    z = np.repeat(loops.slices, np.diff(loops.offsets))
+    texts: list[str] = []
+    ids = np.empty((z.size, 3), dtype=np.int64)
+    points = None
+    for a in range(3):
+        if row_cos[a] != 0 and col_cos[a] != 0:  # oblique: every vertex, sorted
+            if points is None:
+                points = loop_points(loops, ipp, g.pixel_spacing, g.orientation)
+            uniq, inverse = np.unique(np.round(points[:, a], 4), return_inverse=True)
+            ids[:, a] = inverse.reshape(-1) + len(texts)
+        else:
+            origins, group = np.unique(ipp[:, a], return_inverse=True)  # equal positions: equal values
+            if row_cos[a] != 0:
+                lat = (loops.cols + 0.5).astype(np.int64)
+            elif col_cos[a] != 0:
+                lat = (loops.rows + 0.5).astype(np.int64)
+            else:
+                lat = np.zeros(z.size, dtype=np.int64)
+            lo, span = int(lat.min()), int(lat.max() - lat.min()) + 1
+            key = group.reshape(-1)[z] * span + (lat - lo)
+            used = np.zeros(origins.size * span, dtype=bool)
+            used[key] = True
+            cells = np.flatnonzero(used)
+            cg, cl = np.divmod(cells, span)
+            half = (cl + lo) - 0.5  # the cell's column (row), the other index any: its product is +-0
+            col = half if row_cos[a] != 0 else np.full(cells.size, -0.5)
+            row = half if col_cos[a] != 0 else np.full(cells.size, -0.5)
+            values = origins[cg] + (col * dx) * row_cos[a] + (row * dy) * col_cos[a]
+            uniq, inverse = np.unique(np.round(values, 4), return_inverse=True)
+            tid = np.zeros(used.size, dtype=np.int64)
+            tid[cells] = inverse.reshape(-1)
+            ids[:, a] = tid[key] + len(texts)
+        texts += [_ds(x) for x in uniq.tolist()]
+    # every value followed by a backslash: fixed-width texts gathered, then the padding deleted
+    with_sep = [(t + "\\").encode("ascii") for t in texts]
+    table = np.array(with_sep, dtype=f"S{max(len(t) for t in with_sep)}")
+    chars = table[ids.reshape(-1)].tobytes().translate(None, b"\0")
+    n_chars = np.array([len(t) for t in with_sep], dtype=np.int64)[ids.reshape(-1)]
+    ends = np.concatenate([[0], np.cumsum(n_chars)])[3 * loops.offsets].tolist()
+    out = []
+    for s, e in zip(ends[:-1], ends[1:], strict=True):
+        b = chars[s : e - 1]  # without the last backslash
         out.append(b + b" " if len(b) % 2 else b)
     return out
 
@@ -197,22 +245,79 @@ def _image_ref(geom: Geometry, k: int) -> Dataset:
     return item
 
 
-def _contour_sequence(roi: _Roi, keyhole: bool) -> tuple[list[Dataset], int]:
+@dataclass(frozen=True)
+class _Traced:
+    """One ROI's contours before encoding: slice, number of points and ContourData bytes of each."""
+
+    geometry: Geometry
+    slices: list[int]
+    n_points: list[int]
+    data: list[bytes]
+
+    @property
+    def longest(self) -> int:
+        return max((len(d) for d in self.data), default=0)
+
+
+def _trace(roi: _Roi, keyhole: bool) -> _Traced:
     g = roi.geometry
-    contours = mask_to_contours(roi.mask, g.positions, g.pixel_spacing, g.orientation, keyhole=keyhole)
-    items: list[Dataset] = []
-    longest = 0
-    texts = _ds_texts([c.points for c in contours])
-    for n, (c, data) in enumerate(zip(contours, texts, strict=True), start=1):
-        item = Dataset()
-        item.ContourImageSequence = DicomSequence([_image_ref(g, c.slice_index)])
-        item[_GEOMETRIC_TYPE] = _raw(_GEOMETRIC_TYPE, "CS", "CLOSED_PLANAR")
-        item[_N_POINTS] = _raw(_N_POINTS, "IS", str(len(c.points)))
-        item[_CONTOUR_NUMBER] = _raw(_CONTOUR_NUMBER, "IS", str(n))
-        longest = max(longest, len(data))
-        item[_CONTOUR_DATA] = RawDataElement(_CONTOUR_DATA, "DS", len(data), data, 0, False, True)
-        items.append(item)
-    return items, longest
+    loops = trace_mask(roi.mask, keyhole=keyhole)
+    data = _ds_contour_data(loops, g)
+    return _Traced(g, loops.slices.tolist(), np.diff(loops.offsets).tolist(), data)
+
+
+def _element(tag: int, vr: bytes, value: bytes, implicit: bool) -> bytes:
+    """One data element, little endian, its value already padded to an even length."""
+    group, elem = tag >> 16, tag & 0xFFFF
+    if implicit:
+        return struct.pack("<HHI", group, elem, len(value)) + value
+    if vr == b"SQ":
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _item(body: bytes) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+
+def _text(value: str, pad: bytes = b" ") -> bytes:
+    b = value.encode("ascii")
+    return b + pad if len(b) % 2 else b
+
+
+def _contour_sequence(traced: _Traced, implicit: bool) -> RawDataElement:
+    """ContourSequence encoded as pydicom would write the equivalent datasets (defined lengths, tags in
+    order), given to pydicom as bytes: 10^4 items would otherwise cost more than tracing them."""
+    g = traced.geometry
+    refs: dict[int, bytes] = {}
+    closed = _element(int(_GEOMETRIC_TYPE), b"CS", _text("CLOSED_PLANAR"), implicit)
+    items = []
+    for n, (k, n_points, data) in enumerate(
+        zip(traced.slices, traced.n_points, traced.data, strict=True), start=1
+    ):
+        ref = refs.get(k)
+        if ref is None:
+            body = _element(int(_REF_CLASS), b"UI", _text(g.sop_class_uids[k], b"\0"), implicit)
+            body += _element(int(_REF_INSTANCE), b"UI", _text(g.sop_instance_uids[k], b"\0"), implicit)
+            frame = g.frame_numbers[k]
+            if frame is not None:
+                body += _element(int(_REF_FRAME), b"IS", _text(str(frame)), implicit)
+            ref = refs[k] = _element(int(_CONTOUR_IMAGES), b"SQ", _item(body), implicit)
+        items.append(
+            _item(
+                b"".join(
+                    (
+                        ref,
+                        closed,
+                        _element(int(_N_POINTS), b"IS", _text(str(n_points)), implicit),
+                        _element(int(_CONTOUR_NUMBER), b"IS", _text(str(n)), implicit),
+                        _element(int(_CONTOUR_DATA), b"DS", data, implicit),
+                    )
+                )
+            )
+        )
+    value = b"".join(items)
+    return RawDataElement(_CONTOURS, "SQ", len(value), value, 0, implicit, True)
 
 
 def _encoded_as_raw(ds: Dataset, implicit: bool) -> None:
@@ -434,7 +539,7 @@ def build_rtstructs(
     for i, plan in enumerate(plans):
         series_uid = output_uid(uid_prefix, key, plan.key, "series")
         sop_uid = output_uid(uid_prefix, key, plan.key, "instance")
-        ds = _dataset(
+        ds, n_contours = _dataset(
             plan,
             identifiers,
             algorithm,
@@ -454,7 +559,7 @@ def build_rtstructs(
             layout,
             plan.label_suffix,
             len(plan.rois),
-            sum(len(r.get("ContourSequence", [])) for r in ds.ROIContourSequence),
+            n_contours,
         )
     return out
 
@@ -496,7 +601,8 @@ def _dataset(
     now: datetime,
     keyhole: bool,
     inputs: tuple[int, str, str],
-) -> Dataset:
+) -> tuple[Dataset, int]:
+    """The structure set of one plan and its number of contours."""
     version, used, short = inputs
     g0 = plan.series[0]
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -552,9 +658,11 @@ def _dataset(
     # Approval: machine output is never approved
     ds.ApprovalStatus = "UNAPPROVED"
 
+    traced = [_trace(roi, keyhole) for roi in plan.rois]
+    # DS lengths are 16-bit in explicit VR; a very long contour needs the implicit syntax.
+    implicit = max((t.longest for t in traced), default=0) > _MAX_EXPLICIT_LEN
     ssroi, roic, obs = [], [], []
-    longest = 0
-    for number, roi in enumerate(plan.rois, start=1):
+    for number, (roi, t) in enumerate(zip(plan.rois, traced, strict=True), start=1):
         s = Dataset()
         s.ROINumber = number
         s.ReferencedFrameOfReferenceUID = g0.frame_of_reference_uid
@@ -565,10 +673,8 @@ def _dataset(
         c = Dataset()
         c.ReferencedROINumber = number
         c.ROIDisplayColor = list(roi.style.color)
-        items, n_bytes = _contour_sequence(roi, keyhole)
-        longest = max(longest, n_bytes)
-        if items:  # Type 3: an empty structure keeps its ROI without contours
-            c.ContourSequence = DicomSequence(items)
+        if t.data:  # Type 3: an empty structure keeps its ROI without contours
+            c[_CONTOURS] = _contour_sequence(t, implicit)
         roic.append(c)
         o = Dataset()
         o.ObservationNumber = number
@@ -581,8 +687,6 @@ def _dataset(
     ds.ROIContourSequence = DicomSequence(roic)
     ds.RTROIObservationsSequence = DicomSequence(obs)
 
-    # DS lengths are 16-bit in explicit VR; a very long contour needs the implicit syntax.
-    implicit = longest > _MAX_EXPLICIT_LEN
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTStructureSetStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -591,7 +695,10 @@ def _dataset(
     meta.ImplementationVersionName = f"ITVNODE_{__version__}"[:16]
     ds.file_meta = meta
     _encoded_as_raw(ds, implicit)
-    return ds
+    # Written in that syntax, pydicom then copies the raw contours instead of decoding the whole tree to look
+    # for ambiguous VRs (an RTSTRUCT has none); another syntax still converts everything, slowly but right.
+    ds.set_original_encoding(implicit, True, ds._character_set)
+    return ds, sum(len(t.data) for t in traced)
 
 
 def _frame_of_reference(plan: _Plan) -> Dataset:
