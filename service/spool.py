@@ -38,6 +38,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from service.dicom_scan import LONG_VRS, UNDEFINED, Unsupported, element, skip_sequence
 from service.durable import DIR_MODE, fsync_dir, private_dir, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -203,8 +204,6 @@ def _parse_header(encoded: bytes) -> tuple[Dataset, int | None]:
     return ds, length
 
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-                       b"UV"})
 
 
 def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bool) -> int | None:
@@ -217,7 +216,7 @@ def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bo
         raise UndecodableDataset(f"data set corrupt or truncated before PixelData ({group:04X},{elem:04X})")
     if implicit:
         (length,), start = struct.unpack(end + "L", encoded[pos + 4:pos + 8]), pos + 8
-    elif encoded[pos + 4:pos + 6] in _LONG_VRS:
+    elif encoded[pos + 4:pos + 6] in LONG_VRS:
         if pos + 12 > len(encoded):
             raise UndecodableDataset("PixelData truncated")
         (length,), start = struct.unpack(end + "L", encoded[pos + 8:pos + 12]), pos + 12
@@ -472,51 +471,10 @@ _FAST_TAGS: dict[int, tuple[str, bytes]] = {
 }
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
-_UNDEFINED = 0xFFFFFFFF
 
 
-class _NotFast(Exception):
-    """Anything the fast scanner does not handle exactly: pydicom takes over."""
-
-
-def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
-    """(tag, VR or b"", value length, header length) of the element at ``pos``."""
-    group, elem = struct.unpack_from("<HH", buf, pos)
-    tag = group << 16 | elem
-    if group == 0xFFFE or not explicit:
-        (length,) = struct.unpack_from("<L", buf, pos + 4)
-        return tag, b"", length, 8
-    vr = buf[pos + 4:pos + 6]
-    if vr in _LONG_VRS:
-        (length,) = struct.unpack_from("<L", buf, pos + 8)
-        return tag, vr, length, 12
-    (length,) = struct.unpack_from("<H", buf, pos + 6)
-    return tag, vr, length, 8
-
-
-def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int:
-    """Position after an undefined-length sequence whose first item starts at ``pos``."""
-    if depth > 16:
-        raise _NotFast
-    while True:
-        tag, _, length, hdr = _element(buf, pos, explicit)
-        if tag == 0xFFFEE0DD:  # sequence delimitation
-            return pos + 8
-        if tag != 0xFFFEE000:
-            raise _NotFast
-        pos += 8
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an undefined-length item: walk its elements to the item delimitation
-            tag, _, length, hdr = _element(buf, pos, explicit)
-            if tag == 0xFFFEE00D:
-                pos += 8
-                break
-            pos += hdr
-            pos = _skip_sequence(buf, pos, explicit, depth + 1) if length == _UNDEFINED else pos + length
-            if pos > len(buf):
-                raise _NotFast
+#: anything the fast scanner does not handle exactly: pydicom takes over
+_NotFast = Unsupported
 
 
 def _fast_value(vr: bytes, raw: bytes, encoding: str) -> Any:
@@ -556,13 +514,13 @@ def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str, int | None] | Non
     try:
         if encoded[128:132] != b"DICM":
             return None
-        tag, _, meta_len, hdr = _element(encoded, 132, True)
+        tag, _, meta_len, hdr = element(encoded, 132, True)
         if tag != 0x00020000:
             return None
         pos, meta_end = 132 + hdr + 4, 132 + hdr + 4 + struct.unpack_from("<L", encoded, 132 + hdr)[0]
         ts = ""
         while pos < meta_end:
-            tag, _, length, hdr = _element(encoded, pos, True)
+            tag, _, length, hdr = element(encoded, pos, True)
             if tag == 0x00020010:
                 ts = encoded[pos + hdr:pos + hdr + length].decode("ascii").rstrip(" \0")
             pos += hdr + length
@@ -574,16 +532,16 @@ def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str, int | None] | Non
         while True:
             if pos + 8 > end:
                 return None  # no Pixel Data: pydicom reports it
-            tag, vr, length, hdr = _element(encoded, pos, explicit)
+            tag, vr, length, hdr = element(encoded, pos, explicit)
             if tag == 0x7FE00010:
                 break
             if tag <= last or tag >> 16 in (0x0002, 0xFFFE):
                 return None
             last = tag
-            if length == _UNDEFINED:
+            if length == UNDEFINED:
                 if tag in _FAST_TAGS:
                     return None
-                pos = _skip_sequence(encoded, pos + hdr, explicit)
+                pos = skip_sequence(encoded, pos + hdr, explicit)
             else:
                 if tag in _FAST_TAGS:
                     want = _FAST_TAGS[tag][1]

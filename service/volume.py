@@ -24,6 +24,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from service.dicom_scan import UNDEFINED, Unsupported, element, skip_sequence
+
 log = logging.getLogger(__name__)
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -315,10 +317,6 @@ def read_geometry(files: Sequence[str | Path]) -> Geometry:
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
 _HEADER_CHUNK = 16384
 # tag -> (keyword, VR) of every attribute _plan and the pixel decoder read
@@ -349,8 +347,8 @@ _SCAN_TAGS: dict[int, tuple[str, bytes]] = {
 _MULTI_VALUED = frozenset({"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"})
 
 
-class _NotNative(Exception):
-    """The file is not one the fast reader handles exactly: pydicom reads it."""
+#: the file is not one the fast reader handles exactly: pydicom reads it
+_NotNative = Unsupported
 
 
 class _Header(dict[str, Any]):
@@ -365,46 +363,6 @@ class _Header(dict[str, Any]):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
-    """(tag, VR or b"", value length, header length) of the element at ``pos``."""
-    group, elem = struct.unpack_from("<HH", buf, pos)
-    tag = group << 16 | elem
-    if group == 0xFFFE or not explicit:
-        (length,) = struct.unpack_from("<L", buf, pos + 4)
-        return tag, b"", length, 8
-    vr = buf[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
-        (length,) = struct.unpack_from("<L", buf, pos + 8)
-        return tag, vr, length, 12
-    (length,) = struct.unpack_from("<H", buf, pos + 6)
-    return tag, vr, length, 8
-
-
-def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int:
-    """Position after an undefined-length sequence whose first item starts at ``pos``."""
-    if depth > 16:
-        raise _NotNative
-    while True:
-        tag, _, length, _ = _element(buf, pos, explicit)
-        if tag == 0xFFFEE0DD:  # sequence delimitation
-            return pos + 8
-        if tag != 0xFFFEE000:
-            raise _NotNative
-        pos += 8
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an undefined-length item: walk its elements to the item delimitation
-            tag, _, length, hdr = _element(buf, pos, explicit)
-            if tag == 0xFFFEE00D:
-                pos += 8
-                break
-            pos += hdr
-            pos = _skip_sequence(buf, pos, explicit, depth + 1) if length == _UNDEFINED else pos + length
-            if pos > len(buf):
-                raise IndexError("truncated")
 
 
 def _value(keyword: str, vr: bytes, raw: bytes) -> Any:
@@ -446,7 +404,7 @@ def _scan_buffer(buf: bytes, size: int) -> _Header:
     """:func:`_scan_header` on the file's first bytes; IndexError when they end before Pixel Data."""
     if buf[128:132] != b"DICM":
         raise _NotNative
-    tag, _, _, hdr = _element(buf, 132, True)
+    tag, _, _, hdr = element(buf, 132, True)
     if tag != 0x00020000:
         raise _NotNative
     (meta_len,) = struct.unpack_from("<L", buf, 132 + hdr)
@@ -454,8 +412,8 @@ def _scan_buffer(buf: bytes, size: int) -> _Header:
     meta_end = pos + meta_len
     ts = ""
     while pos < meta_end:
-        tag, _, length, hdr = _element(buf, pos, True)
-        if length == _UNDEFINED:
+        tag, _, length, hdr = element(buf, pos, True)
+        if length == UNDEFINED:
             raise _NotNative
         if tag == 0x00020010:
             ts = buf[pos + hdr : pos + hdr + length].decode("ascii").rstrip(" \0")
@@ -468,7 +426,7 @@ def _scan_buffer(buf: bytes, size: int) -> _Header:
     while True:
         if pos + 8 > len(buf):
             raise IndexError("header continues")
-        tag, vr, length, hdr = _element(buf, pos, explicit)
+        tag, vr, length, hdr = element(buf, pos, explicit)
         if tag == _PIXEL_DATA:
             break
         if tag <= last or tag >> 16 in (0x0002, 0xFFFE):
@@ -477,10 +435,10 @@ def _scan_buffer(buf: bytes, size: int) -> _Header:
         known = _SCAN_TAGS.get(tag)
         if known is not None and explicit and vr != known[1]:
             raise _NotNative
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             if known is not None:
                 raise _NotNative  # a functional-groups sequence: multi-frame
-            pos = _skip_sequence(buf, pos + hdr, explicit)
+            pos = skip_sequence(buf, pos + hdr, explicit)
             continue
         if known is not None:
             if known[1] == b"SQ":
@@ -490,7 +448,7 @@ def _scan_buffer(buf: bytes, size: int) -> _Header:
                 raise IndexError("value continues")
             out[known[0]] = _value(known[0], known[1], buf[pos + hdr : end])
         pos += hdr + length
-    if length == _UNDEFINED or (explicit and vr not in (b"OW", b"OB")):
+    if length == UNDEFINED or (explicit and vr not in (b"OW", b"OB")):
         raise _NotNative  # encapsulated or odd
     if out.get("SpecificCharacterSet", "") not in ("", "ISO_IR 6", "ISO_IR 100"):
         raise _NotNative  # SeriesDescription would need decoding
