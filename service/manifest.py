@@ -102,6 +102,16 @@ def utcnow_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def iso_epoch(iso: str | None) -> float | None:
+    """Seconds since the epoch of a time :func:`utcnow_iso` wrote; None when unset or unreadable."""
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 class PhaseEntry(BaseModel):
     percent: float  # position in the breathing cycle, 0 <= p < 100 (service.phases.order_phases)
     label: str = ""  # ROI suffix from the vendor's label ("P40", "In50"); empty: P<percent>

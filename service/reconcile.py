@@ -36,13 +36,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from service.layout import DataLayout
-from service.manifest import Manifest, iter_manifests, manifest_path, set_state, update_manifest
+from service.manifest import Manifest, iso_epoch, iter_manifests, manifest_path, set_state, update_manifest
 from service.queue import HARD_LIMIT_GRACE, queued_study_keys
 
 log = logging.getLogger(__name__)
@@ -109,21 +108,12 @@ class Stuck:
                 "reason": self.reason}
 
 
-def _epoch(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def _entered(m: Manifest) -> float | None:
     """When the manifest entered its current state (the last history entry of that state)."""
     for h in reversed(m.history):
         if h.state == m.state:
-            return _epoch(h.at)
-    return _epoch(m.updated_at)
+            return iso_epoch(h.at)
+    return iso_epoch(m.updated_at)
 
 
 def attempts(m: Manifest) -> tuple[int, float | None]:
@@ -134,7 +124,7 @@ def attempts(m: Manifest) -> tuple[int, float | None]:
             break
         if h.state == "queued" and (h.reason or "").startswith(REASON_PREFIX):
             n += 1
-            last = last if last is not None else _epoch(h.at)
+            last = last if last is not None else iso_epoch(h.at)
     return n, last
 
 

@@ -42,13 +42,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.durable import FILE_MODE, write_json_atomic
 from service.layout import DataLayout
-from service.manifest import PURGEABLE, Manifest, iter_manifests, load_manifest, manifest_lock
+from service.manifest import PURGEABLE, Manifest, iso_epoch, iter_manifests, load_manifest, manifest_lock
 
 if TYPE_CHECKING:
     from service.spool import Spool
@@ -87,15 +86,6 @@ class Purgeable:
         return ", ".join(self.keys) if self.keys else "spooled series without a 4D set"
 
 
-def _epoch(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def finished_at(m: Manifest) -> float | None:
     """When ``m`` entered its current (finished) state."""
     at = None
@@ -103,7 +93,7 @@ def finished_at(m: Manifest) -> float | None:
         if h.state != m.state:
             break
         at = h.at
-    return _epoch(at or m.updated_at)
+    return iso_epoch(at or m.updated_at)
 
 
 def _active_outbox_keys(layout: DataLayout) -> set[str]:
