@@ -584,8 +584,10 @@ def meta_via_pydicom(encoded: bytes, **kwargs: Any) -> InstanceMeta:
         return instance_meta(ds, ts, pixel_length=pixel_length, **kwargs)
     except IngestError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
-        # a malformed value pydicom only notices when the element is accessed
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            NotImplementedError) as exc:
+        # a malformed value pydicom only notices when the element is accessed (NotImplementedError: a
+        # corrupt VR, "Unknown Value Representation", found by the SCP fuzz test)
         raise UndecodableDataset(f"cannot decode header value: {type(exc).__name__}") from None
 
 

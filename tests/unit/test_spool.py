@@ -404,6 +404,17 @@ def test_truncated_is_undecodable() -> None:
             meta_from_bytes(raw[:cut])
 
 
+def test_unknown_value_representation_is_undecodable_not_internal() -> None:
+    """A corrupt VR makes pydicom raise NotImplementedError when the value is read (found by the SCP fuzz
+    test, where it was answered 0xC000 "internal error"); it is the sender's data, not our defect."""
+    raw = encode(ct())
+    at = raw.index(b"\x08\x00\x18\x00UI")  # SOP Instance UID
+    bad = raw[:at + 4] + b"ZZ" + raw[at + 6:]
+    with pytest.raises(UndecodableDataset) as info:
+        meta_from_bytes(bad)
+    assert st.status_for(info.value) == st.UNDECODABLE
+
+
 def test_status_table_fallbacks() -> None:
     assert st.status_for(RuntimeError("x")) == st.CANNOT_UNDERSTAND
     assert st.error_comment(RuntimeError("Doe^John")) == "internal error: RuntimeError"
