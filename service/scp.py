@@ -385,11 +385,15 @@ class _FastDUL(DULServiceProvider):
             self._close_pipe()
 
     def _fail(self, exc: Exception) -> None:
-        """Anything the state machine cannot handle ends the association: A-ABORT, close, and wake the
-        association thread (waiting for a request or serving DIMSE) with an A-P-ABORT."""
+        """Anything the state machine cannot handle ends the association: A-ABORT, close, end it."""
         LOG.warning("aborting the association with %s: %s: %s", self.assoc.requestor.address,
                     type(exc).__name__, exc)
         self._send_abort(0x00)
+        self._end()
+
+    def _end(self) -> None:
+        """Mark the association aborted, wake its thread (waiting for a request or serving DIMSE) with an
+        A-P-ABORT, and stop this reactor."""
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.to_user_queue.put(A_P_ABORT())
@@ -422,9 +426,7 @@ class _FastDUL(DULServiceProvider):
             return False
         if not self._connected or self._got_request or self.assoc.is_established:
             return False
-        self.assoc.is_aborted = True
-        self.to_user_queue.put(A_P_ABORT())
-        self._kill_thread = True
+        self._end()
         return True
 
 
