@@ -222,12 +222,6 @@ def _delete_one(data_dir: Path, path: Path) -> AdminResult:
     if m.state == "processing":
         return AdminResult(key, False, False, f"study {key} is processing: a worker reads it; delete it once "
                                               "it is done or failed")
-    for item_dir in (layout.outbox / "items").glob("*"):  # deliveries still pending: stop them
-        try:
-            if json.loads((item_dir / "item.json").read_bytes()).get("study_key") == key:
-                shutil.rmtree(item_dir, ignore_errors=True)
-        except (OSError, ValueError):
-            continue
     spool = Spool(layout.spool)
     try:
         unit = Purgeable(m.study_instance_uid, [key], time.time(), [m.state],
@@ -237,6 +231,12 @@ def _delete_one(data_dir: Path, path: Path) -> AdminResult:
         spool.close()
     if freed is None:
         return AdminResult(key, False, False, f"study {key} changed state meanwhile; not deleted")
+    for item_dir in (layout.outbox / "items").glob("*"):  # deliveries still pending: stop them
+        try:
+            if json.loads((item_dir / "item.json").read_bytes()).get("study_key") == key:
+                shutil.rmtree(item_dir, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
     return AdminResult(key, True, True, f"study {key} deleted ({freed} bytes freed)")
 
 

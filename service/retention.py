@@ -170,7 +170,8 @@ def purge(layout: DataLayout, spool: Spool, unit: Purgeable, reason: str, *, dry
           states: frozenset[str] = PURGEABLE) -> int | None:
     """Remove ``unit``; returns the bytes freed (an estimate when ``dry_run``), or None when a study moved
     out of ``states`` meanwhile (then nothing of it is removed)."""
-    decided = time.time() if unit.last_received is None else max(unit.last_received, time.time() - 1.0)
+    # only what had arrived when the unit was chosen: an instance arriving since is kept
+    decided = time.time() if unit.last_received is None else unit.last_received
     with contextlib.ExitStack() as stack:
         if unit.keys and not any(layout.manifest(k).is_file() for k in unit.keys):
             return None  # purged meanwhile by another pass
