@@ -410,10 +410,11 @@ def find_genuine(lab: PhaseLabels, params: TemporalParams, spacing: Sequence[flo
             ok = ~fwd[a][ea] & ~bwd[b][eb]
             edges_a.append(ea[ok] + offsets[a])
             edges_b.append(eb[ok] + offsets[b])
-            fa, fb = ~fwd[a], ~bwd[b]
-            fa[ea[ok]] = False
-            fb[eb[ok]] = False
-            jobs.append((a, b, fa, fb))
+            if motion is not None:  # components still unlinked across the gap: the motion step's candidates
+                fa, fb = ~fwd[a], ~bwd[b]
+                fa[ea[ok]] = False
+                fb[eb[ok]] = False
+                jobs.append((a, b, fa, fb))
         if motion is not None:
             moved = thread_map(lambda j: motion.links(*j), jobs, workers)
             for (a, b), (ea, eb) in zip(gap_pairs, moved, strict=True):

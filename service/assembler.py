@@ -283,7 +283,7 @@ class Assembler:
                 if meta.frame_of_reference_uid:
                     groups[meta.frame_of_reference_uid].append((meta, path))
             self._keys[study_uid] = [study_key(study_uid, f) for f in groups]
-            received = self.spool.last_received(study_uid)
+            received = last[0]  # _stamp's last instance time
             revisions = self.spool.revisions(study_uid)
             classified: dict[str, list[_Series]] = {}
             for for_uid, items in groups.items():

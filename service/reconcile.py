@@ -47,7 +47,6 @@ from service.queue import HARD_LIMIT_GRACE, queued_study_keys
 log = logging.getLogger(__name__)
 
 REASON_PREFIX = "reconcile: "
-HEARTBEAT_FILE = "heartbeat"
 # a re-queue counts against the bound until the study is assembled again or finishes
 _RESET_STATES = frozenset({"collecting", "complete", "held", "done", "failed"})
 
@@ -211,9 +210,8 @@ class Heartbeat:
         if not self.path.parent.is_dir():
             return  # no such study: the task will say so
         try:
-            self.path.touch(mode=0o600)
-            os.utime(self.path)
-        except OSError as exc:  # a full disk still allows utime of an existing file; log and go on
+            self.path.touch(mode=0o600)  # sets the modification time of an existing file too
+        except OSError as exc:  # log and go on: the next beat tries again
             log.warning("heartbeat %s: %s", self.path, exc)
 
     def _run(self) -> None:
