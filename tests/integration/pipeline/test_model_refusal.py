@@ -15,12 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SAM 3 in the real layout (needs torch; the tests without a model run on a base install)."""
+    pytest.importorskip("torch")
     from models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_sam3"), seed=0)
@@ -28,6 +26,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("peft")
     from models.lora import apply_lora, save_adapter
     from models.tiny import build_tiny_model
 
