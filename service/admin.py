@@ -28,7 +28,6 @@ finished study older than DAYS (default ``retention_days``), nothing unfinished.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -213,6 +212,7 @@ def delete_study(data_dir: Path, study: str) -> list[AdminResult]:
 
 
 def _delete_one(data_dir: Path, path: Path) -> AdminResult:
+    from service.outbox import Outbox
     from service.retention import Purgeable, purge
     from service.spool import Spool
 
@@ -231,12 +231,9 @@ def _delete_one(data_dir: Path, path: Path) -> AdminResult:
         spool.close()
     if freed is None:
         return AdminResult(key, False, False, f"study {key} changed state meanwhile; not deleted")
-    for item_dir in (layout.outbox / "items").glob("*"):  # deliveries still pending: stop them
-        try:
-            if json.loads((item_dir / "item.json").read_bytes()).get("study_key") == key:
-                shutil.rmtree(item_dir, ignore_errors=True)
-        except (OSError, ValueError):
-            continue
+    outbox = Outbox(layout.outbox)
+    for item in outbox.active_items(key):  # deliveries still pending: stop them
+        shutil.rmtree(outbox.item_dir(item.item_id), ignore_errors=True)
     return AdminResult(key, True, True, f"study {key} deleted ({freed} bytes freed)")
 
 

@@ -348,6 +348,11 @@ class Outbox:
         return sorted(p.name for p in (self.root / "items").iterdir()
                       if p.is_dir() and (p / "item.json").exists())
 
+    def active_items(self, study_key: str | None = None) -> list[OutboxItem]:
+        """Active items (of ``study_key`` when given); unreadable ones are logged and skipped."""
+        items = (self._find_logged(i) for i in self.item_ids())
+        return [it for it in items if it is not None and (study_key is None or it.study_key == study_key)]
+
     def due(self, now: float | None = None) -> list[tuple[str, str]]:
         """``(item_id, destination key)`` pairs whose next attempt is due at ``now``."""
         now = time.time() if now is None else now

@@ -98,15 +98,9 @@ def finished_at(m: Manifest) -> float | None:
 
 def _active_outbox_keys(layout: DataLayout) -> set[str]:
     """Study keys with an outbox item still delivering (``items/``)."""
-    keys = set()
-    for path in (layout.outbox / "items").glob("*/item.json"):
-        try:
-            key = json.loads(path.read_bytes()).get("study_key")
-        except (OSError, ValueError):
-            continue
-        if key:
-            keys.add(str(key))
-    return keys
+    from service.outbox import Outbox
+
+    return {str(it.study_key) for it in Outbox(layout.outbox).active_items() if it.study_key}
 
 
 def candidates(layout: DataLayout, spool: Spool, policy: RetentionPolicy,
