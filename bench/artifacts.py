@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.engine import OutputStructure, output_structures, postprocess  # noqa: E402
 from models.metrics import compare  # noqa: E402
 from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
+from models.post.temporal import TemporalParams, bounding_box  # noqa: E402
 from models.structures import default_structures  # noqa: E402
-from models.temporal import TemporalParams, bounding_box  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 SAM_ROIS = ("Lung_L", "Lung_R", "Heart", "GTVp")

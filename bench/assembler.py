@@ -35,11 +35,11 @@ def main() -> int:
     from pydicom import dcmread
 
     from models.phantom import PhantomSpec, make_phantom
-    from service.assembler import Assembler
-    from service.manifest import load_manifest, manifest_path, study_key
-    from service.phantom_dicom import write_phantom_dicom
-    from service.queue import Enqueuer
-    from service.spool import Spool, meta_from_bytes
+    from service.dicomio.phantom_dicom import write_phantom_dicom
+    from service.intake.assembler import Assembler
+    from service.intake.queue import Enqueuer
+    from service.store.manifest import load_manifest, manifest_path, study_key
+    from service.store.spool import Spool, meta_from_bytes
 
     with tempfile.TemporaryDirectory(prefix="itvnode-bench-asm-") as tmp:
         root = Path(tmp)

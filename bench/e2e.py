@@ -162,7 +162,7 @@ def main() -> int:
 
         sam3_dir: str | None
         if args.sam3 == "tiny":
-            from models.tiny import write_tiny_model
+            from models.sam3.tiny import write_tiny_model
 
             sam3_dir = str(write_tiny_model(work / "tiny-sam3"))
             print("model: random-init tiny SAM 3 (test model; timings show node overhead, not SAM 3 speed)")

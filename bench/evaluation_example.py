@@ -28,8 +28,8 @@ def main() -> int:
     args = ap.parse_args()
     from itvnode.commands.phantom import write_phantom
     from models.phantom import PhantomSpec, load_ground_truth
-    from service.rtstruct import build_rtstructs, write_rtstruct
-    from service.volume import read_series
+    from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
+    from service.dicomio.volume import read_series
 
     out: Path = args.out
     if out.exists():

@@ -4,7 +4,7 @@
 
 Prints the best-of-``repeat`` wall time for each sender and the ratio to dcmtk storescu (the peer baseline):
 
-* ``itvnode``         service.export.send_files (TCP_NODELAY on our socket) -> storescp (TCP_NODELAY=1)
+* ``itvnode``         service.net.scu.send_files (TCP_NODELAY on our socket) -> storescp (TCP_NODELAY=1)
 * ``storescu``        /usr/bin/storescu (TCP_NODELAY=1)                      -> storescp (TCP_NODELAY=1)
 * ``pynetdicom+nagle`` a plain pynetdicom AE (Nagle on)                       -> storescp (Nagle on)
 """
@@ -27,7 +27,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.export import send_files  # noqa: E402
+from service.net.scu import send_files  # noqa: E402
 from service.settings import Destination  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 

@@ -65,8 +65,8 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 def build(full: bool, device: torch.device, batch_size: int) -> tuple[Any, str]:
     from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
-    from models.inference import Sam3Segmenter
-    from models.tiny import build_tiny_segmenter, tiny_tokenizer
+    from models.sam3.inference import Sam3Segmenter
+    from models.sam3.tiny import build_tiny_segmenter, tiny_tokenizer
 
     if not full:
         return build_tiny_segmenter(device=device, batch_size=batch_size), "tiny random-init SAM 3 (56 px)"

@@ -72,7 +72,7 @@ PY_SPY = REPO / ".venv" / "bin" / "py-spy"
 def phantom(cache: Path, phases: int, slices: int, size: int) -> tuple[Path, int, int]:
     """The cached phantom DICOM folder; returns (folder, files, bytes)."""
     from models.phantom import PhantomSpec, make_phantom
-    from service.phantom_dicom import write_phantom_dicom
+    from service.dicomio.phantom_dicom import write_phantom_dicom
 
     spec = PhantomSpec.sized(size, slices, n_phases=phases, slice_thickness=2.5)
     folder = cache / f"phantom-{spec.digest()}"

@@ -40,8 +40,8 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.qa import structure_qa  # noqa: E402
-from models.temporal import TemporalParams, temporal_filter  # noqa: E402
+from models.post.qa import structure_qa  # noqa: E402
+from models.post.temporal import TemporalParams, temporal_filter  # noqa: E402
 
 SHAPES = ("cos2", "cos4", "cos6", "hyst")
 SPACING = (3.0, 1.2, 1.2)  # coarse slices: a 3 mm tumour spans two or three of them

@@ -1,11 +1,12 @@
-"""DICOM load speed: ``service.volume.read_phases`` vs a naive pydicom read + decode of the same files.
+"""DICOM load speed: ``service.dicomio.volume.read_phases`` vs a naive pydicom read + decode of the same
+files.
 
 The data is the breathing phantom (10 phases x 120 x 512 x 512 by default, Explicit VR Little Endian, cached
 under ``--cache``). Each round runs, in alternating order:
 
 * ``naive``: ``pydicom.dcmread(f).pixel_array`` for every file (the peer; it keeps nothing);
 * ``pydicom``: the previous reader (every file parsed and decoded by pydicom, each phase into its own array
-  then copied into the 4D one), kept in service/volume.py for what the fast reader does not handle;
+  then copied into the 4D one), kept in service/dicomio/volume.py for what the fast reader does not handle;
 * ``read_phases``: the shipped reader (header scan, pixels read in parallel into one preallocated array).
 
 Prints best and median seconds per reader, the ratios against ``naive`` and the load average (2 shared cores
@@ -31,7 +32,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service import volume  # noqa: E402
+from service.dicomio import volume  # noqa: E402
 
 
 def phantom(cache: Path, phases: int, slices: int, size: int) -> list[list[Path]]:

@@ -40,10 +40,10 @@ from scipy import ndimage as ndi
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.connectivity import ConnectivityParams  # noqa: E402
 from models.engine import OutputStructure, connectivity_params, output_structures, postprocess  # noqa: E402
+from models.post.connectivity import ConnectivityParams  # noqa: E402
+from models.post.temporal import TemporalParams  # noqa: E402
 from models.structures import default_structures  # noqa: E402
-from models.temporal import TemporalParams  # noqa: E402
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 GB = 1024**3

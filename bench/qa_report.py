@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--dpi", type=int, default=110)
     args = ap.parse_args()
-    from models.qa import cycle_qa, study_qa
+    from models.post.qa import cycle_qa, study_qa
     from worker.qa_report import extract, render
 
     n_ph, nz, ny, nx = 10, 150, 512, 512

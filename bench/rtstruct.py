@@ -52,10 +52,16 @@ from rtstruct_peers import plastimatch_masks  # noqa: E402
 
 from models.metrics import dice as metric_dice  # noqa: E402
 from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
-from service.phantom_dicom import write_phantom_dicom  # noqa: E402
-from service.rtstruct import Algorithm, build_rtstructs, roi_name, styles_from_settings, write_rtstruct  # noqa: E402
+from service.dicomio.phantom_dicom import write_phantom_dicom  # noqa: E402
+from service.dicomio.rtstruct import (  # noqa: E402
+    Algorithm,
+    build_rtstructs,
+    roi_name,
+    styles_from_settings,
+    write_rtstruct,
+)
+from service.dicomio.volume import Geometry, read_geometry  # noqa: E402
 from service.settings import default_structures  # noqa: E402
-from service.volume import Geometry, read_geometry  # noqa: E402
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)  # one timestamp: the two writers' files compare byte for byte
@@ -106,7 +112,7 @@ def long_ds(paths: list[Path]) -> int:
 
 def speed(common: dict, out: Path, repeat: int) -> None:
     """Combined layout, build + write, current vs previous writer alternating in this process."""
-    writers = {"previous": rtstruct_previous, "current": sys.modules["service.rtstruct"]}
+    writers = {"previous": rtstruct_previous, "current": sys.modules["service.dicomio.rtstruct"]}
     times: dict[str, list[float]] = {k: [] for k in writers}
     paths: dict[str, Path] = {}
     load0 = os.getloadavg()

@@ -112,7 +112,7 @@ def main() -> int:
         "TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1",
     })
     if args.sam3 == "tiny":
-        from models.tiny import write_tiny_model
+        from models.sam3.tiny import write_tiny_model
 
         env["ITVNODE_SAM3_DIR"] = str(write_tiny_model(tmp / "tiny"))
     elif args.sam3 != "none":

@@ -32,7 +32,7 @@ from load import phantom  # noqa: E402
 from threshold_previous import threshold_body as previous_body  # noqa: E402
 
 from models.threshold import threshold_body  # noqa: E402
-from service.volume import read_phases  # noqa: E402
+from service.dicomio.volume import read_phases  # noqa: E402
 
 HU_RANGE = (-350.0, 3000.0)  # the shipped External structure
 

@@ -74,13 +74,13 @@ def measure(args: argparse.Namespace, device: torch.device, tiny: bool = False) 
 
     from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
-    from models.tiny import build_tiny_model, tiny_processor, tiny_tokenizer
+    from models.sam3.tiny import build_tiny_model, tiny_processor, tiny_tokenizer
 
     cuda = device.type == "cuda"
     if tiny:
         model, processor, weights = build_tiny_model(0, 56), tiny_processor(56), "tiny random model (dry run)"
     elif args.sam3_dir:
-        from models.sam3_loader import load_sam3
+        from models.sam3.loader import load_sam3
 
         model, processor = load_sam3(args.sam3_dir, "cpu")
         weights = f"weights from {args.sam3_dir}"
@@ -148,7 +148,7 @@ def measure(args: argparse.Namespace, device: torch.device, tiny: bool = False) 
 def measure_tiny() -> dict[str, Any]:
     import tempfile
 
-    from models.tiny import build_tiny_model, tiny_processor
+    from models.sam3.tiny import build_tiny_model, tiny_processor
 
     vols = _volume(64, 4)
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +178,7 @@ def main() -> int:
     args = parser.parse_args()
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
 
-    from models.lora import count_trainable_full_size
+    from models.sam3.lora import count_trainable_full_size
 
     report: dict[str, Any] = {"goal_gb": GOAL_GB, "full_size_lora": str(count_trainable_full_size())}
     print(report["full_size_lora"])

@@ -62,7 +62,7 @@ SHARED_OUTPUT = frozenset({"phantom", "train"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in SHARED_OUTPUT:
-        from service.durable import use_private_umask
+        from service.store.durable import use_private_umask
 
         use_private_umask()
     logging.basicConfig(

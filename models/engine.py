@@ -8,7 +8,7 @@ Order of work (docs/postprocessing.md):
    (the vision features of a slice are computed once and reused for every prompt), phase by phase and in
    slice chunks so that only one chunk of probabilities is ever in memory; probabilities are binarised at
    0.5 (the segmenter applies each structure's ``score_threshold`` to instance scores, see
-   models/inference.py).
+   models/sam3/inference.py).
 3. Laterality split (``split_laterality``): voxel columns with x index >= the body midline are patient Left
    (x grows towards patient Left, docs/internal-api.md), the rest Right. The midline of each phase is the x
    centroid of the External (threshold) structure, or of :func:`threshold_body` when none is configured.
@@ -28,11 +28,11 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from models.connectivity import CleanReport, ConnectivityParams, FillMode, clean_phases
-from models.envelope import envelope
-from models.qa import QAParams, study_qa
+from models.post.connectivity import CleanReport, ConnectivityParams, FillMode, clean_phases
+from models.post.envelope import envelope
+from models.post.qa import QAParams, study_qa
+from models.post.temporal import TemporalParams
 from models.structures import MAX_NAME_LEN, StructureSpec
-from models.temporal import TemporalParams
 from models.threshold import threshold_body
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ PASSTHROUGH_NOTE = "threshold_body already applied connectivity and hole filling
 
 
 class Segmenter(Protocol):
-    """What the engine needs of :class:`models.inference.Sam3Segmenter`."""
+    """What the engine needs of :class:`models.sam3.inference.Sam3Segmenter`."""
 
     def predict(self, slices_hu: np.ndarray, prompts: Sequence[str],
                 score_threshold: float | Mapping[str, float] | None = None) -> dict[str, np.ndarray]: ...

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
-from service.layout import DataLayout
+from service.store.layout import DataLayout
 
 _AE_RE = re.compile(r"^[ -~]{1,16}$")
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -178,14 +178,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     quiet_period: float = Field(60.0, ge=0)
     # phases of the breathing cycle; a study whose phases do not cover it (fewer, or gaps in the percent grid)
-    # is held until `itvnode release` (service/phases.py: cycle_coverage). None: the labels' own grid.
+    # is held until `itvnode release` (service/intake/phases.py: cycle_coverage). None: the labels' own grid.
     expected_phases: int | None = Field(10, ge=2)
     # what an incomplete cycle does: hold (default) or process at once, flagged like a released study
     incomplete_cycle: Literal["hold", "process"] = "hold"
     phase_rules: list[PhaseRule] = Field(default_factory=list)
     assembler_interval: float = Field(1.0, gt=0)
 
-    # retention (service/retention.py; runs in `itvnode serve`). Only finished studies (done, failed) and
+    # retention (service/ops/retention.py; runs in `itvnode serve`). Only finished studies (done, failed) and
     # spooled series that never formed a 4D set are ever purged: spool instances, results, outbox records and
     # dead letters. By age: `retention_days` after the study finished (null: never by age). By watermark: when
     # free space falls below `retention_free_bytes` (null: 2 x min_free_bytes), the oldest finished work goes
@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     inference_soft_time_limit: float = Field(4 * 3600.0, gt=0)  # seconds per study; hard limit + grace
     time_limit_grace: float = Field(300.0, gt=0)  # seconds between a task's soft and hard time limits
     export_soft_time_limit: float = Field(900.0, gt=0)  # seconds per export item; hard limit +300 s
-    # reconciliation of studies whose task is gone (service/reconcile.py; runs in `itvnode serve`)
+    # reconciliation of studies whose task is gone (service/ops/reconcile.py; runs in `itvnode serve`)
     reconcile_interval: float = Field(30.0, gt=0)  # seconds between checks
     heartbeat_interval: float = Field(10.0, gt=0)  # a running segment task touches its heartbeat this often
     heartbeat_timeout: float = Field(120.0, gt=0)  # `processing` without a heartbeat this long: task gone
@@ -219,7 +219,7 @@ class Settings(BaseSettings):
     adapter_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(4, ge=1)
-    # SAM 3 input: three HU windows (low, high) -> the three 8-bit-range channels (models/windowing.py)
+    # SAM 3 input: three HU windows (low, high) -> the three 8-bit-range channels (models/sam3/windowing.py)
     hu_windows: list[tuple[float, float]] = Field(
         default_factory=lambda: [(-1350.0, 150.0), (-160.0, 240.0), (-1000.0, 1000.0)],
         min_length=3, max_length=3)
@@ -239,7 +239,8 @@ class Settings(BaseSettings):
     temporal_motion_min_ncc: float = Field(0.5, ge=-1, le=1)  # trust a CT displacement from this NCC peak
     temporal_motion_min_mm3: float = Field(30.0, ge=0)  # smaller components are not followed
 
-    # QA flags (models/qa.py; they never change the masks). Plausible volume range per ROI name in cc, merged
+    # QA flags (models/post/qa.py; they never change the masks). Plausible volume range per ROI name in cc,
+    # merged
     # over the defaults (GTVp <= 500 cc, Heart 50-1500 cc, Lung_L/Lung_R 300-6000 cc); null removes a default.
     qa_volume_cc: dict[str, tuple[float, float] | None] = Field(default_factory=dict)
     # flag a ROI whose median volume reaches this fraction of another's, merged over {"Heart": {"Lung_L": 0.8,

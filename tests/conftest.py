@@ -1,4 +1,4 @@
-"""Shared fixtures: the synthetic 4DCT phantom (models/phantom.py, service/phantom_dicom.py).
+"""Shared fixtures: the synthetic 4DCT phantom (models/phantom.py, service/dicomio/phantom_dicom.py).
 
 - ``small_phantom_spec``: ``PhantomSpec.small()`` (4 phases x 24 slices x 96 x 96, 5.2 mm pixels,
   5 mm slices).
@@ -25,7 +25,7 @@ import pytest
 
 if TYPE_CHECKING:
     from models.phantom import Phantom, PhantomSpec
-    from service.phantom_dicom import PhantomSeries
+    from service.dicomio.phantom_dicom import PhantomSeries
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 ``app`` (module level) is configured from settings when this module is imported; ``worker.tasks`` registers
 the real tasks on it with explicit names (``itvnode.segment_study``, ``itvnode.export_item``). The broker is
-chosen by :func:`service.queue.celery_config` (Redis URL, or the embedded SQLite broker under
+chosen by :func:`service.intake.queue.celery_config` (Redis URL, or the embedded SQLite broker under
 ``data_dir/broker``).
 
 Reliability settings and why:
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from service.queue import (
+from service.intake.queue import (
     DEFAULT_EXPORT_SOFT_LIMIT,
     DEFAULT_INFERENCE_SOFT_LIMIT,
     QUEUES,
@@ -99,7 +99,7 @@ def worker_argv(app: Celery, queues: list[str], concurrency: int, *, loglevel: s
         "--loglevel", loglevel, "--hostname", hostname or f"itvnode-{'-'.join(queues)}@%h",
     ]
     if is_embedded(str(app.conf.broker_url)):
-        # the SQLite transport cannot share fanout exchanges between processes (see service.queue)
+        # the SQLite transport cannot share fanout exchanges between processes (see service.intake.queue)
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     return argv
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.qa import QAParams
+from models.post.qa import QAParams
 from models.structures import StructureSpec
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,10 @@ class EngineConfig:
     batch_size: int = 4
     temporal_min_phases: int = 3
     temporal_min_overlap: float = 0.1
-    temporal_match: str = "iou"  # iou | overlap (models.temporal)
+    temporal_match: str = "iou"  # iou | overlap (models.post.temporal)
     temporal_max_gap: int = 1
     temporal_max_centroid_mm: float | None = None
-    temporal_motion_mm: float | None = 25.0  # None: no motion-compensated matching (models.temporal)
+    temporal_motion_mm: float | None = 25.0  # None: no motion-compensated matching (models.post.temporal)
     temporal_motion_margin_mm: float = 8.0
     temporal_motion_min_ncc: float = 0.5
     temporal_motion_min_mm3: float = 30.0
@@ -43,9 +43,9 @@ class EngineConfig:
     send_qa_report: bool = True  # the QA report as an Encapsulated PDF to the destinations too
     envelope_types: dict[str, str] = field(default_factory=dict)  # structure name -> its envelope's type
     uid_root: str | None = None  # site UID root for output UIDs (None: pydicom's)
-    rtstruct_holes: str = "keyhole"  # keyhole | xor (service.rtstruct)
+    rtstruct_holes: str = "keyhole"  # keyhole | xor (service.dicomio.rtstruct)
     hu_windows: tuple[tuple[float, float], ...] | None = None  # SAM 3 input channels (None: default)
-    qa: QAParams = field(default_factory=QAParams)  # thresholds of the QA flags (models/qa.py)
+    qa: QAParams = field(default_factory=QAParams)  # thresholds of the QA flags (models/post/qa.py)
 
     @property
     def needs_sam3(self) -> bool:
@@ -58,7 +58,7 @@ class LoadedSegmenter:
 
     segmenter: Any | None
     unavailable_reason: str | None = None
-    #: ``models.model_files.ModelCause`` value when there is no segmenter (``not_configured``,
+    #: ``models.sam3.model_files.ModelCause`` value when there is no segmenter (``not_configured``,
     #: ``dir_missing``, ``file_missing``, ``adapter_mismatch``...): recorded per study for /health, /metrics
     unavailable_cause: str | None = None
     version_info: dict[str, Any] = field(default_factory=dict)
@@ -118,7 +118,7 @@ def engine_config(settings: Any) -> EngineConfig:
 
 
 def qa_params(settings: Any) -> QAParams:
-    """The ``qa_*`` settings over the defaults of :class:`models.qa.QAParams`."""
+    """The ``qa_*`` settings over the defaults of :class:`models.post.qa.QAParams`."""
     return QAParams.with_overrides(
         volume_cc=settings.qa_volume_cc,
         volume_ratio_max=settings.qa_volume_ratio_max,
@@ -129,9 +129,9 @@ def qa_params(settings: Any) -> QAParams:
 
 
 def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
-    """``service.rtstruct.RoiStyle`` for every ROI name the engine emits (split sides, envelopes)."""
+    """``service.dicomio.rtstruct.RoiStyle`` for every ROI name the engine emits (split sides, envelopes)."""
     from models.engine import output_structures
-    from service.rtstruct import RoiStyle
+    from service.dicomio.rtstruct import RoiStyle
 
     styles: dict[str, Any] = {}
     for out in output_structures(list(cfg.structures)):
@@ -142,7 +142,7 @@ def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
 
 
 def temporal_params(cfg: EngineConfig) -> Any:
-    from models.temporal import TemporalParams
+    from models.post.temporal import TemporalParams
 
     return TemporalParams(
         min_phases=cfg.temporal_min_phases,
@@ -168,7 +168,7 @@ def load_segmenter(cfg: EngineConfig) -> LoadedSegmenter:
 
     if not cfg.needs_sam3:
         return LoadedSegmenter(None, "no structure uses SAM 3", "unused")
-    from models.sam3_loader import Sam3LoadError, build_segmenter
+    from models.sam3.loader import Sam3LoadError, build_segmenter
 
     t0 = time.monotonic()
     try:

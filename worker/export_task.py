@@ -1,8 +1,8 @@
 """Celery tasks of the ``export`` queue: deliver one outbox item, and sweep the outbox for due retries.
 
 Thin on purpose: the logic lives in :func:`run_export` / :func:`run_sweep` (plain functions, plain arguments)
-over :mod:`service.outbox` and :mod:`service.export`. The tasks are ``shared_task``s, so they bind to the
-node's Celery app (``worker.celery_app``) as soon as that app imports this module (``include``).
+over :mod:`service.store.outbox` and :mod:`service.net.scu`. The tasks are ``shared_task``s, so they bind to
+the node's Celery app (``worker.celery_app``) as soon as that app imports this module (``include``).
 
 The retry schedule is in the outbox on disk; the Celery countdown this task schedules is only the fast path.
 If that message is lost (worker killed, broker restarted), :func:`run_sweep` re-enqueues the item once due.
@@ -18,12 +18,12 @@ from typing import Any
 
 from celery import shared_task
 
-from service.export import Timeouts, deliver_item
-from service.outbox import Outbox, RetryPolicy
+from service.net.scu import Timeouts, deliver_item
+from service.store.outbox import Outbox, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-TASK_EXPORT = "itvnode.export_item"  # same string as service.queue.TASK_EXPORT
+TASK_EXPORT = "itvnode.export_item"  # same string as service.intake.queue.TASK_EXPORT
 TASK_SWEEP = "itvnode.sweep_outbox"
 QUEUE_EXPORT = "export"
 

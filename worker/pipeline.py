@@ -1,8 +1,9 @@
 """The segmentation pipeline of one study, a plain function (the Celery task and ``itvnode segment`` call it).
 
-manifest -> 4D HU volume + geometry (service.volume) -> engine (models.engine.segment_volume: SAM 3 per slice,
-temporal filter, connectivity, ITV) -> RTSTRUCT(s) (service.rtstruct) -> result files kept with the study ->
-outbox (service.outbox) -> export enqueued.
+manifest -> 4D HU volume + geometry (service.dicomio.volume) -> engine (models.engine.segment_volume: SAM 3
+per slice,
+temporal filter, connectivity, ITV) -> RTSTRUCT(s) (service.dicomio.rtstruct) -> result files kept with the
+study -> outbox (service.store.outbox) -> export enqueued.
 
 State lives in the manifest (``processing`` -> ``exporting`` -> ``done`` | ``failed``) with the reason and the
 timings of each stage under ``results``; nothing else is needed to resume or to report.
@@ -17,7 +18,8 @@ Idempotency (a re-delivered or re-queued message):
   run again produces the same objects.
 
 Versions (a late phase or a late AVG after ``done``): the assembler re-collects the study and queues it again;
-the new inputs give a new content key (service.uids), hence new SOP Instance and Series UIDs, and the next
+the new inputs give a new content key (service.dicomio.uids), hence new SOP Instance and Series UIDs, and the
+next
 version number (``results.versions``: one record per distinct content key, never reset). The receiver then
 holds both versions side by side; the descriptions say which version and which phases each one used.
 """
@@ -39,12 +41,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from service.durable import DIR_MODE
-from service.layout import DataLayout
-from service.manifest import Manifest, load_manifest, manifest_path, set_state, update_manifest, utcnow_iso
-from service.outbox import Outbox, RetryPolicy
-from service.reconcile import ReconcilePolicy, schedule_retry
+from service.ops.reconcile import ReconcilePolicy, schedule_retry
 from service.settings import Destination
+from service.store.durable import DIR_MODE
+from service.store.layout import DataLayout
+from service.store.manifest import (
+    Manifest,
+    load_manifest,
+    manifest_path,
+    set_state,
+    update_manifest,
+    utcnow_iso,
+)
+from service.store.outbox import Outbox, RetryPolicy
 from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles, temporal_params
 
 log = logging.getLogger(__name__)
@@ -73,7 +82,7 @@ class StudyOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     computed: bool = False  # False when an earlier result was re-used (re-send) or nothing was done
-    content_key: str | None = None  # service.uids: what the output UIDs derive from
+    content_key: str | None = None  # service.dicomio.uids: what the output UIDs derive from
     version_record: dict[str, Any] = field(default_factory=dict)  # this result's entry in results.versions
     qa: dict[str, Any] = field(default_factory=dict)  # qa_summary() of the computed result
     report: Any = None  # worker.qa_report.ReportData, rendered once the RTSTRUCT is on its way
@@ -156,7 +165,7 @@ def _worker_identity() -> dict[str, Any]:
 
 
 def _algorithm(seg: LoadedSegmenter) -> Any:
-    from service.rtstruct import Algorithm
+    from service.dicomio.rtstruct import Algorithm
 
     info = seg.version_info
     if seg.segmenter is None:
@@ -318,7 +327,8 @@ def process_study(
                 "qa": outcome.qa,
             }
         )
-        if outcome.computed:  # what the model was for this run: /health and /metrics read it (service.health)
+        # what the model was for this run: /health and /metrics read it (service.ops.health)
+        if outcome.computed:
             mm.results["model"] = model_record(seg_loaded, outcome.skipped)
 
     _update(path, finished)
@@ -360,7 +370,7 @@ def process_contours(
     """``itvnode itv``: the pipeline of :func:`process_study` with contours from RTSTRUCTs instead of SAM 3.
 
     manifest -> 4D HU volume + geometry (:func:`_load`) -> the ROIs ``roi_map`` maps, placed on their phases
-    (service.rtstruct_read.read_phase_contours) -> temporal filter, connectivity, envelopes, QA
+    (service.dicomio.rtstruct_read.read_phase_contours) -> temporal filter, connectivity, envelopes, QA
     (models.engine.postprocess_volume, the engine's own post-processing) -> RTSTRUCT(s) + qa.json
     (:func:`_write_results`). Nothing is queued or sent. Output UIDs derive from the study key and a digest
     of the CT instances (manifest fingerprint) and the bytes of the RTSTRUCTs used, so different input
@@ -369,8 +379,8 @@ def process_contours(
     import hashlib
 
     from models.engine import output_structures, postprocess_volume
-    from service.rtstruct import Algorithm, roi_name
-    from service.rtstruct_read import RTStructReadError, read_phase_contours
+    from service.dicomio.rtstruct import Algorithm, roi_name
+    from service.dicomio.rtstruct_read import RTStructReadError, read_phase_contours
 
     data_dir = Path(data_dir)
     path = manifest_path(data_dir, study_key)
@@ -493,9 +503,9 @@ def skipped_note(skipped: dict[str, str] | None) -> str | None:
 
 def model_record(seg: LoadedSegmenter, skipped: dict[str, str]) -> dict[str, Any]:
     """``results.model`` of a manifest: was SAM 3 loaded for this run, and if not why (``cause`` is a
-    ``models.model_files.ModelCause`` value; ``broken``: a configured model that does not work, which makes
-    /health unhealthy); the structures skipped for it."""
-    from models.model_files import BROKEN_CAUSES
+    ``models.sam3.model_files.ModelCause`` value; ``broken``: a configured model that does not work, which
+    makes /health unhealthy); the structures skipped for it."""
+    from models.sam3.model_files import BROKEN_CAUSES
 
     cause = None if seg.segmenter is not None else (seg.unavailable_cause or "load_error")
     return {
@@ -529,7 +539,7 @@ def _load(
 ) -> tuple[Any, list[Any], dict[str, Any], tuple[str, Any] | None]:
     """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind, (kind, HU
     volume) of the QA report's reference series (AVG, else MIP; None without one on the phases' grid))``."""
-    from service.volume import VolumeError, read_geometry, read_phases, read_series
+    from service.dicomio.volume import VolumeError, read_geometry, read_phases, read_series
 
     if not m.phases:
         raise PipelineError("the manifest lists no phases")
@@ -637,11 +647,11 @@ def _write_results(
 ) -> tuple[list[Path], dict[str, Any]]:
     """The ``rtstruct`` stage: RTSTRUCT(s) (and SEGs with ``write_seg``) of an engine result and ``qa.json``
     (the engine's QA, ``skipped``, timings, layout, files, the result version, then ``qa_extra``), swapped
-    into the study's results folder at once. Output UIDs derive from the inputs used (service.uids); the
-    version counts distinct results of this study. Returns the result files and the version record."""
-    from service.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
-    from service.spool import read_revisions
-    from service.uids import settings_digest
+    into the study's results folder at once. Output UIDs derive from the inputs used (service.dicomio.uids);
+    the version counts distinct results of this study. Returns the result files and the version record."""
+    from service.dicomio.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
+    from service.dicomio.uids import settings_digest
+    from service.store.spool import read_revisions
 
     with stages.stage("rtstruct"):
         key = result_content_key(
@@ -724,7 +734,7 @@ def result_version(m: Manifest, key: str) -> int:
 
 def _add_cycle_qa(qa: dict[str, Any], m: Manifest) -> None:
     """Phases used vs expected (the manifest's cycle, decided by the assembler) into the QA numbers."""
-    from models.qa import cycle_qa
+    from models.post.qa import cycle_qa
 
     if m.cycle is not None:
         cycle_qa(qa, m.cycle.used, m.cycle.expected, m.cycle.missing, released=m.released is not None)
@@ -778,10 +788,10 @@ def _write_segs(
 
     SEG is optional next to the RTSTRUCT: a phase it cannot be built for is logged and left out.
     """
-    from service.rtstruct import roi_name
+    from service.dicomio.rtstruct import roi_name
 
     try:
-        from service.seg import build_seg, write_seg
+        from service.dicomio.seg import build_seg, write_seg
     except ImportError as exc:  # pragma: no cover - highdicom is the optional extra "seg"
         log.warning("study %s: write_seg is set but DICOM SEG needs highdicom (extra 'seg'): %s",
                     study_key, exc)
@@ -995,7 +1005,7 @@ def write_report(
         return []
     from pydicom.filereader import read_file_meta_info
 
-    from service.encapsulated_pdf import build_encapsulated_pdf, write_encapsulated_pdf
+    from service.dicomio.encapsulated_pdf import build_encapsulated_pdf, write_encapsulated_pdf
     from worker.qa_report import REPORT_DIR, render
 
     data_dir = Path(data_dir)

@@ -10,10 +10,11 @@ QA numbers, for a person to look at before trusting the RTSTRUCT.
 
 Two steps, so that the worker never holds the CT for the pictures: :func:`extract` takes the slices the pages
 need (2D arrays only: small) while the 4D volume is in memory; :func:`render` draws them later, off the
-RTSTRUCT's critical path. numpy + matplotlib only: no DICOM, no torch (service/encapsulated_pdf.py wraps the
-PDF for the PACS).
+RTSTRUCT's critical path. numpy + matplotlib only: no DICOM, no torch (service/dicomio/encapsulated_pdf.py
+wraps the PDF for the PACS).
 
-Orientation (canonical axes of service/volume.py: x towards patient Left, y towards Posterior, z with the
+Orientation (canonical axes of service/dicomio/volume.py: x towards patient Left, y towards Posterior, z with
+the
 patient z, i.e. towards the head): axial images show the patient's left on the image right and anterior up;
 coronal images the head up and the patient's left on the right; sagittal images the head up and anterior on
 the left. Every image is drawn in patient millimetres (equal aspect), with a scale bar and the orientation
@@ -171,7 +172,8 @@ def extract(
     """The slices and numbers of the report from a study in memory.
 
     ``hu``: (P, Z, Y, X) HU; ``spacing`` (dz, dy, dx) and ``origin`` (x, y, z of voxel 0) in mm; ``masks``:
-    cleaned bool (P, Z, Y, X) per structure; ``envelopes`` bool (Z, Y, X); ``qa``: models.qa.study_qa (with
+    cleaned bool (P, Z, Y, X) per structure; ``envelopes`` bool (Z, Y, X); ``qa``: models.post.qa.study_qa
+    (with
     ``envelopes[name]["source"]``); ``reference``: (kind, (Z, Y, X) HU) of the AVG/MIP series on the same
     grid, else the end-exhale phase is the reference.
     """

@@ -2,13 +2,15 @@
 ``itvnode.export_item`` (queue ``export``). Thin: the work is :func:`worker.pipeline.process_study`.
 
 Task options: explicit names, JSON only, ``acks_late`` + ``reject_on_worker_lost`` (a pool process that dies
-puts its message back), soft/hard time limits from ``service.queue.celery_config`` (annotations by task name).
+puts its message back), soft/hard time limits from ``service.intake.queue.celery_config`` (annotations by
+task name).
 
 Two signal handlers close the loop around the export queue and worker crashes:
 
 * after every ``itvnode.export_item`` the study's manifest follows its outbox item (``exporting`` ->
   ``done``, or ``failed`` with the dead-letter reason), so ``itvnode status`` shows delivery;
-* while ``itvnode.segment_study`` runs, a thread touches the study's heartbeat file (service.reconcile): the
+* while ``itvnode.segment_study`` runs, a thread touches the study's heartbeat file (service.ops.reconcile):
+the
   reconciler in ``itvnode serve`` re-queues or fails a ``processing`` study whose heartbeat stopped;
 * when an inference worker starts, studies left ``processing`` by an earlier incarnation of the same worker
   node (killed mid-job: with the embedded broker its message is gone, with Redis it would only come back after
@@ -33,7 +35,7 @@ from celery import shared_task
 from celery.signals import task_postrun, worker_init, worker_process_init, worker_ready
 
 import worker.export_task  # noqa: F401 - registers itvnode.export_item on the app that includes this module
-from service.queue import QUEUE_EXPORT, QUEUE_INFERENCE, TASK_EXPORT, TASK_SEGMENT
+from service.intake.queue import QUEUE_EXPORT, QUEUE_INFERENCE, TASK_EXPORT, TASK_SEGMENT
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,8 @@ def _settings() -> Any:
 @shared_task(name=TASK_SEGMENT, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     """``itvnode.segment_study(study_key)``: segment one assembled study and queue its export."""
-    from service.outbox import RetryPolicy
-    from service.reconcile import Heartbeat, ReconcilePolicy
+    from service.ops.reconcile import Heartbeat, ReconcilePolicy
+    from service.store.outbox import RetryPolicy
     from worker.engine_settings import engine_config, get_segmenter
     from worker.pipeline import PipelineError, process_study
 
@@ -66,7 +68,8 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     os.environ.setdefault(BOOT_ENV, uuid.uuid4().hex)  # pool=solo/threads: no worker_init in this process
     worker_info = {"node": self.request.hostname or "", "boot": os.environ[BOOT_ENV], "pid": os.getpid()}
     try:
-        # the reconciler (service.reconcile, in `itvnode serve`) takes a study whose heartbeat stops as gone
+        # the reconciler (service.ops.reconcile, in `itvnode serve`) takes a study whose heartbeat stops as
+        # gone
         with Heartbeat(settings.data_dir, study_key, settings.heartbeat_interval):
             outcome = process_study(
                 study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), settings.destinations,
@@ -83,7 +86,7 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
 
 def recover_orphans(data_dir: Path, node: str, boot: str, enqueue: Any) -> list[str]:
     """Re-enqueue studies that ``node`` was processing in an earlier incarnation (not ``boot``)."""
-    from service.manifest import iter_manifests, set_state, update_manifest
+    from service.store.manifest import iter_manifests, set_state, update_manifest
 
     recovered = []
     for path, m in iter_manifests(Path(data_dir)):
@@ -169,8 +172,9 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 def _sweep_loop(app: Any, settings: Any) -> None:
     """In the export worker's main process: re-enqueue outbox deliveries whose retry time has come (also
-    whatever a crash or a broker restart lost). Idempotent across several export workers (service.outbox)."""
-    from service.outbox import RetryPolicy
+    whatever a crash or a broker restart lost). Idempotent across several export workers
+    (service.store.outbox)."""
+    from service.store.outbox import RetryPolicy
     from worker.export_task import run_sweep
 
     def enqueue(item_id: str) -> None:
@@ -191,7 +195,7 @@ def _after_export(sender: Any = None, args: Any = None, **_: Any) -> None:
     if getattr(sender, "name", None) != TASK_EXPORT or not args:
         return
     try:
-        from service.outbox import Outbox
+        from service.store.outbox import Outbox
         from worker.pipeline import sync_export_state
 
         settings = _settings()

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.admin import delete_study
+    from service.ops.admin import delete_study
     from service.settings import load_settings
 
     return print_results(delete_study(load_settings().data_dir, args.study))

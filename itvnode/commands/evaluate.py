@@ -95,11 +95,11 @@ def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any, predicte
 ]:
     """The 4DCTs of ``folder`` with their RTSTRUCT truth and, with ``predicted``, the RTSTRUCTs to score from
     that folder (any source, drawn on the same CT series), both read by the one contour reader
-    (service.rtstruct_read.read_phase_contours: per-phase or combined layout)."""
-    from service.assembler import assemble_folder
-    from service.manifest import iter_manifests
-    from service.rtstruct_read import RTStructReadError, read_phase_contours, split_rtstructs
-    from service.volume import read_phases
+    (service.dicomio.rtstruct_read.read_phase_contours: per-phase or combined layout)."""
+    from service.dicomio.rtstruct_read import RTStructReadError, read_phase_contours, split_rtstructs
+    from service.dicomio.volume import read_phases
+    from service.intake.assembler import assemble_folder
+    from service.store.manifest import iter_manifests
 
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     rts, others, series = split_rtstructs(files)
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from models import evaluation as ev
     from models.engine import output_structures
     from models.training.manifest import read_manifest, training_hashes
-    from service.rtstruct_read import RTStructReadError
+    from service.dicomio.rtstruct_read import RTStructReadError
     from service.settings import load_settings
     from worker.engine_settings import engine_config, temporal_params
 
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
 def _segmenter(args: argparse.Namespace, settings: Any, adapter_dir: Path | None) -> Any:
     import torch
 
-    from models.sam3_loader import Sam3LoadError, build_segmenter
+    from models.sam3.loader import Sam3LoadError, build_segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -331,7 +331,6 @@ def _write_report(
     import numpy as np
 
     from models import evaluation as ev
-
     include = bool(args.include_training)
     summary = ev.summarise(rows, include_training=include)
     used_rows = [r for r in rows if include or not r.training]

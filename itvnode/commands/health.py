@@ -36,8 +36,8 @@ def local_dicom_host(host: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.health import HealthServer, HealthServerConfig, check_health, check_http
-    from service.reconcile import ReconcilePolicy
+    from service.ops.health import HealthServer, HealthServerConfig, check_health, check_http
+    from service.ops.reconcile import ReconcilePolicy
     from service.settings import load_settings
 
     if args.url:

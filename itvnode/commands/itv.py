@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from itvnode.commands.offline import intake, publish, target_dir, work_dir
     from itvnode.commands.train import read_roi_map
-    from service.rtstruct_read import split_rtstructs
+    from service.dicomio.rtstruct_read import split_rtstructs
     from service.settings import load_settings
     from worker.engine_settings import engine_config
     from worker.pipeline import PipelineError, process_contours

@@ -3,8 +3,8 @@ node would receive it, and the result folder handed to the user.
 
 :func:`intake` puts every file through the SCP's header checks into a private spool (a temporary data
 directory unless ``--work-dir``) and lets the assembler's phase detection build the manifests
-(:func:`service.assembler.assemble_folder`); :func:`publish` copies one study's result files and writes its
-``qa.json`` with the phases, references and assembly note of its manifest.
+(:func:`service.intake.assembler.assemble_folder`); :func:`publish` copies one study's result files and
+writes its ``qa.json`` with the phases, references and assembly note of its manifest.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def intake(
 ) -> list[tuple[Path, Any]]:
     """Assemble ``files`` into manifests under ``work``; ``[(manifest path, Manifest)]``, empty (after
     printing why) when no respiratory-phase series was found."""
-    from service.assembler import assemble_folder
-    from service.manifest import iter_manifests
+    from service.intake.assembler import assemble_folder
+    from service.store.manifest import iter_manifests
 
     t0 = time.perf_counter()
     stored, skipped_files = assemble_folder(
@@ -76,7 +76,7 @@ def publish(
     phases and references (from the manifest) and where it came from. ``report_files``: the QA report's
     PDF and pages go to ``target/report/``, its Encapsulated PDF (``DOC.*.dcm``) beside the RTSTRUCT.
     Returns that QA dict."""
-    from service.manifest import load_manifest
+    from service.store.manifest import load_manifest
 
     target.mkdir(parents=True, exist_ok=True)
     for f in files:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from models.phantom import PhantomSpec
-    from service.phantom_dicom import PhantomSeries
+    from service.dicomio.phantom_dicom import PhantomSeries
 
 
-_VENDORS = ("siemens", "philips", "enhanced", "siemens-amplitude", "ge", "canon")  # service.phantom_dicom
+_VENDORS = ("siemens", "philips", "enhanced", "siemens-amplitude", "ge", "canon")  # dicomio.phantom_dicom
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +87,7 @@ def write_phantom(
     Each phase is generated once: the writer keeps its masks bit-packed for the ground truth.
     """
     from models.phantom import make_phantom, save_ground_truth
-    from service.phantom_dicom import write_phantom_dicom
+    from service.dicomio.phantom_dicom import write_phantom_dicom
 
     out = Path(out)
     phantom = make_phantom(spec)

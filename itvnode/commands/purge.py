@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from itvnode.commands.release import print_results
-    from service.admin import purge_studies
-    from service.retention import RetentionPolicy
+    from service.ops.admin import purge_studies
+    from service.ops.retention import RetentionPolicy
     from service.settings import load_settings
 
     settings = load_settings()

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.admin import release_study
+    from service.ops.admin import release_study
     from service.settings import load_settings
 
     settings = load_settings()

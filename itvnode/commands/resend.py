@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from service.admin import resend_study
-    from service.queue import Enqueuer
+    from service.intake.queue import Enqueuer
+    from service.ops.admin import resend_study
     from service.settings import Destination, load_settings
 
     settings = load_settings()

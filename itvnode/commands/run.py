@@ -156,8 +156,8 @@ def _stop_all(kids: list[Child], grace: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.durable import secure_data_dir
     from service.settings import load_settings
+    from service.store.durable import secure_data_dir
 
     overrides: dict[str, Any] = {}
     if args.data_dir:
@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     http = None
     if not args.no_http:
         from itvnode.commands.health import local_dicom_host
-        from service.health import HealthServer, HealthServerConfig
-        from service.reconcile import ReconcilePolicy
+        from service.ops.health import HealthServer, HealthServerConfig
+        from service.ops.reconcile import ReconcilePolicy
 
         cfg = HealthServerConfig(
             settings.data_dir,

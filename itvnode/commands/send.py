@@ -39,7 +39,7 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.export import send_files
+    from service.net.scu import send_files
     from service.settings import Destination, TLSSettings, load_settings
 
     if not getattr(args, "verbose", False):  # our own lines say what happened; -v shows pynetdicom's log

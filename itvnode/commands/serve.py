@@ -22,18 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_assembler(settings: Any, spool: Any, stop_event: threading.Event) -> tuple[Any, Any]:
-    """Start ``service.assembler.Assembler`` on the shared spool in a background thread.
+    """Start ``service.intake.assembler.Assembler`` on the shared spool in a background thread.
 
     Returns ``(thread, enqueuer)``; both None when the assembler module is not installed.
     """
     try:
-        from service.assembler import Assembler
+        from service.intake.assembler import Assembler
     except ModuleNotFoundError as exc:
-        if exc.name != "service.assembler":
+        if exc.name != "service.intake.assembler":
             raise
-        LOG.warning("service.assembler is not installed: receiving into the spool only")
+        LOG.warning("service.intake.assembler is not installed: receiving into the spool only")
         return None, None
-    from service.queue import Enqueuer
+    from service.intake.queue import Enqueuer
 
     enqueuer = Enqueuer(settings.broker_url, settings.data_dir)
     assembler = Assembler.from_settings(settings, spool, enqueuer.segment_study)
@@ -45,8 +45,8 @@ def _start_assembler(settings: Any, spool: Any, stop_event: threading.Event) -> 
 
 
 def _start_reconciler(settings: Any, enqueuer: Any, stop_event: threading.Event) -> None:
-    """Studies whose task is gone (service.reconcile): checked here, where the jobs are enqueued."""
-    from service.reconcile import ReconcilePolicy, Reconciler
+    """Studies whose task is gone (service.ops.reconcile): checked here, where the jobs are enqueued."""
+    from service.ops.reconcile import ReconcilePolicy, Reconciler
 
     policy = ReconcilePolicy.from_settings(settings)
     reconciler = Reconciler(settings.data_dir, enqueuer.segment_study, policy, broker_url=settings.broker_url)
@@ -55,9 +55,9 @@ def _start_reconciler(settings: Any, enqueuer: Any, stop_event: threading.Event)
 
 
 def _start_retention(settings: Any, spool: Any, stop_event: threading.Event) -> None:
-    """Purge finished work by age and watermark (service.retention), also on the spool's demand before it
+    """Purge finished work by age and watermark (service.ops.retention), also on the spool's demand before it
     would refuse with 0xA700."""
-    from service.retention import RetentionLoop, RetentionPolicy
+    from service.ops.retention import RetentionLoop, RetentionPolicy
 
     loop = RetentionLoop(settings.paths, spool, RetentionPolicy.from_settings(settings),
                          settings.retention_interval)
@@ -67,10 +67,10 @@ def _start_retention(settings: Any, spool: Any, stop_event: threading.Event) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.durable import secure_data_dir
-    from service.scp import serve
+    from service.net.scp import serve
     from service.settings import load_settings
-    from service.spool import Spool
+    from service.store.durable import secure_data_dir
+    from service.store.spool import Spool
 
     overrides: dict[str, Any] = {}
     for arg, key in (("port", "port"), ("host", "host"), ("ae_title", "ae_title"), ("data_dir", "data_dir")):

@@ -17,8 +17,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from service.ops.status import collect_status, format_table
     from service.settings import load_settings
-    from service.status import collect_status, format_table
 
     settings = load_settings()
     where = f"data directory: {settings.data_dir.resolve()}"
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(where, file=sys.stderr)
     if args.study:
-        from service.status import format_detail, study_detail
+        from service.ops.status import format_detail, study_detail
 
         detail = study_detail(settings.data_dir, args.study, settings.quiet_period)
         if not detail:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         print(f"itvnode testmodel: {out} is not empty (use --force)", file=sys.stderr)
         return 2
-    from models.tiny import write_tiny_model
+    from models.sam3.tiny import write_tiny_model
 
     try:
         write_tiny_model(out, seed=args.seed, image_size=args.image_size)

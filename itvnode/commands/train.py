@@ -170,8 +170,8 @@ def load_volumes(
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """Annotated volumes from every ``--phantom`` / ``--dicom`` / ``--nifti`` and their provenance."""
     from models.training.dataset import AnnotatedVolume, phantom_volumes
-    from service.nifti_read import parse_label_map, read_nifti_pair
-    from service.rtstruct_read import load_annotated_series
+    from service.dicomio.nifti_read import parse_label_map, read_nifti_pair
+    from service.dicomio.rtstruct_read import load_annotated_series
 
     volumes: list[AnnotatedVolume] = []
     sources: list[dict[str, Any]] = []
@@ -276,10 +276,10 @@ def _config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models.sam3_loader import Sam3LoadError, load_sam3, model_identity, resolve_device
+    from models.sam3.loader import Sam3LoadError, load_sam3, model_identity, resolve_device
+    from models.sam3.windowing import windows_from_pairs
     from models.training.dataset import split_by_group, targets_from_specs
     from models.training.trainer import Trainer
-    from models.windowing import windows_from_pairs
     from service.settings import load_settings
     from worker.engine_settings import structure_spec
 

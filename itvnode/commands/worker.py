@@ -22,7 +22,7 @@ def model_refusal(settings: Any) -> str | None:
     unusable (directory or file missing, unreadable, adapter not fitting the model) is a configuration error,
     not a reason to run on and skip every SAM 3 structure. Unset: a threshold-only node, which may start.
     Checks files and safetensors headers only (no weights loaded, no torch)."""
-    from models.model_files import Sam3LoadError, check_model_files
+    from models.sam3.model_files import Sam3LoadError, check_model_files
     from worker.engine_settings import engine_config
 
     cfg = engine_config(settings)
@@ -38,7 +38,7 @@ def model_refusal(settings: Any) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from service.queue import QUEUES
+    from service.intake.queue import QUEUES
     from service.settings import load_settings
     from worker.celery_app import app_from_settings, worker_argv
 

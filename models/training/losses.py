@@ -1,7 +1,8 @@
 """Losses for semantic fine-tuning of SAM 3's instance (DETR-style) outputs.
 
 SAM 3 returns, per image and prompt, ``Q`` instance queries: ``pred_masks`` (B, Q, h, w) logits,
-``pred_logits`` (B, Q) detection logits and ``presence_logits`` (B, 1). Inference (models/inference.py) keeps
+``pred_logits`` (B, Q) detection logits and ``presence_logits`` (B, 1). Inference (models/sam3/inference.py)
+keeps
 the queries whose score sigmoid(detection) x sigmoid(presence) >= threshold and takes the pixel-wise max of
 their masks. Training matches that with a simple, Hungarian-free rule (docs/training.md):
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.windowing import logits_to_grid
+from models.sam3.windowing import logits_to_grid
 
 
 @dataclass(frozen=True)

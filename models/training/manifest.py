@@ -30,7 +30,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:
-    """Same definition as ``models.sam3_loader.adapter_identity``: sha256 of the files' sha256 hex digests."""
+    """Same definition as ``models.sam3.loader.adapter_identity``: sha256 of the files' sha256 hex digests."""
     h = hashlib.sha256()
     for name in ADAPTER_FILES:
         h.update(_sha256_file(Path(adapter_dir) / name).encode())

@@ -1,7 +1,8 @@
 """The LoRA training loop: weighted hard-negative sampling, gradient accumulation, bf16 autocast on CUDA,
 checkpoint + resume, per-epoch validation Dice, adapter + ``training.json`` output (docs/training.md).
 
-The base model is frozen; peft adds LoRA matrices to the chosen Linear layers (models/lora.py targets) and,
+The base model is frozen; peft adds LoRA matrices to the chosen Linear layers (models/sam3/lora.py targets)
+and,
 optionally, trains whole small modules (``train_modules``, peft ``modules_to_save``: e.g. the mask embedder).
 """
 
@@ -24,14 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.inference import PAD_BOX_LABEL, Sam3Segmenter
-from models.lora import DEFAULT_COMPONENTS, DEFAULT_TARGETS, lora_report, target_regex
+from models.sam3.inference import PAD_BOX_LABEL, Sam3Segmenter
+from models.sam3.lora import DEFAULT_COMPONENTS, DEFAULT_TARGETS, lora_report, target_regex
+from models.sam3.windowing import (
+    DEFAULT_WINDOWS,
+    PixelNormalisation,
+    Window,
+    to_pixel_values,
+    window_channels,
+)
 from models.training.dataset import AnnotatedVolume, SliceSample, Target, build_samples
 from models.training.hard_negatives import MiningReport, mine, pixel_candidates
 from models.training.losses import LossWeights, sam3_loss
 from models.training.manifest import build_manifest, write_manifest
 from models.training.sampler import HardNegativeSampler
-from models.windowing import DEFAULT_WINDOWS, PixelNormalisation, Window, to_pixel_values, window_channels
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +431,7 @@ class Trainer:
         """Train to ``epochs``; ``stop_after`` steps ends early leaving a checkpoint (resume tests)."""
         from tqdm.auto import tqdm
 
-        from models.lora import save_adapter
+        from models.sam3.lora import save_adapter
 
         cfg = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def e2e_phantom(phantom_dicom_factory: Callable[..., Any]) -> Any:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random-init tiny SAM 3 in HF format, loaded by the node through the real loader."""
-    from models.tiny import write_tiny_model
+    from models.sam3.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_sam3"))
 

@@ -94,7 +94,7 @@ def test_watermark_purges_finished_work_before_0xa700_while_a_study_arrives(
     assert "purged study key(s)" in serve_log and "(watermark)" in serve_log
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from service.health import NodeCollector
+    from service.ops.health import NodeCollector
 
     reg = CollectorRegistry()
     reg.register(NodeCollector(data, None))
@@ -154,7 +154,7 @@ def test_admin_commands_on_a_running_and_a_stopped_node(
 
     # stopped node: a failed study retried (twice: the second changes nothing), a resend queued in the outbox
     _stop(procs)
-    from service.manifest import manifest_path, set_state, update_manifest
+    from service.store.manifest import manifest_path, set_state, update_manifest
 
     update_manifest(manifest_path(data, key), lambda m: set_state(m, "failed", "inference: CUDA error"))
     for expect in ("will be processed again", "already retried"):

@@ -157,9 +157,9 @@ def test_evaluate_dicom_4dct_with_rtstruct_truth(tmp_path: Path) -> None:
     rasterised on the right phase (voxel counts equal the phantom's exact ground truth)."""
     from itvnode.commands.phantom import write_phantom
     from models.phantom import PhantomSpec, load_ground_truth
-    from models.tiny import write_tiny_model
-    from service.rtstruct import build_rtstructs, write_rtstruct
-    from service.volume import read_series
+    from models.sam3.tiny import write_tiny_model
+    from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
+    from service.dicomio.volume import read_series
 
     spec = PhantomSpec.small(
         n_phases=4, shape=(12, 64, 64), pixel_spacing=(500 / 64, 500 / 64), slice_thickness=7.5

@@ -36,10 +36,10 @@ def one_thread() -> Iterator[None]:
 
 
 def test_training_lifts_validation_dice_and_adapter_reloads(tmp_path: Path, one_thread: None) -> None:
-    from models.inference import Sam3Segmenter
-    from models.lora import load_adapter
-    from models.sam3_loader import build_segmenter
-    from models.tiny import build_tiny_model, tiny_processor, write_tiny_model
+    from models.sam3.inference import Sam3Segmenter
+    from models.sam3.loader import build_segmenter
+    from models.sam3.lora import load_adapter
+    from models.sam3.tiny import build_tiny_model, tiny_processor, write_tiny_model
 
     spec = PhantomSpec.small(
         n_phases=4, shape=(16, 64, 64), pixel_spacing=(500 / 64, 500 / 64), slice_thickness=7.5

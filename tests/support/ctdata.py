@@ -5,7 +5,7 @@
 Optional attributes are left out unless given, so each caller gets exactly the header it always had.
 The phase-labelled 4DCT and Enhanced CT instances of the SCP tests stay in
 tests/integration/scp/scp_ctdata.py,
-the product phantom in service/phantom_dicom.py.
+the product phantom in service/dicomio/phantom_dicom.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""service/contours.py as it was before the all-slices-at-once tracer (commit aa180ff), kept verbatim below this
+"""service/dicomio/contours.py as it was before the all-slices-at-once tracer (commit aa180ff), kept verbatim below this
 header as the reference: tests/unit/test_contours_equal.py checks that the new tracer gives exactly these
 contours; bench/rtstruct.py times both in one run.
 """

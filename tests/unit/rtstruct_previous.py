@@ -1,4 +1,4 @@
-"""service/rtstruct.py as it was before the pre-encoded contour sequences (commit aa180ff), kept verbatim below
+"""service/dicomio/rtstruct.py as it was before the pre-encoded contour sequences (commit aa180ff), kept verbatim below
 this header as the reference, except that it traces with the previous tracer (contours_previous):
 tests/unit/test_contours_equal.py checks that the new writer gives byte-identical files; bench/rtstruct.py times
 both in one run.
@@ -34,10 +34,10 @@ from pydicom.uid import (
 
 from itvnode import __version__
 from contours_previous import mask_to_contours  # the only changed line
-from service.durable import private_dir, write_atomic
-from service.uids import content_key as _content_key
-from service.uids import output_uid
-from service.volume import Geometry
+from service.store.durable import private_dir, write_atomic
+from service.dicomio.uids import content_key as _content_key
+from service.dicomio.uids import output_uid
+from service.dicomio.volume import Geometry
 
 if TYPE_CHECKING:
     from service.settings import StructureSetting
@@ -84,7 +84,7 @@ class Algorithm:
 
     @property
     def identity(self) -> tuple[str, ...]:
-        """What goes into the output content key (service.uids)."""
+        """What goes into the output content key (service.dicomio.uids)."""
         return (self.model, self.model_version, self.adapter_version, f"itvnode {__version__}")
 
 
@@ -106,7 +106,7 @@ class _Plan:
 
 def phase_label(percent: float, label: str = "") -> str:
     """``40.0 -> 'P40'``, ``12.5 -> 'P12.5'``; a vendor label from the manifest wins (``'In50'`` for Siemens
-    amplitude binning, service.phases.order_phases)."""
+    amplitude binning, service.intake.phases.order_phases)."""
     return label or f"P{percent:g}"
 
 
@@ -283,8 +283,8 @@ def result_content_key(
     settings_digest: str = "",
     revisions: Mapping[str, int] | None = None,
 ) -> str:
-    """The content key (service.uids) of the outputs built from these phases and the usable references;
-    ``revisions``: inputs re-sent with changed content (service.spool.read_revisions)."""
+    """The content key (service.dicomio.uids) of the outputs built from these phases and the usable references;
+    ``revisions``: inputs re-sent with changed content (service.store.spool.read_revisions)."""
     used = [*geometries, *usable_references(geometries, references or {}, warn=False).values()]
     return _content_key(
         study_key=study_key,

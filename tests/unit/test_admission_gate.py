@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.admission import ConnectionGate, RateLimitedLog
+from service.net.admission import ConnectionGate, RateLimitedLog
 
 
 class Clock:
@@ -58,7 +58,7 @@ def test_silent_connection_closed_at_first_pdu_timeout(pairs, caplog: pytest.Log
     clock.t += 4.9
     assert gate.expire() == 0
     clock.t += 0.2
-    with caplog.at_level(logging.WARNING, "service.admission"):
+    with caplog.at_level(logging.WARNING, "service.net.admission"):
         assert gate.expire() == 1
     assert _closed(peer)
     assert "connection from 10.0.0.1 closed: no A-ASSOCIATE-RQ within 5 s" in caplog.text
@@ -101,7 +101,7 @@ def test_association_limits_global_and_per_address(pairs, caplog: pytest.LogCapt
         assert gate.request(s, "10.0.0.1", "PACS") is None
     for s, ip in zip(socks[2:], ["10.0.0.1", "10.0.0.2", "10.0.0.3"], strict=True):
         gate.admit(s, ip)  # at its limit with no idle connection to replace: admitted, refused at the RQ
-    with caplog.at_level(logging.WARNING, "service.admission"):
+    with caplog.at_level(logging.WARNING, "service.net.admission"):
         why = gate.request(socks[2], "10.0.0.1", "PACS")  # third from one address
     assert why is not None and "max_connections_per_ip 2" in why
     assert "association from 10.0.0.1 (calling AE 'PACS') rejected: local limit exceeded" in caplog.text

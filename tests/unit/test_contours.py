@@ -1,4 +1,5 @@
-"""Pixel-edge contour tracing (service/contours.py): exact round trip through a centre-sampling rasteriser."""
+"""Pixel-edge contour tracing (service/dicomio/contours.py): exact round trip through a centre-sampling
+rasteriser."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.draw import polygon
 
-from service.contours import mask_to_contours, signed_area, trace_loops
+from service.dicomio.contours import mask_to_contours, signed_area, trace_loops
 
 
 def xor_rasterise(loops: list[np.ndarray], shape: tuple[int, int], union: bool = False) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The all-slices-at-once tracer (service/contours.py) gives exactly the contours of the slice-by-slice tracer
+"""The all-slices-at-once tracer (service/dicomio/contours.py) gives exactly the contours of the
+slice-by-slice tracer
 it replaced (contours_previous.py, kept verbatim): same loops, same order, same first vertex, same floats."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from service import contours
+from service.dicomio import contours
 
 ORIENTATIONS = [
     (1, 0, 0, 0, 1, 0),

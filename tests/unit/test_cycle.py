@@ -1,10 +1,10 @@
-"""Cycle coverage (service.phases.cycle_coverage): which phase sets cover the breathing cycle."""
+"""Cycle coverage (service.intake.phases.cycle_coverage): which phase sets cover the breathing cycle."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.phases import cycle_coverage
+from service.intake.phases import cycle_coverage
 
 
 def test_three_of_ten_names_the_missing_percents() -> None:

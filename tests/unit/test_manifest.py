@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.manifest import (
+from service.store.manifest import (
     Manifest,
     Note,
     load_manifest,

@@ -15,7 +15,7 @@ import pytest
 
 from itvnode.cli import main as itvnode_main
 from models.phantom import Phantom, load_ground_truth, make_phantom
-from service.phantom_dicom import PATIENT_NAME, PhantomSeries, phase_description, write_phantom_dicom
+from service.dicomio.phantom_dicom import PATIENT_NAME, PhantomSeries, phase_description, write_phantom_dicom
 
 Factory = Callable[..., PhantomSeries]
 

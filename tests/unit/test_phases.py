@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.phases import SeriesKind, SiteRule, classify_series, compile_rules, reference_kind
+from service.intake.phases import SeriesKind, SiteRule, classify_series, compile_rules, reference_kind
 from service.settings import PhaseRule
-from service.spool import InstanceMeta
+from service.store.spool import InstanceMeta
 
 
 def header(description: str = "", *, image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),

@@ -1,4 +1,5 @@
-"""Every vendor's 4DCT naming through the rule table and the set-level ordering (service.phases.order_phases):
+"""Every vendor's 4DCT naming through the rule table and the set-level ordering
+(service.intake.phases.order_phases):
 Siemens phase and amplitude binning, Philips, GE, Canon/Toshiba, ``Phase N`` indices, site rules, and the
 ambiguous sets that must be held with a reason."""
 
@@ -6,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.phases import (
+from service.intake.phases import (
     SeriesClass,
     SeriesKind,
     classify_series,
@@ -15,7 +16,7 @@ from service.phases import (
     order_phases,
 )
 from service.settings import PhaseRule
-from service.spool import InstanceMeta
+from service.store.spool import InstanceMeta
 
 
 def header(description: str) -> InstanceMeta:

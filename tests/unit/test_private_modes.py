@@ -15,11 +15,11 @@ import pytest
 from pydicom import Dataset
 from test_spool import ct, encode
 
-from service.durable import DIR_MODE, FILE_MODE, private_dir, secure_data_dir, write_atomic
-from service.manifest import Manifest, manifest_path, save_manifest
-from service.outbox import Outbox
-from service.rtstruct import write_dataset
-from service.spool import Spool, meta_from_bytes
+from service.dicomio.rtstruct import write_dataset
+from service.store.durable import DIR_MODE, FILE_MODE, private_dir, secure_data_dir, write_atomic
+from service.store.manifest import Manifest, manifest_path, save_manifest
+from service.store.outbox import Outbox
+from service.store.spool import Spool, meta_from_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_write_atomic_and_private_dir(tmp_path: Path) -> None:
 
 
 def test_secure_data_dir_tightens_an_existing_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="service.durable")  # in-process CLI runs raise the root level
+    caplog.set_level(logging.WARNING, logger="service.store.durable")  # in-process CLI runs raise it
     data = tmp_path / "data"
     data.mkdir()
     os.chmod(data, 0o755)  # explicit: an earlier in-process CLI call may have set the private umask

@@ -1,4 +1,4 @@
-"""The pynetdicom internals that service/scp.py and service/export.py override or call, fenced.
+"""The pynetdicom internals that service/net/scp.py and service/net/scu.py override or call, fenced.
 
 Both modules subclass private pynetdicom classes and mirror some of their loops (see the comments there:
 event-driven reactors, PDU length checks before allocation, TCP_NODELAY requestor sockets, the reactor guard
@@ -11,7 +11,7 @@ against. An upgrade must fail here, naming what changed, rather than misbehave o
   change into the override named in the message, then update the fingerprint below.
 
 tests/integration/scp/test_scp_public_fallback.py checks that the SCP still serves through the stock classes
-when ``service.scp._FAST_REACTOR`` is off (what another pynetdicom version gets).
+when ``service.net.scp._FAST_REACTOR`` is off (what another pynetdicom version gets).
 """
 
 from __future__ import annotations
@@ -37,57 +37,60 @@ PINNED = "3.0.4"
 #: path under ``pynetdicom`` -> (fingerprint, our code that depends on its exact body)
 MIRRORED: dict[str, tuple[str, str]] = {
     "acse.ACSE._negotiate_as_acceptor": (
-        "f49644a6d11ff64a", "service/scp.py _PolicyACSE._negotiate_as_acceptor (checks, then calls it)"),
+        "f49644a6d11ff64a", "service/net/scp.py _PolicyACSE._negotiate_as_acceptor (checks, then calls it)"),
     "ae.ApplicationEntity._create_socket": (
-        "9b9f827b2e6ddfdd", "service/export.py NoDelayAE._create_socket (replaces it)"),
+        "9b9f827b2e6ddfdd", "service/net/scu.py NoDelayAE._create_socket (replaces it)"),
     "association.Association.__init__": (
-        "b806282a2d942c1d", "service/scp.py _FastAssociation.__init__ (swaps in _FastDUL)"),
+        "b806282a2d942c1d", "service/net/scp.py _FastAssociation.__init__ (swaps in _FastDUL)"),
     "association.Association._run_reactor": (
-        "ca3acbb824fbca27", "service/scp.py _FastAssociation._run_reactor (a copy blocking on DIMSE)"),
+        "ca3acbb824fbca27", "service/net/scp.py _FastAssociation._run_reactor (a copy blocking on DIMSE)"),
     "dimse.DIMSEServiceProvider.get_msg": (
-        "c212cbcab6189184", "service/export.py _guard_reactor (wraps it)"),
+        "c212cbcab6189184", "service/net/scu.py _guard_reactor (wraps it)"),
     "dul.DULServiceProvider.__init__": (
-        "bfebea18107e93cc", "service/scp.py _FastDUL.__init__ (extends it)"),
+        "bfebea18107e93cc", "service/net/scp.py _FastDUL.__init__ (extends it)"),
     "dul.DULServiceProvider._read_pdu_data": (
-        "500d0ff5100c941f", "service/scp.py _FastDUL._read_pdu_data (length checked first)"),
+        "500d0ff5100c941f", "service/net/scp.py _FastDUL._read_pdu_data (length checked first)"),
     "dul.DULServiceProvider.run_reactor": (
-        "c648dadd489eec02", "service/scp.py _FastDUL.run_reactor (a copy with select())"),
+        "c648dadd489eec02", "service/net/scp.py _FastDUL.run_reactor (a copy with select())"),
     "transport.AssociationSocket._create_socket": (
-        "c142d63cc576d0b4", "service/export.py _NoDelaySocket._create_socket (a copy plus TCP_NODELAY)"),
+        "c142d63cc576d0b4", "service/net/scu.py _NoDelaySocket._create_socket (a copy plus TCP_NODELAY)"),
     "transport.AssociationSocket.recv": (
-        "08f867a5b4ff58f3", "service/scp.py _FastSocket.recv (replaces it)"),
+        "08f867a5b4ff58f3", "service/net/scp.py _FastSocket.recv (replaces it)"),
     "transport.RequestHandler._create_association": (
-        "21eeee1815067005", "service/scp.py _RequestHandler._create_association (a copy with our classes)"),
+        "21eeee1815067005",
+        "service/net/scp.py _RequestHandler._create_association (a copy with our classes)"),
 }
 
 #: Private (or easily missed) names we import, call or set, and where.
 NAMES: dict[str, str] = {
-    "_globals.MODE_ACCEPTOR": "service/scp.py _RequestHandler._create_association",
-    "_handlers.standard_dimse_recv_handler": "service/scp.py _STANDARD_LOG_HANDLERS (unbound)",
-    "_handlers.standard_dimse_sent_handler": "service/scp.py _STANDARD_LOG_HANDLERS",
-    "_handlers.standard_pdu_recv_handler": "service/scp.py _STANDARD_LOG_HANDLERS",
-    "_handlers.standard_pdu_sent_handler": "service/scp.py _STANDARD_LOG_HANDLERS",
-    "_config.STORE_SEND_CHUNKED_DATASET": "service/export.py (files sent as stored, set at import)",
-    "pdu.A_ABORT_RQ": "service/scp.py _FastDUL._send_abort",
-    "pdu_primitives.A_P_ABORT": "service/scp.py _FastDUL (wakes the association thread)",
-    "dul.DULServiceProvider._decode_pdu": "service/scp.py _FastDUL._read_pdu_data",
-    "dul.DULServiceProvider._process_recv_primitive": "service/scp.py _FastDUL.run_reactor",
-    "dul.DULServiceProvider._is_transport_event": "service/scp.py _FastDUL.run_reactor",
-    "dul.DULServiceProvider.send_pdu": "service/scp.py _FastDUL.send_pdu (wakes the reactor)",
-    "dul.DULServiceProvider.kill_dul": "service/scp.py _FastDUL.kill_dul (wakes the reactor)",
-    "dul.DULServiceProvider.idle_timer_expired": "service/scp.py _FastAssociation._run_reactor",
-    "dul.DULServiceProvider.receive_pdu": "service/scp.py _FastAssociation._run_reactor",
-    "association.Association._serve_request": "service/scp.py _FastAssociation._run_reactor",
-    "association.Association.set_socket": "service/scp.py _RequestHandler._create_association",
-    "association.Association.unbind": "service/scp.py _FastAssociation.__init__",
-    "acse.ACSE.send_reject": "service/scp.py _PolicyACSE._negotiate_as_acceptor",
-    "acse.ACSE.is_release_requested": "service/scp.py _FastAssociation._run_reactor",
-    "acse.ACSE.is_aborted": "service/scp.py _FastAssociation._run_reactor",
-    "acse.ACSE.send_release": "service/scp.py _FastAssociation._run_reactor",
-    "transport.ThreadedAssociationServer.process_request_thread": "service/scp.py _Server",
-    "transport.ThreadedAssociationServer.service_actions": "service/scp.py _Server (the admission gate)",
-    "transport.ThreadedAssociationServer.get_request": "service/scp.py _Server (TLS handshake per thread)",
-    "events.NotificationEvent": "service/scp.py _RequestHandler._create_association",
+    "_globals.MODE_ACCEPTOR": "service/net/scp.py _RequestHandler._create_association",
+    "_handlers.standard_dimse_recv_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS (unbound)",
+    "_handlers.standard_dimse_sent_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS",
+    "_handlers.standard_pdu_recv_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS",
+    "_handlers.standard_pdu_sent_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS",
+    "_config.STORE_SEND_CHUNKED_DATASET": "service/net/scu.py (files sent as stored, set at import)",
+    "pdu.A_ABORT_RQ": "service/net/scp.py _FastDUL._send_abort",
+    "pdu_primitives.A_P_ABORT": "service/net/scp.py _FastDUL (wakes the association thread)",
+    "dul.DULServiceProvider._decode_pdu": "service/net/scp.py _FastDUL._read_pdu_data",
+    "dul.DULServiceProvider._process_recv_primitive": "service/net/scp.py _FastDUL.run_reactor",
+    "dul.DULServiceProvider._is_transport_event": "service/net/scp.py _FastDUL.run_reactor",
+    "dul.DULServiceProvider.send_pdu": "service/net/scp.py _FastDUL.send_pdu (wakes the reactor)",
+    "dul.DULServiceProvider.kill_dul": "service/net/scp.py _FastDUL.kill_dul (wakes the reactor)",
+    "dul.DULServiceProvider.idle_timer_expired": "service/net/scp.py _FastAssociation._run_reactor",
+    "dul.DULServiceProvider.receive_pdu": "service/net/scp.py _FastAssociation._run_reactor",
+    "association.Association._serve_request": "service/net/scp.py _FastAssociation._run_reactor",
+    "association.Association.set_socket": "service/net/scp.py _RequestHandler._create_association",
+    "association.Association.unbind": "service/net/scp.py _FastAssociation.__init__",
+    "acse.ACSE.send_reject": "service/net/scp.py _PolicyACSE._negotiate_as_acceptor",
+    "acse.ACSE.is_release_requested": "service/net/scp.py _FastAssociation._run_reactor",
+    "acse.ACSE.is_aborted": "service/net/scp.py _FastAssociation._run_reactor",
+    "acse.ACSE.send_release": "service/net/scp.py _FastAssociation._run_reactor",
+    "transport.ThreadedAssociationServer.process_request_thread": "service/net/scp.py _Server",
+    "transport.ThreadedAssociationServer.service_actions":
+        "service/net/scp.py _Server (the admission gate)",
+    "transport.ThreadedAssociationServer.get_request":
+        "service/net/scp.py _Server (TLS handshake per thread)",
+    "events.NotificationEvent": "service/net/scp.py _RequestHandler._create_association",
 }
 
 #: Instance attributes (set in ``__init__``, so not on the classes) that our overrides read or write.
@@ -118,17 +121,17 @@ def test_pynetdicom_is_the_pinned_version() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = [d for d in deps if re.match(r"pynetdicom\b", d)]
     assert pins == [f"pynetdicom=={PINNED}"], (
-        f"pyproject.toml must pin pynetdicom=={PINNED} (the version service/scp.py and service/export.py "
-        f"override), found {pins}")
+        f"pyproject.toml must pin pynetdicom=={PINNED} (the version service/net/scp.py and "
+        f"service/net/scu.py override), found {pins}")
     assert pynetdicom.__version__ == PINNED, (
         f"pynetdicom {pynetdicom.__version__} is installed, the overrides were written against {PINNED}: "
         "run `make install`, or read this file's docstring before moving the pin")
 
 
 def test_the_fast_reactor_is_on_for_the_pinned_version() -> None:
-    import service.scp
+    import service.net.scp
 
-    assert service.scp._FAST_REACTOR, f"_FAST_REACTOR is off on pynetdicom {pynetdicom.__version__}"
+    assert service.net.scp._FAST_REACTOR, f"_FAST_REACTOR is off on pynetdicom {pynetdicom.__version__}"
 
 
 @pytest.mark.parametrize("path", sorted(NAMES))
@@ -161,7 +164,7 @@ def test_instance_attributes_that_the_overrides_use() -> None:
                 if not hasattr(assoc.dul.state_machine, a)]
     if not hasattr(assoc.requestor, "primitive"):
         missing.append("Association().requestor.primitive")
-    assert not missing, (f"pynetdicom {pynetdicom.__version__} lost attributes that service/scp.py's "
+    assert not missing, (f"pynetdicom {pynetdicom.__version__} lost attributes that service/net/scp.py's "
                          f"_FastDUL/_FastAssociation/_PolicyACSE use: {missing}")
 
 
@@ -173,7 +176,7 @@ def test_server_attributes_and_hooks_that_the_scp_uses() -> None:
     try:
         missing = [a for a in SERVER_ATTRIBUTES if not hasattr(server, a)]
         assert not missing, (f"pynetdicom {pynetdicom.__version__}: the association server has no {missing}; "
-                             "service/scp.py _RequestHandler/_Server/StorageSCP use them")
+                             "service/net/scp.py _RequestHandler/_Server/StorageSCP use them")
         assert hasattr(ae, "_servers"), "AE()._servers is gone; StorageSCP.start appends its server there"
         assert hasattr(ae, "_create_socket"), "AE._create_socket is gone; export.NoDelayAE overrides it"
     finally:
@@ -181,18 +184,18 @@ def test_server_attributes_and_hooks_that_the_scp_uses() -> None:
 
 
 def test_the_chunked_send_switch_is_still_read() -> None:
-    """service/export.py sets it so that files go out as stored; a switch nobody reads would silently
+    """service/net/scu.py sets it so that files go out as stored; a switch nobody reads would silently
     transcode."""
     source = inspect.getsource(importlib.import_module("pynetdicom.association"))
     assert "STORE_SEND_CHUNKED_DATASET" in source, (
         f"pynetdicom {pynetdicom.__version__}.association no longer reads _config.STORE_SEND_CHUNKED_DATASET "
-        "(set by service/export.py)")
+        "(set by service/net/scu.py)")
 
 
 def test_overridden_signatures() -> None:
     """Our overrides take the parameters pynetdicom calls them with."""
-    from service import export, scp
-
+    from service.net import scp
+    from service.net import scu as export
     pairs = [
         (resolve("ae.ApplicationEntity._create_socket"), export.NoDelayAE._create_socket),
         (resolve("transport.AssociationSocket._create_socket"), export._NoDelaySocket._create_socket),
@@ -210,4 +213,4 @@ def test_overridden_signatures() -> None:
     assert not changed, f"pynetdicom {pynetdicom.__version__} changed the parameters of {changed}"
     get_msg = inspect.signature(resolve("dimse.DIMSEServiceProvider.get_msg"))
     assert list(get_msg.parameters) == ["self", "block"], (
-        f"DIMSEServiceProvider.get_msg{get_msg}: service/export.py _guard_reactor wraps get_msg(block)")
+        f"DIMSEServiceProvider.get_msg{get_msg}: service/net/scu.py _guard_reactor wraps get_msg(block)")

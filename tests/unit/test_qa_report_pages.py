@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from models.phantom import Phantom, PhantomSpec  # noqa: E402
-from models.qa import cycle_qa, study_qa  # noqa: E402
+from models.post.qa import cycle_qa, study_qa  # noqa: E402
 from worker.qa_report import ReportData, draw_plane, extract, render  # noqa: E402
 
 MAGENTA = "#ff00ff"

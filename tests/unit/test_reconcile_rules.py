@@ -1,4 +1,5 @@
-"""Reconciliation rules (service.reconcile): which studies are stuck, re-queue with backoff, then failed."""
+"""Reconciliation rules (service.ops.reconcile): which studies are stuck, re-queue with backoff, then
+failed."""
 
 from __future__ import annotations
 
@@ -8,15 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.manifest import (
-    HistoryEntry,
-    Manifest,
-    load_manifest,
-    manifest_path,
-    save_manifest,
-    set_state,
-)
-from service.reconcile import (
+from service.ops.reconcile import (
     REASON_PREFIX,
     Heartbeat,
     ReconcilePolicy,
@@ -25,6 +18,14 @@ from service.reconcile import (
     attempts,
     find_stuck,
     heartbeat_path,
+)
+from service.store.manifest import (
+    HistoryEntry,
+    Manifest,
+    load_manifest,
+    manifest_path,
+    save_manifest,
+    set_state,
 )
 
 POLICY = ReconcilePolicy(interval=1, heartbeat_interval=1, heartbeat_timeout=10, hard_time_limit=100,

@@ -1,4 +1,5 @@
-"""The RTSTRUCT writer with pre-encoded contour sequences (service/rtstruct.py) writes byte-identical files to
+"""The RTSTRUCT writer with pre-encoded contour sequences (service/dicomio/rtstruct.py) writes byte-identical
+files to
 the writer it replaced (rtstruct_previous.py, kept verbatim, with the previous tracer): both layouts, both
 hole encodings, multi-frame references, non-ASCII names, and a contour long enough for implicit VR."""
 
@@ -15,8 +16,8 @@ import rtstruct_previous as previous
 from pydicom.uid import ImplicitVRLittleEndian
 from scipy import ndimage
 
-from service import rtstruct
-from service.volume import Geometry
+from service.dicomio import rtstruct
+from service.dicomio.volume import Geometry
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

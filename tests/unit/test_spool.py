@@ -20,8 +20,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import encode_file_meta
 
-from service import dimse_status as st
-from service.spool import (
+from service.net import dimse_status as st
+from service.store.spool import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
     ConflictingDuplicate,

@@ -1,10 +1,10 @@
-"""The README's state table is the code's (service.manifest.TRANSITIONS): one table, printed once."""
+"""The README's state table is the code's (service.store.manifest.TRANSITIONS): one table, printed once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from service.manifest import STATES, TRANSITIONS, state_table_markdown
+from service.store.manifest import STATES, TRANSITIONS, state_table_markdown
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

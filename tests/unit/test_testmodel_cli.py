@@ -17,7 +17,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_testmodel_writes_a_loadable_marked_random_model(tmp_path: Path) -> None:
-    from models.sam3_loader import build_segmenter, missing_sam3_files
+    from models.sam3.loader import build_segmenter, missing_sam3_files
 
     out = tmp_path / "tiny"
     r = _cli("testmodel", str(out))

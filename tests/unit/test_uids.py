@@ -1,4 +1,5 @@
-"""Output UIDs (service.uids): identical inputs give identical UIDs; a change in the inputs used, new ones."""
+"""Output UIDs (service.dicomio.uids): identical inputs give identical UIDs; a change in the inputs used, new
+ones."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from models.structures import StructureSpec
-from service.manifest import Manifest
-from service.rtstruct import Algorithm, build_rtstructs
-from service.uids import content_key, settings_digest
-from service.volume import Geometry
+from service.dicomio.rtstruct import Algorithm, build_rtstructs
+from service.dicomio.uids import content_key, settings_digest
+from service.dicomio.volume import Geometry
+from service.store.manifest import Manifest
 from worker.engine_settings import EngineConfig
 from worker.pipeline import result_version
 

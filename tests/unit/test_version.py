@@ -50,9 +50,9 @@ def test_a_tree_that_was_never_installed_says_so() -> None:
 
 
 def test_library_code_writes_that_version() -> None:
-    import service.encapsulated_pdf
-    import service.rtstruct
-    import service.seg
+    import service.dicomio.encapsulated_pdf
+    import service.dicomio.rtstruct
+    import service.dicomio.seg
 
-    for module in (service.rtstruct, service.seg, service.encapsulated_pdf):
+    for module in (service.dicomio.rtstruct, service.dicomio.seg, service.dicomio.encapsulated_pdf):
         assert module.__version__ is itvnode_version.__version__, module.__name__

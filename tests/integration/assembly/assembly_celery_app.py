@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from service.queue import TASK_SEGMENT
+from service.intake.queue import TASK_SEGMENT
 from worker.celery_app import create_app
 
 _prefix = os.environ.get("ITVNODE_TEST_KEYPREFIX")

@@ -13,10 +13,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from service.assembler import Assembler
-from service.manifest import Manifest, load_manifest, manifest_path
-from service.queue import embedded_broker_path
-from service.spool import Spool, meta_from_bytes
+from service.intake.assembler import Assembler
+from service.intake.queue import embedded_broker_path
+from service.store.manifest import Manifest, load_manifest, manifest_path
+from service.store.spool import Spool, meta_from_bytes
 
 SMALL = {"n_phases": 4, "shape": (12, 64, 64), "pixel_spacing": (500 / 64, 500 / 64)}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.queue import Enqueuer
-from service.spool import Spool
+from service.intake.queue import Enqueuer
+from service.store.spool import Spool
 
 
 @pytest.fixture

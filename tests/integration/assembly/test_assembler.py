@@ -20,12 +20,12 @@ from assembly_helpers import (
     to_enhanced_ct,
 )
 
-from service.manifest import manifest_path, set_state, study_key, update_manifest
-from service.phases import compile_rules
-from service.queue import TASK_SEGMENT, Enqueuer
+from service.dicomio.volume import read_phases
+from service.intake.phases import compile_rules
+from service.intake.queue import TASK_SEGMENT, Enqueuer
 from service.settings import PhaseRule
-from service.spool import Spool
-from service.volume import read_phases
+from service.store.manifest import manifest_path, set_state, study_key, update_manifest
+from service.store.spool import Spool
 
 Factory = Callable[..., Any]
 
@@ -107,7 +107,7 @@ def test_two_studies_interleaved_and_non4d_ct(phantom_dicom_factory: Factory, sp
         assert (m.reason or "").startswith("4 of 10 phases: ")
         assert [p.slices for p in m.phases] == [12, 12, 12, 12]
     assert broker_messages(data_dir) == []
-    from service.admin import release_study
+    from service.ops.admin import release_study
 
     for key in (ka, kb):
         assert [r.ok for r in release_study(data_dir, key)] == [True]

@@ -14,11 +14,11 @@ from assembly_helpers import SMALL, broker_messages, ingest, make_assembler, man
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from service.manifest import manifest_path, set_state, study_key, update_manifest
-from service.queue import Enqueuer
-from service.scp import StorageSCP
-from service.spool import Spool, meta_from_bytes
-from service.status import collect_status
+from service.intake.queue import Enqueuer
+from service.net.scp import StorageSCP
+from service.ops.status import collect_status
+from service.store.manifest import manifest_path, set_state, study_key, update_manifest
+from service.store.spool import Spool, meta_from_bytes
 
 Factory = Callable[..., Any]
 STORESCU = "/usr/bin/storescu"
@@ -82,7 +82,7 @@ def test_one_broken_study_does_not_stop_the_others(phantom_dicom_factory: Factor
     bad_key = study_key(bad.study_instance_uid, bad.frame_of_reference_uid)
     good_key = study_key(good.study_instance_uid, good.frame_of_reference_uid)
     last = max(spool.last_received(ph.study_instance_uid) or 0 for ph in (bad, good))
-    caplog.set_level(logging.DEBUG, logger="service.assembler")
+    caplog.set_level(logging.DEBUG, logger="service.intake.assembler")
     for t in range(31, 31 + 120, 1):  # two minutes of one-second polls: backoff, no flood
         asm.poll_once(last + t)
     assert manifest(data_dir, good_key).state == "queued"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.queue import (
+from service.intake.queue import (
     QUEUE_EXPORT,
     QUEUE_INFERENCE,
     TASK_EXPORT,

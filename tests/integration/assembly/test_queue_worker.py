@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from assembly_helpers import SMALL, all_files, broker_messages, ingest, make_assembler, manifest
 
-from service.manifest import study_key
-from service.queue import QUEUE_INFERENCE, Enqueuer, prune_embedded_broker
-from service.spool import Spool
+from service.intake.queue import QUEUE_INFERENCE, Enqueuer, prune_embedded_broker
+from service.store.manifest import study_key
+from service.store.spool import Spool
 from worker.celery_app import create_app, worker_argv
 
 HERE = Path(__file__).resolve().parent

@@ -11,9 +11,9 @@ from typing import Any
 from assembly_helpers import SMALL, all_files, broker_messages, ingest, make_assembler, manifest
 from test_status import itvnode
 
-from service.manifest import study_key
-from service.queue import TASK_SEGMENT, Enqueuer
-from service.spool import Spool
+from service.intake.queue import TASK_SEGMENT, Enqueuer
+from service.store.manifest import study_key
+from service.store.spool import Spool
 
 Factory = Callable[..., Any]
 TEN = {**SMALL, "n_phases": 10}
@@ -86,7 +86,7 @@ def test_new_instances_after_release_are_assessed_again(phantom_dicom_factory: F
     ph, key, last = _three_of_ten(phantom_dicom_factory, spool, "release-late")
     asm = make_assembler(spool, data_dir, None, quiet_period=30.0, expected_phases=10)
     asm.poll_once(last + 31)
-    from service.admin import release_study
+    from service.ops.admin import release_study
 
     assert release_study(data_dir, key)[0].changed
     ingest(spool, ph.by_percent(10.0).files)  # a late phase: other content than the one released

@@ -12,9 +12,9 @@ from typing import Any
 
 from assembly_helpers import SMALL, all_files, ingest, make_assembler, rewrite_series
 
-from service.manifest import study_key
-from service.queue import Enqueuer
-from service.spool import Spool
+from service.intake.queue import Enqueuer
+from service.store.manifest import study_key
+from service.store.spool import Spool
 
 Factory = Callable[..., Any]
 

@@ -11,11 +11,11 @@ from typing import Any
 import pydicom
 import pytest
 
-from service.assembler import Assembler
-from service.manifest import iter_manifests
-from service.phases import compile_rules
+from service.intake.assembler import Assembler
+from service.intake.phases import compile_rules
 from service.settings import PhaseRule
-from service.spool import Spool, meta_from_bytes
+from service.store.manifest import iter_manifests
+from service.store.spool import Spool, meta_from_bytes
 
 
 def _assemble(data_dir: Path, files: list[Path], expected: int, rules: list[PhaseRule] | None = None) -> Any:

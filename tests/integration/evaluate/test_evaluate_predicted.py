@@ -72,8 +72,8 @@ def _cli(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
 def case(
     phantom_dicom_factory: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    from service.rtstruct import build_rtstructs, write_rtstruct
-    from service.volume import read_series
+    from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
+    from service.dicomio.volume import read_series
 
     ps = phantom_dicom_factory("siemens", **SPEC)
     root = tmp_path_factory.mktemp("evaluate_predicted")
@@ -145,7 +145,7 @@ def test_training_volume_flagged_and_excluded(case: dict[str, Any]) -> None:
     import json
 
     from models.training.dataset import image_digest
-    from service.volume import read_series
+    from service.dicomio.volume import read_series
 
     ps = case["series"]
     hu, g = read_series(ps.phases[1].files)  # P25, read as `itvnode train --dicom` reads it

@@ -93,7 +93,7 @@ def _make_ca(tmp: Path) -> tuple[Path, Path, Path]:
 @pytest.fixture
 def tls_scp(tmp_path: Path) -> Iterator[tuple[int, Path, list[str]]]:
     """A pynetdicom Storage SCP behind TLS with a throw-away CA: ``(port, ca.pem, received SOP UIDs)``."""
-    from service.tls import server_context
+    from service.net.tls import server_context
 
     ca, cert, key = _make_ca(tmp_path)
     received: list[str] = []
@@ -132,9 +132,9 @@ def test_send_over_tls(ct_files, tls_scp: tuple[int, Path, list[str]], tmp_path:
 def test_outbox_delivers_over_tls_to_a_yaml_destination(
         ct_files, tls_scp: tuple[int, Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.export import Timeouts, deliver_item
-    from service.outbox import Outbox, RetryPolicy
+    from service.net.scu import Timeouts, deliver_item
     from service.settings import load_settings
+    from service.store.outbox import Outbox, RetryPolicy
 
     port, ca, received = tls_scp
     cfg = tmp_path / "itvnode.yaml"

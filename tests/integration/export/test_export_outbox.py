@@ -16,9 +16,9 @@ import pytest
 from export_peers import ABORT, dataset_bytes
 from pydicom import dcmread
 
-from service.export import Timeouts, deliver_item
-from service.outbox import Outbox, RetryPolicy
+from service.net.scu import Timeouts, deliver_item
 from service.settings import Destination
+from service.store.outbox import Outbox, RetryPolicy
 
 AE = "ITVNODE_TEST"
 REPO = Path(__file__).resolve().parents[3]
@@ -140,8 +140,8 @@ def test_destination_down_then_up_is_delivered(tmp_path: Path, ct_files, storesc
 _FIRST_PROCESS = """
 import sys
 from pathlib import Path
-from service.export import Timeouts, deliver_item
-from service.outbox import Outbox, RetryPolicy
+from service.net.scu import Timeouts, deliver_item
+from service.store.outbox import Outbox, RetryPolicy
 from service.settings import Destination
 box = Outbox(Path(sys.argv[1]), RetryPolicy(base=0.5, max_delay=1, horizon=3600))
 item = box.put([Path(p) for p in sys.argv[3:]], [Destination.parse(sys.argv[2])])
@@ -288,7 +288,7 @@ def test_sweep_is_idempotent_until_grace(tmp_path: Path, ct_files, refused_port:
 
 
 def test_state_counts_for_metrics(tmp_path: Path, ct_files, scripted_scp, refused_port: int) -> None:
-    from service.outbox import state_counts
+    from service.store.outbox import state_counts
 
     ok, bad = scripted_scp(), scripted_scp(statuses=[0xA900])
     box = Outbox(tmp_path / "outbox")

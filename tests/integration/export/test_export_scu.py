@@ -13,7 +13,7 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, RLELossless
 from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from service.export import NoDelayAE, classify_status, send_files
+from service.net.scu import NoDelayAE, classify_status, send_files
 from service.settings import Destination
 
 AE_TITLE = "ITVNODE_TEST"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.outbox import Outbox, RetryPolicy
 from service.settings import Destination
+from service.store.outbox import Outbox, RetryPolicy
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from service.manifest import iter_manifests
+from service.store.manifest import iter_manifests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -56,10 +56,10 @@ def test_late_arrival_after_done_is_delivered_as_a_new_instance(
 ) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    from service.assembler import Assembler
-    from service.queue import Enqueuer
-    from service.spool import Spool, meta_from_bytes
-    from service.status import collect_status
+    from service.intake.assembler import Assembler
+    from service.intake.queue import Enqueuer
+    from service.ops.status import collect_status
+    from service.store.spool import Spool, meta_from_bytes
     from worker.celery_app import create_app
 
     phantom = phantom_dicom_factory("siemens", with_avg=True, uid_seed=f"late-{late}")

@@ -37,10 +37,10 @@ def test_encapsulated_pdf_reaches_storescp(
 ) -> None:
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed (tests/peers.sh)")
-    from service.export import deliver_item
-    from service.manifest import load_manifest, manifest_path
-    from service.outbox import Outbox
+    from service.net.scu import deliver_item
     from service.settings import Destination
+    from service.store.manifest import load_manifest, manifest_path
+    from service.store.outbox import Outbox
 
     series = phantom_dicom_factory("siemens", with_avg=True)
     scp = storescp()
@@ -81,8 +81,8 @@ def test_encapsulated_pdf_reaches_storescp(
 def test_send_qa_report_off_keeps_the_report_local(
     phantom_dicom_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
-    from service.manifest import load_manifest, manifest_path
     from service.settings import Destination
+    from service.store.manifest import load_manifest, manifest_path
 
     series = phantom_dicom_factory("siemens", with_avg=True)
     data_dir = tmp_path / "data"

@@ -1,4 +1,5 @@
-"""The review dashboard (service/dashboard.py) served by the node's HTTP server after a phantom study, loaded
+"""The review dashboard (service/ops/dashboard.py) served by the node's HTTP server after a phantom study,
+loaded
 in headless Chromium (Debian package, tests/peers.sh): the list and the study page render with the report
 pages; actions are refused without the token and release works with it; no patient data without a login."""
 
@@ -43,9 +44,9 @@ def node(
     """A data dir with one processed phantom study (report included) and one held study, served on a free
     port with a token; yields (base URL, data_dir, study key, patient name)."""
     from itvnode.commands.offline import intake
-    from service.health import HealthServer, HealthServerConfig
-    from service.manifest import load_manifest, manifest_path, save_manifest, set_state
+    from service.ops.health import HealthServer, HealthServerConfig
     from service.settings import load_settings
+    from service.store.manifest import load_manifest, manifest_path, save_manifest, set_state
     from worker.engine_settings import LoadedSegmenter, engine_config
     from worker.pipeline import process_study
 
@@ -110,7 +111,7 @@ def test_list_and_study_page_in_chromium(node: Any, tmp_path: Path) -> None:
 
 
 def test_actions_refused_without_token(node: Any) -> None:
-    from service.manifest import load_manifest, manifest_path
+    from service.store.manifest import load_manifest, manifest_path
 
     base, data_dir, _, _ = node
     code, _, body = _request(base, "POST", f"/studies/{HELD_KEY}/actions/release", {"csrf": "x"})
@@ -126,7 +127,7 @@ def test_actions_refused_without_token(node: Any) -> None:
 
 
 def test_actions_off_without_configured_token(tmp_path: Path) -> None:
-    from service.dashboard import Dashboard
+    from service.ops.dashboard import Dashboard
 
     d = Dashboard(tmp_path, token=None)
     assert d.handle("POST", "/login", {}, b"token=").code == 403
@@ -135,7 +136,7 @@ def test_actions_off_without_configured_token(tmp_path: Path) -> None:
 
 
 def test_release_with_token(node: Any) -> None:
-    from service.manifest import load_manifest, manifest_path
+    from service.store.manifest import load_manifest, manifest_path
 
     base, data_dir, _, patient = node
     cookie = _login(base)
@@ -146,7 +147,7 @@ def test_release_with_token(node: Any) -> None:
                              {"Cookie": cookie, "Origin": base})
     assert code == 200 and "released" in page
     assert load_manifest(manifest_path(data_dir, HELD_KEY)).state == "complete"
-    # the same service.admin commands as the CLI: retry applies to failed studies only
+    # the same service.ops.admin commands as the CLI: retry applies to failed studies only
     code, _, page = _request(base, "POST", f"/studies/{HELD_KEY}/actions/retry", {"csrf": csrf},
                              {"Cookie": cookie, "Origin": base})
     assert code == 409 and "not done" in page

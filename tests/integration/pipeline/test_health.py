@@ -1,4 +1,5 @@
-"""service.health (HTTP /health, /metrics from data_dir state), itvnode health, and worker orphan recovery."""
+"""service.ops.health (HTTP /health, /metrics from data_dir state), itvnode health, and worker orphan
+recovery."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from typing import Any
 import pytest
 
 from itvnode.cli import main
-from service.health import HealthServer, HealthServerConfig, check_health, queue_depths, resolve_broker_url
-from service.manifest import load_manifest, manifest_path, set_state, update_manifest
-from service.queue import Enqueuer
+from service.intake.queue import Enqueuer
+from service.ops.health import (
+    HealthServer,
+    HealthServerConfig,
+    check_health,
+    queue_depths,
+    resolve_broker_url,
+)
+from service.store.manifest import load_manifest, manifest_path, set_state, update_manifest
 from worker.tasks import recover_orphans
 
 
@@ -152,8 +159,8 @@ def test_orphan_recovery_requeues_only_earlier_incarnations(assembled: tuple[Pat
 def test_health_dicom_echoes_the_configured_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """An SCP bound to one address (ITVNODE_HOST) is C-ECHOed there, not on 127.0.0.1."""
-    from service.scp import StorageSCP
-    from service.spool import Spool
+    from service.net.scp import StorageSCP
+    from service.store.spool import Spool
 
     spool = Spool(tmp_path / "spool", fsync=False)
     scp = StorageSCP(spool, host="127.0.0.2", port=0)

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[3]
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SAM 3 in the real layout (needs torch; the tests without a model run on a base install)."""
     pytest.importorskip("torch")
-    from models.tiny import write_tiny_model
+    from models.sam3.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_sam3"), seed=0)
 
@@ -27,8 +27,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("peft")
-    from models.lora import apply_lora, save_adapter
-    from models.tiny import build_tiny_model
+    from models.sam3.lora import apply_lora, save_adapter
+    from models.sam3.tiny import build_tiny_model
 
     peft_model, _ = apply_lora(build_tiny_model(), r=4)
     return save_adapter(peft_model, tmp_path_factory.mktemp("adapter") / "adapter")
@@ -99,7 +99,7 @@ def test_worker_refuses_missing_adapter_dir(tmp_path: Path, tiny_dir: Path) -> N
 
 
 def test_good_model_and_adapter_pass_the_check(tiny_dir: Path, adapter_dir: Path) -> None:
-    from models.model_files import check_model_files
+    from models.sam3.model_files import check_model_files
 
     assert check_model_files(tiny_dir, adapter_dir) == tiny_dir
     assert check_model_files(None, None) is None  # a threshold-only node may start
@@ -107,7 +107,7 @@ def test_good_model_and_adapter_pass_the_check(tiny_dir: Path, adapter_dir: Path
 
 def test_health_unhealthy_while_structures_skipped_for_broken_model(assembled: tuple[Path, str, Any],
                                                                    tmp_path: Path) -> None:
-    from service.health import NodeCollector, check_health
+    from service.ops.health import NodeCollector, check_health
     from service.settings import load_settings
     from worker.engine_settings import engine_config, load_segmenter
     from worker.pipeline import process_study
@@ -141,7 +141,7 @@ def test_health_unhealthy_while_structures_skipped_for_broken_model(assembled: t
 
 
 def test_health_ok_without_a_model_by_choice(assembled: tuple[Path, str, Any]) -> None:
-    from service.health import check_health
+    from service.ops.health import check_health
     from service.settings import load_settings
     from worker.engine_settings import engine_config, load_segmenter
     from worker.pipeline import process_study

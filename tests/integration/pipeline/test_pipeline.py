@@ -16,10 +16,10 @@ from typing import Any
 import pydicom
 import pytest
 
-from service.manifest import load_manifest, manifest_path, save_manifest
-from service.outbox import Outbox, RetryPolicy
+from service.ops.status import collect_status
 from service.settings import Destination, load_settings
-from service.status import collect_status
+from service.store.manifest import load_manifest, manifest_path, save_manifest
+from service.store.outbox import Outbox, RetryPolicy
 from tests.support.net import free_port
 from worker.engine_settings import EngineConfig, LoadedSegmenter, engine_config, roi_styles
 from worker.pipeline import PipelineError, process_study, results_dir, sync_export_state
@@ -219,7 +219,7 @@ def test_study_that_keeps_killing_the_worker_fails_instead_of_looping(
 ) -> None:
     # acks_late + reject_on_worker_lost re-deliver the message of a pool process that died (OOM kill,
     # segfault); without a bound the same study would be processed, and kill the worker, forever.
-    from service.manifest import set_state
+    from service.store.manifest import set_state
 
     data_dir, key, _ = assembled
     path = manifest_path(data_dir, key)

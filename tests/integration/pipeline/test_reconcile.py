@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from service.health import HealthServer, HealthServerConfig
-from service.manifest import load_manifest, manifest_path, set_state, update_manifest
-from service.queue import Enqueuer, queued_study_keys
-from service.reconcile import REASON_PREFIX, ReconcilePolicy, Reconciler, heartbeat_path
+from service.intake.queue import Enqueuer, queued_study_keys
+from service.ops.health import HealthServer, HealthServerConfig
+from service.ops.reconcile import REASON_PREFIX, ReconcilePolicy, Reconciler, heartbeat_path
+from service.store.manifest import load_manifest, manifest_path, set_state, update_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -131,8 +131,8 @@ def test_queued_study_whose_redis_message_was_lost_is_requeued_and_finished(
 ) -> None:
     import redis
 
-    from service.assembler import Assembler
-    from service.spool import Spool, meta_from_bytes
+    from service.intake.assembler import Assembler
+    from service.store.spool import Spool, meta_from_bytes
 
     series = phantom_dicom_factory("siemens", with_avg=True)
     data_dir = tmp_path / "data"

@@ -18,7 +18,7 @@ PHANTOM_10 = dict(
 @pytest.fixture(scope="session")
 def study10(phantom_dicom_factory: Callable[..., Any]) -> Study:
     from models.phantom import load_ground_truth
-    from service.volume import read_geometry, read_phases
+    from service.dicomio.volume import read_geometry, read_phases
 
     series = phantom_dicom_factory("siemens", with_avg=True, with_mip=True, **PHANTOM_10)
     hu, geoms = read_phases([s.files for s in series.phases])
@@ -35,7 +35,7 @@ def study10(phantom_dicom_factory: Callable[..., Any]) -> Study:
 
 @pytest.fixture(scope="session")
 def written(study10: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
-    from service.rtstruct import write_rtstruct
+    from service.dicomio.rtstruct import write_rtstruct
 
     out = {}
     for layout in ("combined", "per-series"):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from service.manifest import IDENTIFIER_KEYS
+from service.store.manifest import IDENTIFIER_KEYS
 
 
 @dataclass
@@ -32,7 +32,7 @@ def identifiers_of(path: Path) -> dict[str, str]:
 
 
 def build(study: Study, layout: str, **kw: Any) -> list[Any]:
-    from service.rtstruct import Algorithm, build_rtstructs, styles_from_settings
+    from service.dicomio.rtstruct import Algorithm, build_rtstructs, styles_from_settings
     from service.settings import default_structures
 
     args: dict[str, Any] = dict(

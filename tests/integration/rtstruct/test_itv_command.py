@@ -26,7 +26,7 @@ import pytest
 from rtstruct_peers import dciodvfy, dice, plastimatch_masks
 from rtstruct_study import Study
 
-from service.rtstruct import roi_name
+from service.dicomio.rtstruct import roi_name
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -94,7 +94,7 @@ def test_tcia_layout_itv_is_the_union_of_the_phase_gtvs(study10: Study, tcia: di
     """
     from scipy.ndimage import binary_dilation
 
-    from service.rtstruct_read import rtstruct_masks
+    from service.dicomio.rtstruct_read import rtstruct_masks
 
     gt, root = study10.gt, tcia["root"]
     rs = _only(tcia["out"])
@@ -198,7 +198,7 @@ def test_combined_layout_round_trips(study10: Study, written: dict[str, list[Pat
         want = gt.masks[name][0]
         assert dice(want, got[roi_name(name, 0)]) == 1.0, name
     assert int(got["ITV"].sum()) == int(gt.itv.sum()) and dice(gt.itv, got["ITV"]) == 1.0
-    from service.rtstruct_read import rtstruct_masks
+    from service.dicomio.rtstruct_read import rtstruct_masks
 
     for p, g in enumerate(study10.geometries):  # every phase, with our reader (voxel centres, exact)
         back = rtstruct_masks(outs[0], g)

@@ -11,7 +11,7 @@ import pytest
 from rtstruct_peers import DS_RE, dciodvfy, dice, ds_values, plastimatch_masks
 from rtstruct_study import Study, build
 
-from service.rtstruct import Algorithm, RoiStyle, roi_name, write_rtstruct
+from service.dicomio.rtstruct import Algorithm, RoiStyle, roi_name, write_rtstruct
 
 STRUCTURES = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 
@@ -247,8 +247,8 @@ def test_styles_and_input_checks(study10: Study) -> None:
 
 def test_multiframe_source_is_referenced_by_frame(tmp_path: Path) -> None:
     hd = pytest.importorskip("highdicom")
-    from service.rtstruct import build_rtstructs
-    from service.volume import read_series
+    from service.dicomio.rtstruct import build_rtstructs
+    from service.dicomio.volume import read_series
     from tests.support.ctdata import write_ct_series
 
     hu = np.full((6, 32, 32), -1000, np.int16)

@@ -1,4 +1,5 @@
-"""Optional DICOM SEG (service/seg.py): built by highdicom, read back voxel for voxel, dciodvfy clean."""
+"""Optional DICOM SEG (service/dicomio/seg.py): built by highdicom, read back voxel for voxel, dciodvfy
+clean."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import pytest
 from rtstruct_peers import dciodvfy
 from rtstruct_study import Study
 
-from service.rtstruct import Algorithm, styles_from_settings
+from service.dicomio.rtstruct import Algorithm, styles_from_settings
 from service.settings import default_structures
 
 hd = pytest.importorskip("highdicom")
 
 
 def test_seg_of_one_phase_round_trips(study10: Study, tmp_path: Path) -> None:
-    from service.seg import build_seg, write_seg
+    from service.dicomio.seg import build_seg, write_seg
 
     p = 4
     phase = study10.series.phases[p]
@@ -54,7 +55,7 @@ def test_seg_of_one_phase_round_trips(study10: Study, tmp_path: Path) -> None:
 
 
 def test_seg_rejects_wrong_shapes_and_all_empty(study10: Study) -> None:
-    from service.seg import build_seg
+    from service.dicomio.seg import build_seg
 
     g = study10.geometries[0]
     files = study10.series.phases[0].files

@@ -1,4 +1,5 @@
-"""DICOM -> HU volume (service/volume.py): canonical axes, rescale, compressed syntaxes, clear rejections."""
+"""DICOM -> HU volume (service/dicomio/volume.py): canonical axes, rescale, compressed syntaxes, clear
+rejections."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
 
-from service.volume import VolumeError, read_geometry, read_phases, read_series
+from service.dicomio.volume import VolumeError, read_geometry, read_phases, read_series
 from tests.support.ctdata import write_ct_series
 
 STUDY, FOR = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"

@@ -1,4 +1,4 @@
-"""The fast native-pixel reader of service/volume.py gives exactly what the pydicom reader gives.
+"""The fast native-pixel reader of service/dicomio/volume.py gives exactly what the pydicom reader gives.
 
 Every case is read twice: by :func:`read_phases` (header scan + threaded raw pixel reads when the files
 allow it) and by the pydicom reader it replaced (``_read_phases_pydicom``, kept for what the fast reader does
@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from service import volume
+from service.dicomio import volume
 from tests.support.ctdata import write_ct_series
 
 STUDY, FOR = "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from scp_helpers import ITVNODE, REPO, RunningSCP, echo_ok
 
-from service.scp import StorageSCP
-from service.spool import Spool
+from service.net.scp import StorageSCP
+from service.store.spool import Spool
 from tests.support.net import free_port
 
 

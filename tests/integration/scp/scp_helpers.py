@@ -10,8 +10,8 @@ from typing import Any
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from service.scp import StorageSCP
-from service.spool import Spool
+from service.net.scp import StorageSCP
+from service.store.spool import Spool
 
 REPO = Path(__file__).resolve().parents[3]
 ITVNODE = REPO / ".venv" / "bin" / "itvnode"

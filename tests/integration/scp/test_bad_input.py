@@ -22,8 +22,8 @@ from pynetdicom.dsutils import encode_file_meta
 from scp_ctdata import Study, classic_slice, new_study
 from scp_helpers import CT, ENHANCED_CT, STORESCU, RunningSCP, scu
 
-from service import dimse_status as st
-from service.spool import Spool
+from service.net import dimse_status as st
+from service.store.spool import Spool
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -15,7 +15,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLSLossless, RLELossl
 from scp_ctdata import classic_slice, new_study, write_study
 from scp_helpers import ECHOSCU, ENHANCED_CT, STORESCU, RunningSCP, echo_ok
 
-from service.spool import Spool
+from service.store.spool import Spool
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -180,7 +180,7 @@ def test_called_ae_check_can_be_disabled(serve_process, env: dict[str, str]) -> 
 
 def test_serve_runs_the_assembler(serve_process, phantom_dicom_factory) -> None:
     """`itvnode serve` wires the assembler to its spool: a complete 4DCT becomes a queued manifest."""
-    from service.manifest import load_manifest, manifest_path, study_key
+    from service.store.manifest import load_manifest, manifest_path, study_key
 
     node: RunningSCP = serve_process(ITVNODE_EXPECTED_PHASES="4", ITVNODE_QUIET_PERIOD="30",
                                      ITVNODE_ASSEMBLER_INTERVAL="0.2")

@@ -12,10 +12,10 @@ import pytest
 from scp_ctdata import classic_slice, new_study
 from scp_helpers import scu
 
-from service.scp import build_scp
+from service.net.scp import build_scp
+from service.net.tls import client_context
 from service.settings import load_settings
-from service.spool import Spool
-from service.tls import client_context
+from service.store.spool import Spool
 
 OPENSSL = "/usr/bin/openssl"
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.connectivity import ConnectivityParams, clean_mask, clean_phases, fill_holes, select_components
-from models.temporal import TemporalParams
+from models.post.connectivity import (
+    ConnectivityParams,
+    clean_mask,
+    clean_phases,
+    fill_holes,
+    select_components,
+)
+from models.post.temporal import TemporalParams
 
 SP = (2.0, 1.0, 1.0)  # 2 mm^3 voxels: 500 voxels = 1 cc
 

@@ -14,8 +14,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from models.connectivity import ConnectivityParams, clean_phases
-from models.temporal import TemporalParams
+from models.post.connectivity import ConnectivityParams, clean_phases
+from models.post.temporal import TemporalParams
 
 ROOT = Path(__file__).resolve().parents[3]
 

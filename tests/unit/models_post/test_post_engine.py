@@ -16,8 +16,8 @@ from models.engine import (
 )
 from models.metrics import dice, hd95
 from models.phantom import Phantom
+from models.post.temporal import TemporalParams
 from models.structures import StructureSpec, default_structures
-from models.temporal import TemporalParams
 
 from .conftest import Injected, oracle_for
 
@@ -168,7 +168,7 @@ def test_bad_input_rejected() -> None:
 @pytest.mark.slow
 def test_tiny_random_sam3_runs_through_the_engine(phantom6: Phantom) -> None:
     """A random-initialised tiny SAM 3 (untrained: outputs meaningless) exercises the real predict seam."""
-    from models.tiny import build_tiny_segmenter
+    from models.sam3.tiny import build_tiny_segmenter
 
     seg = build_tiny_segmenter(seed=0)
     hu = phantom6.hu[:2, 8:12]

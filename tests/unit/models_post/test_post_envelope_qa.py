@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from models.envelope import envelope, envelope_phases
-from models.qa import QAParams, phase_stats, structure_qa, study_qa
+from models.post.envelope import envelope, envelope_phases
+from models.post.qa import QAParams, phase_stats, structure_qa, study_qa
 
 SP = (2.5, 1.0, 1.0)
 SHAPE = (30, 32, 32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.qa import QAParams, cycle_qa, study_qa
+from models.post.qa import QAParams, cycle_qa, study_qa
 
 SP = (2.0, 2.0, 2.0)  # 8 mm^3 voxels: 125 voxels per cc
 PCTS = [float(p) for p in range(0, 100, 10)]

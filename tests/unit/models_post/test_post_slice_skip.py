@@ -9,8 +9,8 @@ import pytest
 
 from models.engine import SkipParams, prompt_slices, segment_volume
 from models.phantom import Phantom, PhantomSpec, make_phantom
+from models.post.temporal import TemporalParams
 from models.structures import default_structures
-from models.temporal import TemporalParams
 
 from .conftest import OracleSegmenter
 

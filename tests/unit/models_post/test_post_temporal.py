@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import models.temporal as temporal
-from models.temporal import (
+import models.post.temporal as temporal
+from models.post.temporal import (
     TemporalParams,
     bounding_box,
     find_genuine,

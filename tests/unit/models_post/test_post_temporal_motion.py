@@ -14,10 +14,10 @@ import pytest
 from scipy import ndimage as ndi
 
 from models.engine import segment_volume
-from models.motion import estimate_shift
 from models.phantom import Phantom
+from models.post.motion import estimate_shift
+from models.post.temporal import TemporalParams, temporal_filter
 from models.structures import default_structures
-from models.temporal import TemporalParams, temporal_filter
 from service.settings import load_settings
 from worker.engine_settings import engine_config, temporal_params
 

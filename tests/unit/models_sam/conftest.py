@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model + processor + tokenizer written in HF format (what the real loader reads)."""
-    from models.tiny import write_tiny_model
+    from models.sam3.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_sam3"), seed=0)
 

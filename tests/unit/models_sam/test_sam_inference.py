@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.inference import Sam3Segmenter
-from models.tiny import build_tiny_segmenter, tiny_processor
+from models.sam3.inference import Sam3Segmenter
+from models.sam3.tiny import build_tiny_segmenter, tiny_processor
 
 PROMPTS4 = ["lung", "heart", "lung tumor", "body"]
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.sam3_loader import (
+from models.sam3.loader import (
     Sam3LoadError,
     build_segmenter,
     check_sam3_dir,
     load_sam3,
     resolve_device,
 )
-from models.tiny import TINY_MODEL_NAME, build_tiny_segmenter
+from models.sam3.tiny import TINY_MODEL_NAME, build_tiny_segmenter
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -118,7 +118,7 @@ def test_loads_the_facebook_sam3_layout(tiny_dir: Path, tmp_path: Path, hu_slice
     from safetensors.torch import load_file, save_file
     from transformers import Sam3VideoConfig
 
-    from models.tiny import tiny_sam3_config
+    from models.sam3.tiny import tiny_sam3_config
 
     d = _copy(tiny_dir, tmp_path / "video_layout")
     Sam3VideoConfig(detector_config=tiny_sam3_config()).save_pretrained(d)

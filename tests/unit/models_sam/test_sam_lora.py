@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.lora import (
+from models.sam3.loader import Sam3LoadError, build_segmenter
+from models.sam3.lora import (
     DEFAULT_TARGETS,
     apply_lora,
     count_trainable_full_size,
@@ -19,8 +20,7 @@ from models.lora import (
     save_adapter,
     target_regex,
 )
-from models.sam3_loader import Sam3LoadError, build_segmenter
-from models.tiny import build_tiny_model, tiny_processor
+from models.sam3.tiny import build_tiny_model, tiny_processor
 
 
 def _randomise_lora(peft_model: nn.Module, seed: int = 0) -> None:
@@ -86,7 +86,7 @@ def test_multihead_attention_is_never_targeted() -> None:
 def test_adapter_save_reload_gives_identical_outputs(
     tiny_dir: Path, tmp_path: Path, hu_slices: np.ndarray
 ) -> None:
-    from models.inference import Sam3Segmenter
+    from models.sam3.inference import Sam3Segmenter
 
     peft_model, _ = apply_lora(build_tiny_model(), r=4, train_mask_embedder=True)
     _randomise_lora(peft_model)

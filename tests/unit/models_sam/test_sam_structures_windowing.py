@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.structures import StructureSpec, default_structures
-from models.windowing import (
+from models.sam3.windowing import (
     DEFAULT_WINDOWS,
     PixelNormalisation,
     Window,
@@ -17,6 +16,7 @@ from models.windowing import (
     to_pixel_values,
     window_channels,
 )
+from models.structures import StructureSpec, default_structures
 
 
 def test_default_structures_mirror_settings() -> None:
@@ -96,7 +96,7 @@ def test_logits_to_grid_keeps_a_square_where_it_was() -> None:
 
 def test_preprocessing_matches_the_processor() -> None:
     """Our on-device path equals Sam3ImageProcessor on one 3-channel image (resize, rescale, normalise)."""
-    from models.tiny import tiny_processor
+    from models.sam3.tiny import tiny_processor
 
     proc = tiny_processor(56)
     rng = np.random.default_rng(0)

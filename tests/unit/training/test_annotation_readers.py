@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from models.phantom import load_ground_truth
-from service.nifti_read import parse_label_map, read_nifti_image, read_nifti_labels
-from service.rtstruct import build_rtstructs, write_rtstruct
-from service.rtstruct_read import find_rtstructs, map_name, rtstruct_masks
-from service.volume import read_series
+from service.dicomio.nifti_read import parse_label_map, read_nifti_image, read_nifti_labels
+from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
+from service.dicomio.rtstruct_read import find_rtstructs, map_name, rtstruct_masks
+from service.dicomio.volume import read_series
 
 SPEC = dict(n_phases=2, shape=(10, 64, 64), pixel_spacing=(500 / 64, 500 / 64))
 
@@ -69,7 +69,7 @@ def test_rtstruct_other_frame_of_reference_rejected(
 ) -> None:
     from dataclasses import replace
 
-    from service.rtstruct_read import RTStructReadError
+    from service.dicomio.rtstruct_read import RTStructReadError
 
     _, _, geoms, path = combined_rtstruct
     with pytest.raises(RTStructReadError, match="frame of reference"):

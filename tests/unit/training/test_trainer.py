@@ -43,7 +43,7 @@ def one_thread() -> Iterator[None]:
 
 
 def _trainer(volumes: list[AnnotatedVolume], out: Path, **kw: Any) -> Trainer:
-    from models.tiny import build_tiny_model, tiny_processor
+    from models.sam3.tiny import build_tiny_model, tiny_processor
 
     cfg = TrainConfig(
         **{

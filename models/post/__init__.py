@@ -1,0 +1,1 @@
+"""Post-processing of per-phase masks: temporal filter, motion, connectivity, envelope (ITV), QA numbers."""

@@ -1,0 +1,1 @@
+"""Operating the node: health and metrics, status, admin actions, dashboard, retention, reconciliation."""

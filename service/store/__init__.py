@@ -1,0 +1,1 @@
+"""The data directory: durable writes, spool and its index, study manifests, the outbox."""

@@ -1,0 +1,66 @@
+"""Where everything lives under the data directory: the one object that knows the paths.
+
+::
+
+    <data_dir>/
+        spool/                      received instances, <study uid>/<series uid>/<sop uid>.dcm + index.sqlite
+        studies/<study key>/        manifest.json (+ manifest.lock), heartbeat, results/ (RTSTRUCT, qa.json)
+        outbox/                     items/, done/, dead/, tmp/ (service.store.outbox)
+        broker/                     the embedded broker (service.intake.queue), when no broker URL is set
+        retention.json              totals of what retention and the admin commands purged (for /metrics)
+
+Everything under it is owner-only (service.store.durable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+RESULTS = "results"
+HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def spool_index(self) -> Path:
+        return self.spool / "index.sqlite"
+
+    @property
+    def studies(self) -> Path:
+        return self.root / "studies"
+
+    def study_dir(self, key: str) -> Path:
+        return self.studies / key
+
+    def manifest(self, key: str) -> Path:
+        return self.study_dir(key) / MANIFEST
+
+    def results(self, key: str) -> Path:
+        return self.study_dir(key) / RESULTS
+
+    def heartbeat(self, key: str) -> Path:
+        return self.study_dir(key) / HEARTBEAT
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def broker(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def retention_stats(self) -> Path:
+        return self.root / "retention.json"
