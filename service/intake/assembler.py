@@ -72,9 +72,7 @@ from service.intake.phases import (
 )
 from service.intake.queue import prune_embedded_broker
 from service.store.manifest import (
-    FINISHED,
     IDENTIFIER_KEYS,
-    IN_FLIGHT,
     Cycle,
     Geometry,
     IgnoredSeries,
@@ -91,6 +89,7 @@ from service.store.manifest import (
     update_manifest,
     utcnow_iso,
 )
+from service.store.state import FINISHED, IN_FLIGHT
 
 if TYPE_CHECKING:
     from service.settings import Settings

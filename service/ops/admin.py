@@ -39,8 +39,6 @@ from typing import TYPE_CHECKING
 
 from service.store.layout import DataLayout
 from service.store.manifest import (
-    FINISHED,
-    STATES,
     Manifest,
     Release,
     iter_manifests,
@@ -51,6 +49,7 @@ from service.store.manifest import (
     set_state,
     utcnow_iso,
 )
+from service.store.state import FINISHED, STATES
 
 if TYPE_CHECKING:
     from service.ops.retention import RetentionPolicy

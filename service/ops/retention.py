@@ -49,13 +49,13 @@ from typing import TYPE_CHECKING, Any
 from service.store.durable import FILE_MODE, write_json_atomic
 from service.store.layout import DataLayout
 from service.store.manifest import (
-    PURGEABLE,
     Manifest,
     iso_epoch,
     iter_manifests,
     load_manifest,
     manifest_lock,
 )
+from service.store.state import PURGEABLE
 
 if TYPE_CHECKING:
     from service.store.spool import Spool

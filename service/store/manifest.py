@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -22,76 +21,11 @@ from pydantic import BaseModel, Field
 
 from service.store.durable import private_dir, write_atomic
 from service.store.layout import DataLayout
+from service.store.state import STATES, TRANSITIONS, StudyState
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-State = Literal["collecting", "held", "complete", "queued", "processing", "exporting", "done", "failed"]
-STATES: tuple[str, ...] = (
-    "collecting", "held", "complete", "queued", "processing", "exporting", "done", "failed",
-)
-#: states in which a job exists or existed for the current content
-IN_FLIGHT: frozenset[str] = frozenset({"queued", "processing", "exporting"})
-FINISHED: frozenset[str] = frozenset({"done", "failed"})
-#: the only states retention and ``itvnode purge`` may remove (``service.ops.retention``)
-PURGEABLE: frozenset[str] = FINISHED
-
-
-@dataclass(frozen=True)
-class StateRule:
-    """One row of the state machine: what the state means, who owns a study in it, and the ways out."""
-
-    meaning: str
-    owner: str
-    exits: dict[str, str]  # next state -> who moves it there, and when
-
-
-#: THE study state machine (README "Operating the node" prints it; tests/unit/test_state_table.py checks the
-#: README against it). :func:`set_state` logs any transition that is not listed here.
-TRANSITIONS: dict[str, StateRule] = {
-    "collecting": StateRule(
-        "instances arriving; quiet period not over", "assembler (itvnode serve)",
-        {"complete": "assembler: all phases, or quiet period over with a valid 4D set",
-         "held": "assembler: quiet period over and the result would be unsafe (reason)",
-         "collecting": "assembler: more instances"}),
-    "held": StateRule(
-        "unsafe to process (missing phases, mixed frames, ambiguous labels); waits for a person", "admin",
-        {"complete": "itvnode release", "collecting": "assembler: new instances",
-         "held": "assembler: re-assessed, still unsafe"}),
-    "complete": StateRule(
-        "assembled, about to be queued", "assembler",
-        {"queued": "assembler: message sent (broker down: stays, retried with backoff)",
-         "collecting": "assembler: content changed", "held": "assembler: content changed, now unsafe",
-         "complete": "assembler: enqueue failed, reason updated",
-         "processing": "inference worker (took the message before `queued` was written)"}),
-    "queued": StateRule(
-        "a message is in the broker, or a retry is scheduled (results.retry_at)", "broker + reconciler",
-        {"processing": "inference worker takes it",
-         "queued": "reconciler: message lost, or the scheduled retry is sent",
-         "failed": "reconciler: retries used up (reason)"}),
-    "processing": StateRule(
-        "an inference worker runs it (heartbeat every heartbeat_interval)", "inference worker",
-        {"exporting": "worker: RTSTRUCT in the outbox", "done": "worker: no destinations",
-         "failed": "worker: bad input (reason), or retries used up",
-         "queued": "transient failure (time limit, worker lost, model/broker/disk error): retry with backoff "
-                   "by the worker, the reconciler (no heartbeat, past the hard time limit) or a restarted "
-                   "worker",
-         "processing": "inference worker: the message was delivered again"}),
-    "exporting": StateRule(
-        "RTSTRUCT in the outbox, C-STORE to each destination with retries", "export worker",
-        {"done": "every destination has it", "failed": "a destination gave up (dead letter, reason)",
-         "exporting": "an attempt failed, retrying (reason)"}),
-    "done": StateRule(
-        "every destination has the RTSTRUCT (or none configured)", "nobody: finished; retention purges it",
-        {"exporting": "itvnode resend", "collecting": "assembler: changed content arrives",
-         "complete": "itvnode retry", "done": "export worker: note updated"}),
-    "failed": StateRule(
-        "gave up, the reason says why", "admin; retention purges it",
-        {"complete": "itvnode retry", "exporting": "itvnode resend (result kept)",
-         "collecting": "assembler: changed content arrives", "failed": "export worker: reason updated",
-         "processing": "inference worker: a late duplicate message"}),
-}
-
 IDENTIFIER_KEYS: tuple[str, ...] = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
     "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
@@ -141,7 +75,7 @@ class Geometry(BaseModel):
 
 
 class HistoryEntry(BaseModel):
-    state: State
+    state: StudyState
     at: str
     reason: str | None = None
 
@@ -212,7 +146,7 @@ class Manifest(BaseModel):
     study_key: str
     study_instance_uid: str
     frame_of_reference_uid: str
-    state: State = "collecting"
+    state: StudyState = StudyState.COLLECTING
     reason: str | None = None
     phases: list[PhaseEntry] = Field(default_factory=list)
     references: list[ReferenceEntry] = Field(default_factory=list)
@@ -260,17 +194,17 @@ def save_manifest(m: Manifest, path: Path) -> None:
     write_atomic(path, m.to_json().encode())
 
 
-def set_state(m: Manifest, state: str, reason: str | None = None) -> Manifest:
+def set_state(m: Manifest, state: StudyState | str, reason: str | None = None) -> Manifest:
     """Move ``m`` to ``state`` (same state allowed: records a note) and append to its history."""
     if state not in STATES:
         raise ValueError(f"unknown manifest state {state!r}")
-    if m.history and state not in TRANSITIONS[m.state].exits:
-        log.warning("study key %s: transition %s -> %s is not in the state table", m.study_key, m.state,
-                    state)
+    to = StudyState(state)
+    if m.history and to not in TRANSITIONS[m.state].exits:
+        log.warning("study key %s: transition %s -> %s is not in the state table", m.study_key, m.state, to)
     now = utcnow_iso()
-    m.state = state  # type: ignore[assignment]
+    m.state = to
     m.reason = reason
-    m.history.append(HistoryEntry(state=state, at=now, reason=reason))  # type: ignore[arg-type]
+    m.history.append(HistoryEntry(state=to, at=now, reason=reason))
     m.updated_at = now
     return m
 
@@ -312,12 +246,3 @@ def iter_manifests(data_dir: Path) -> Iterator[tuple[Path, Manifest]]:
 
 def manifest_dict(m: Manifest) -> dict[str, Any]:
     return json.loads(m.to_json())  # type: ignore[no-any-return]
-
-
-def state_table_markdown() -> str:
-    """The state machine as the Markdown table the README shows (one row per state)."""
-    lines = ["| state | meaning | owner | ways out |", "|---|---|---|---|"]
-    for state, rule in TRANSITIONS.items():
-        exits = "; ".join(f"→ `{to}`: {why}" for to, why in rule.exits.items())
-        lines.append(f"| `{state}` | {rule.meaning} | {rule.owner} | {exits} |")
-    return "\n".join(lines)

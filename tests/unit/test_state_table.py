@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.store.manifest import STATES, TRANSITIONS, state_table_markdown
+from service.store.state import STATES, TRANSITIONS, state_table_markdown
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
