@@ -8,13 +8,14 @@ on, and with it on at both ends every C-STORE waits ~40 ms for a delayed ACK.
 Every failure is classified as *permanent* (retrying cannot help: association rejected permanently, SOP
 class or transfer syntax refused, C-STORE status 0xA9xx / 0xCxxx / 0x0122 ...) or *transient* (connection
 refused, timeout, abort, 0xA7xx out of resources ...). :mod:`service.store.outbox` turns that into retries or
-a dead letter; :func:`deliver_item` ties the two together for the export task.
+a dead letter; :func:`deliver_item` ties the two together for the export task. The pynetdicom internals
+overridden here (socket factory, reactor guard, chunked-send switch) are fenced in
+:mod:`service.net._pynetdicom_fast`.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -24,21 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
-from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from service.net._pynetdicom_fast.ae import NoDelayAE
+from service.net._pynetdicom_fast.config import send_files_as_stored
+from service.net._pynetdicom_fast.dimse import guard_reactor
+from service.net.connect_errors import RecordingSSLSocket, describe_oserror
 from service.net.tls import client_context
 from service.settings import Destination
 from service.store.outbox import DestinationState, FileInfo, Outbox, read_file_info
 
 log = logging.getLogger(__name__)
-
-# Send the file bytes as stored (no decode / re-encode). A process-wide pynetdicom switch; it only affects
-# send_c_store() called with a path, which is what we want everywhere in this node.
-# (This and the other pynetdicom internals used here are fenced by tests/unit/test_pynetdicom_contract.py.)
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # DICOM PS3.8: at most 128 presentation contexts per association
 
@@ -130,97 +129,6 @@ class StoreOutcome:
         return f"{len(failed)} of {len(self.results)} file(s) not delivered: {head}"
 
 
-_Sock = socket.socket
-
-
-class _RecordingSocket(socket.socket):
-    """A TCP socket that remembers why ``connect`` failed (pynetdicom only logs it)."""
-
-    connect_error: str | None = None
-
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)
-        except OSError as exc:
-            self.connect_error = _describe_oserror(exc, self.gettimeout())
-            raise
-
-
-class _RecordingSSLSocket(ssl.SSLSocket):
-    """TLS counterpart of :class:`_RecordingSocket` (the handshake runs inside ``connect``)."""
-
-    connect_error: str | None = None
-
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)
-        except ssl.SSLError as exc:
-            self.connect_error = f"TLS handshake failed: {exc.reason or exc}"
-            raise
-        except OSError as exc:
-            self.connect_error = _describe_oserror(exc, self.gettimeout())
-            raise
-
-
-class _NoDelaySocket(AssociationSocket):
-    """An association socket with TCP_NODELAY (Nagle off) that keeps the reason of a failed connect."""
-
-    raw_socket: _RecordingSocket | None = None
-
-    # pynetdicom drops ``self.socket`` when a connect fails; keep every socket it held to read the reason.
-    @property  # type: ignore[override]
-    def socket(self) -> _Sock | None:
-        return self.__dict__.get("_socket")
-
-    @socket.setter
-    def socket(self, value: _Sock | None) -> None:
-        self.__dict__["_socket"] = value
-        if value is not None:
-            self.__dict__.setdefault("_seen", []).append(value)
-
-    def _create_socket(self, address: AddressInformation) -> _Sock:
-        # Same set-up as pynetdicom's AssociationSocket._create_socket, plus TCP_NODELAY.
-        family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
-        sock = _RecordingSocket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.assoc.network_timeout is not None:
-            sock.settimeout(self.assoc.network_timeout)
-        sock.bind(address.as_tuple)
-        self._is_connected = False
-        self.raw_socket = sock
-        return sock
-
-    @property
-    def connect_error(self) -> str | None:
-        for sock in reversed(self.__dict__.get("_seen", [])):
-            err = getattr(sock, "connect_error", None)
-            if err:
-                return str(err)
-        return None
-
-
-def _describe_oserror(exc: OSError, timeout: float | None) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return f"connection timed out after {timeout} s"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"host name not resolved ({exc.strerror})"
-    return exc.strerror or str(exc)
-
-
-class NoDelayAE(AE):
-    """pynetdicom AE whose requestor sockets have TCP_NODELAY set (Nagle off)."""
-
-    def _create_socket(
-        self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
-    ) -> AssociationSocket:
-        sock = _NoDelaySocket(assoc, address=address)
-        sock.tls_args = tls_args
-        return sock
-
-
 def _batches(infos: Sequence[FileInfo]) -> list[list[FileInfo]]:
     """Split files so that each association needs at most 128 (SOP class, transfer syntax) contexts."""
     batches: list[list[FileInfo]] = []
@@ -252,6 +160,7 @@ def send_files(
 
     Never raises for network or peer problems: everything lands in the returned :class:`StoreOutcome`.
     """
+    send_files_as_stored()
     outcome = StoreOutcome(destination=str(destination))
     infos: list[FileInfo] = []
     for path in files:
@@ -290,7 +199,7 @@ def _send_batch(
         try:
             tls = destination.tls
             ctx = client_context(tls.ca, tls.cert, tls.key)
-            ctx.sslsocket_class = _RecordingSSLSocket  # to report why a handshake failed
+            ctx.sslsocket_class = RecordingSSLSocket  # to report why a handshake failed
             tls_args = (ctx, destination.host)
         except (OSError, ssl.SSLError) as exc:
             msg = f"TLS configuration for {destination}: {exc}"
@@ -305,7 +214,7 @@ def _send_batch(
                              max_pdu=0, tls_args=tls_args,
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.set())])
     except OSError as exc:  # pynetdicom resolves the host name before connecting (socket.gaierror)
-        msg = f"cannot reach {destination}: {_describe_oserror(exc, connect_timeout)}"
+        msg = f"cannot reach {destination}: {describe_oserror(exc, connect_timeout)}"
         outcome.error = msg
         outcome.results.extend(FileResult(i.path, i.sop_instance_uid, False, message=msg) for i in batch)
         ae.shutdown()
@@ -319,7 +228,7 @@ def _send_batch(
                                for i in batch)
         ae.shutdown()
         return
-    _guard_reactor(assoc)
+    guard_reactor(assoc)
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         broken: str | None = None  # set once a C-STORE got no answer: the association is gone
@@ -347,27 +256,6 @@ def _send_batch(
         if assoc.is_established:
             assoc.abort()
         ae.shutdown()
-
-
-def _guard_reactor(assoc: Association) -> None:
-    """Keep the association's reactor thread from taking our C-STORE responses off the DIMSE queue.
-
-    pynetdicom 3.0 pauses its reactor around ``send_c_store`` with a flag the reactor clears only *after*
-    its checkpoint returns; on a loaded machine ``send_c_store`` can see the stale "paused" flag, the reactor
-    then takes the C-STORE-RSP, drops it as "unexpected", and the store waits out the whole DIMSE timeout
-    (seen here about once in 100 associations with a few concurrent senders). As a pure SCU we expect no
-    requests from the peer, so the reactor's non-blocking reads get nothing; ``send_c_store``'s blocking
-    read is untouched.
-    """
-    dimse = assoc.dimse
-    original = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if not block and threading.current_thread() is assoc:
-            return None, None
-        return original(block)
-
-    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def _store_one(assoc: Association, info: FileInfo) -> FileResult:

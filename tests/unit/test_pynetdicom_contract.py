@@ -1,9 +1,10 @@
-"""The pynetdicom internals that service/net/scp.py and service/net/scu.py override or call, fenced.
+"""The pynetdicom internals that service/net/_pynetdicom_fast/ overrides or calls, fenced.
 
-Both modules subclass private pynetdicom classes and mirror some of their loops (see the comments there:
-event-driven reactors, PDU length checks before allocation, TCP_NODELAY requestor sockets, the reactor guard
-for C-STORE responses, the chunked-send switch). pyproject.toml pins the pynetdicom they were written
-against. An upgrade must fail here, naming what changed, rather than misbehave on a hospital network:
+That package (used by service/net/scp.py and service/net/scu.py) subclasses private pynetdicom classes and
+mirrors some of their loops (see the docstrings there: event-driven reactors, PDU length checks before
+allocation, TCP_NODELAY requestor sockets, the reactor guard for C-STORE responses, the chunked-send
+switch). pyproject.toml pins the pynetdicom they were written against. An upgrade must fail here, naming
+what changed, rather than misbehave on a hospital network:
 
 - every private name we use still exists, with the parameters we pass;
 - every stock method that we mirror or replace is unchanged (a fingerprint of its source: comment-only and
@@ -11,7 +12,7 @@ against. An upgrade must fail here, naming what changed, rather than misbehave o
   change into the override named in the message, then update the fingerprint below.
 
 tests/integration/scp/test_scp_public_fallback.py checks that the SCP still serves through the stock classes
-when ``service.net.scp._FAST_REACTOR`` is off (what another pynetdicom version gets).
+when ``service.net._pynetdicom_fast.FAST_REACTOR`` is off (what another pynetdicom version gets).
 """
 
 from __future__ import annotations
@@ -32,65 +33,68 @@ from pynetdicom.association import Association
 
 ROOT = Path(__file__).resolve().parents[2]
 PINNED = "3.0.4"
+#: Where the overrides live; the labels below are relative to it.
+FENCE = "service/net/_pynetdicom_fast/"
 
 #: Stock methods that an override of ours copies or replaces, fingerprinted in pynetdicom PINNED.
-#: path under ``pynetdicom`` -> (fingerprint, our code that depends on its exact body)
+#: path under ``pynetdicom`` -> (fingerprint, our code in FENCE that depends on its exact body)
 MIRRORED: dict[str, tuple[str, str]] = {
     "acse.ACSE._negotiate_as_acceptor": (
-        "f49644a6d11ff64a", "service/net/scp.py _PolicyACSE._negotiate_as_acceptor (checks, then calls it)"),
+        "f49644a6d11ff64a", "acse.py PolicyACSE._negotiate_as_acceptor (checks, then calls it)"),
     "ae.ApplicationEntity._create_socket": (
-        "9b9f827b2e6ddfdd", "service/net/scu.py NoDelayAE._create_socket (replaces it)"),
+        "9b9f827b2e6ddfdd", "ae.py NoDelayAE._create_socket (replaces it)"),
     "association.Association.__init__": (
-        "b806282a2d942c1d", "service/net/scp.py _FastAssociation.__init__ (swaps in _FastDUL)"),
+        "b806282a2d942c1d", "association.py FastAssociation.__init__ (swaps in FastDUL)"),
     "association.Association._run_reactor": (
-        "ca3acbb824fbca27", "service/net/scp.py _FastAssociation._run_reactor (a copy blocking on DIMSE)"),
+        "ca3acbb824fbca27", "association.py FastAssociation._run_reactor (a copy blocking on DIMSE)"),
     "dimse.DIMSEServiceProvider.get_msg": (
-        "c212cbcab6189184", "service/net/scu.py _guard_reactor (wraps it)"),
+        "c212cbcab6189184", "dimse.py guard_reactor (wraps it)"),
     "dul.DULServiceProvider.__init__": (
-        "bfebea18107e93cc", "service/net/scp.py _FastDUL.__init__ (extends it)"),
+        "bfebea18107e93cc", "dul.py FastDUL.__init__ (extends it)"),
     "dul.DULServiceProvider._read_pdu_data": (
-        "500d0ff5100c941f", "service/net/scp.py _FastDUL._read_pdu_data (length checked first)"),
+        "500d0ff5100c941f", "dul.py FastDUL._read_pdu_data (length checked first)"),
     "dul.DULServiceProvider.run_reactor": (
-        "c648dadd489eec02", "service/net/scp.py _FastDUL.run_reactor (a copy with select())"),
+        "c648dadd489eec02", "dul.py FastDUL.run_reactor (a copy with select())"),
     "transport.AssociationSocket._create_socket": (
-        "c142d63cc576d0b4", "service/net/scu.py _NoDelaySocket._create_socket (a copy plus TCP_NODELAY)"),
+        "c142d63cc576d0b4", "transport.py NoDelaySocket._create_socket (a copy plus TCP_NODELAY)"),
     "transport.AssociationSocket.recv": (
-        "08f867a5b4ff58f3", "service/net/scp.py _FastSocket.recv (replaces it)"),
+        "08f867a5b4ff58f3", "transport.py FastSocket.recv (replaces it)"),
     "transport.RequestHandler._create_association": (
         "21eeee1815067005",
-        "service/net/scp.py _RequestHandler._create_association (a copy with our classes)"),
+        "transport.py SCPRequestHandler._create_association (a copy with our classes)"),
 }
 
-#: Private (or easily missed) names we import, call or set, and where.
+#: Private (or easily missed) names we import, call or set, and where in FENCE.
 NAMES: dict[str, str] = {
-    "_globals.MODE_ACCEPTOR": "service/net/scp.py _RequestHandler._create_association",
-    "_handlers.standard_dimse_recv_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS (unbound)",
-    "_handlers.standard_dimse_sent_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS",
-    "_handlers.standard_pdu_recv_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS",
-    "_handlers.standard_pdu_sent_handler": "service/net/scp.py _STANDARD_LOG_HANDLERS",
-    "_config.STORE_SEND_CHUNKED_DATASET": "service/net/scu.py (files sent as stored, set at import)",
-    "pdu.A_ABORT_RQ": "service/net/scp.py _FastDUL._send_abort",
-    "pdu_primitives.A_P_ABORT": "service/net/scp.py _FastDUL (wakes the association thread)",
-    "dul.DULServiceProvider._decode_pdu": "service/net/scp.py _FastDUL._read_pdu_data",
-    "dul.DULServiceProvider._process_recv_primitive": "service/net/scp.py _FastDUL.run_reactor",
-    "dul.DULServiceProvider._is_transport_event": "service/net/scp.py _FastDUL.run_reactor",
-    "dul.DULServiceProvider.send_pdu": "service/net/scp.py _FastDUL.send_pdu (wakes the reactor)",
-    "dul.DULServiceProvider.kill_dul": "service/net/scp.py _FastDUL.kill_dul (wakes the reactor)",
-    "dul.DULServiceProvider.idle_timer_expired": "service/net/scp.py _FastAssociation._run_reactor",
-    "dul.DULServiceProvider.receive_pdu": "service/net/scp.py _FastAssociation._run_reactor",
-    "association.Association._serve_request": "service/net/scp.py _FastAssociation._run_reactor",
-    "association.Association.set_socket": "service/net/scp.py _RequestHandler._create_association",
-    "association.Association.unbind": "service/net/scp.py _FastAssociation.__init__",
-    "acse.ACSE.send_reject": "service/net/scp.py _PolicyACSE._negotiate_as_acceptor",
-    "acse.ACSE.is_release_requested": "service/net/scp.py _FastAssociation._run_reactor",
-    "acse.ACSE.is_aborted": "service/net/scp.py _FastAssociation._run_reactor",
-    "acse.ACSE.send_release": "service/net/scp.py _FastAssociation._run_reactor",
-    "transport.ThreadedAssociationServer.process_request_thread": "service/net/scp.py _Server",
+    "_globals.MODE_ACCEPTOR": "transport.py SCPRequestHandler._create_association",
+    "_handlers.standard_dimse_recv_handler": "handlers.py _STANDARD_LOG_HANDLERS (unbound)",
+    "_handlers.standard_dimse_sent_handler": "handlers.py _STANDARD_LOG_HANDLERS",
+    "_handlers.standard_pdu_recv_handler": "handlers.py _STANDARD_LOG_HANDLERS",
+    "_handlers.standard_pdu_sent_handler": "handlers.py _STANDARD_LOG_HANDLERS",
+    "_config.STORE_SEND_CHUNKED_DATASET":
+        "config.py send_files_as_stored (files sent as stored, set by send_files)",
+    "pdu.A_ABORT_RQ": "dul.py FastDUL._send_abort",
+    "pdu_primitives.A_P_ABORT": "dul.py FastDUL (wakes the association thread)",
+    "dul.DULServiceProvider._decode_pdu": "dul.py FastDUL._read_pdu_data",
+    "dul.DULServiceProvider._process_recv_primitive": "dul.py FastDUL.run_reactor",
+    "dul.DULServiceProvider._is_transport_event": "dul.py FastDUL.run_reactor",
+    "dul.DULServiceProvider.send_pdu": "dul.py FastDUL.send_pdu (wakes the reactor)",
+    "dul.DULServiceProvider.kill_dul": "dul.py FastDUL.kill_dul (wakes the reactor)",
+    "dul.DULServiceProvider.idle_timer_expired": "association.py FastAssociation._run_reactor",
+    "dul.DULServiceProvider.receive_pdu": "association.py FastAssociation._run_reactor",
+    "association.Association._serve_request": "association.py FastAssociation._run_reactor",
+    "association.Association.set_socket": "transport.py SCPRequestHandler._create_association",
+    "association.Association.unbind": "handlers.py unbind_standard_log_handlers",
+    "acse.ACSE.send_reject": "acse.py PolicyACSE._negotiate_as_acceptor",
+    "acse.ACSE.is_release_requested": "association.py FastAssociation._run_reactor",
+    "acse.ACSE.is_aborted": "association.py FastAssociation._run_reactor",
+    "acse.ACSE.send_release": "association.py FastAssociation._run_reactor",
+    "transport.ThreadedAssociationServer.process_request_thread": "transport.py SCPServer",
     "transport.ThreadedAssociationServer.service_actions":
-        "service/net/scp.py _Server (the admission gate)",
+        "transport.py SCPServer (the admission gate)",
     "transport.ThreadedAssociationServer.get_request":
-        "service/net/scp.py _Server (TLS handshake per thread)",
-    "events.NotificationEvent": "service/net/scp.py _RequestHandler._create_association",
+        "transport.py SCPServer (TLS handshake per thread)",
+    "events.NotificationEvent": "transport.py SCPRequestHandler._create_association",
 }
 
 #: Instance attributes (set in ``__init__``, so not on the classes) that our overrides read or write.
@@ -121,17 +125,18 @@ def test_pynetdicom_is_the_pinned_version() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = [d for d in deps if re.match(r"pynetdicom\b", d)]
     assert pins == [f"pynetdicom=={PINNED}"], (
-        f"pyproject.toml must pin pynetdicom=={PINNED} (the version service/net/scp.py and "
-        f"service/net/scu.py override), found {pins}")
+        f"pyproject.toml must pin pynetdicom=={PINNED} (the version service/net/_pynetdicom_fast/ "
+        f"overrides), found {pins}")
     assert pynetdicom.__version__ == PINNED, (
         f"pynetdicom {pynetdicom.__version__} is installed, the overrides were written against {PINNED}: "
         "run `make install`, or read this file's docstring before moving the pin")
 
 
 def test_the_fast_reactor_is_on_for_the_pinned_version() -> None:
-    import service.net.scp
+    import service.net._pynetdicom_fast
 
-    assert service.net.scp._FAST_REACTOR, f"_FAST_REACTOR is off on pynetdicom {pynetdicom.__version__}"
+    assert service.net._pynetdicom_fast.FAST_REACTOR, (
+        f"service/net/_pynetdicom_fast FAST_REACTOR is off on pynetdicom {pynetdicom.__version__}")
 
 
 @pytest.mark.parametrize("path", sorted(NAMES))
@@ -139,12 +144,14 @@ def test_private_names_still_exist(path: str) -> None:
     try:
         resolve(path)
     except (ImportError, AttributeError) as exc:
-        pytest.fail(f"pynetdicom {pynetdicom.__version__} has no {path} ({exc}); {NAMES[path]} uses it")
+        pytest.fail(f"pynetdicom {pynetdicom.__version__} has no {path} ({exc}); "
+                    f"{FENCE}{NAMES[path]} uses it")
 
 
 @pytest.mark.parametrize("path", sorted(MIRRORED))
 def test_mirrored_methods_are_unchanged(path: str) -> None:
     expected, used_by = MIRRORED[path]
+    used_by = FENCE + used_by
     try:
         got = fingerprint(resolve(path))
     except (ImportError, AttributeError) as exc:
@@ -164,8 +171,8 @@ def test_instance_attributes_that_the_overrides_use() -> None:
                 if not hasattr(assoc.dul.state_machine, a)]
     if not hasattr(assoc.requestor, "primitive"):
         missing.append("Association().requestor.primitive")
-    assert not missing, (f"pynetdicom {pynetdicom.__version__} lost attributes that service/net/scp.py's "
-                         f"_FastDUL/_FastAssociation/_PolicyACSE use: {missing}")
+    assert not missing, (f"pynetdicom {pynetdicom.__version__} lost attributes that "
+                         f"service/net/_pynetdicom_fast's FastDUL/FastAssociation/PolicyACSE use: {missing}")
 
 
 def test_server_attributes_and_hooks_that_the_scp_uses() -> None:
@@ -176,36 +183,42 @@ def test_server_attributes_and_hooks_that_the_scp_uses() -> None:
     try:
         missing = [a for a in SERVER_ATTRIBUTES if not hasattr(server, a)]
         assert not missing, (f"pynetdicom {pynetdicom.__version__}: the association server has no {missing}; "
-                             "service/net/scp.py _RequestHandler/_Server/StorageSCP use them")
-        assert hasattr(ae, "_servers"), "AE()._servers is gone; StorageSCP.start appends its server there"
-        assert hasattr(ae, "_create_socket"), "AE._create_socket is gone; export.NoDelayAE overrides it"
+                             "service/net/_pynetdicom_fast/transport.py SCPRequestHandler/SCPServer and "
+                             "service/net/scp.py StorageSCP use them")
+        assert hasattr(ae, "_servers"), ("AE()._servers is gone; service/net/_pynetdicom_fast/ae.py "
+                                         "register_server appends the SCP's server there")
+        assert hasattr(ae, "_create_socket"), (
+            "AE._create_socket is gone; service/net/_pynetdicom_fast/ae.py NoDelayAE overrides it")
     finally:
         server.server_close()
 
 
 def test_the_chunked_send_switch_is_still_read() -> None:
-    """service/net/scu.py sets it so that files go out as stored; a switch nobody reads would silently
-    transcode."""
+    """service/net/_pynetdicom_fast/config.py sets it so that files go out as stored; a switch nobody reads
+    would silently transcode."""
     source = inspect.getsource(importlib.import_module("pynetdicom.association"))
     assert "STORE_SEND_CHUNKED_DATASET" in source, (
         f"pynetdicom {pynetdicom.__version__}.association no longer reads _config.STORE_SEND_CHUNKED_DATASET "
-        "(set by service/net/scu.py)")
+        "(set by service/net/_pynetdicom_fast/config.py send_files_as_stored)")
 
 
 def test_overridden_signatures() -> None:
     """Our overrides take the parameters pynetdicom calls them with."""
-    from service.net import scp
-    from service.net import scu as export
+    from service.net._pynetdicom_fast.acse import PolicyACSE
+    from service.net._pynetdicom_fast.ae import NoDelayAE
+    from service.net._pynetdicom_fast.association import FastAssociation
+    from service.net._pynetdicom_fast.dul import FastDUL
+    from service.net._pynetdicom_fast.transport import FastSocket, NoDelaySocket, SCPRequestHandler
     pairs = [
-        (resolve("ae.ApplicationEntity._create_socket"), export.NoDelayAE._create_socket),
-        (resolve("transport.AssociationSocket._create_socket"), export._NoDelaySocket._create_socket),
-        (resolve("transport.AssociationSocket.recv"), scp._FastSocket.recv),
-        (resolve("dul.DULServiceProvider.send_pdu"), scp._FastDUL.send_pdu),
-        (resolve("dul.DULServiceProvider._read_pdu_data"), scp._FastDUL._read_pdu_data),
-        (resolve("dul.DULServiceProvider.run_reactor"), scp._FastDUL.run_reactor),
-        (resolve("association.Association._run_reactor"), scp._FastAssociation._run_reactor),
-        (resolve("acse.ACSE._negotiate_as_acceptor"), scp._PolicyACSE._negotiate_as_acceptor),
-        (resolve("transport.RequestHandler._create_association"), scp._RequestHandler._create_association),
+        (resolve("ae.ApplicationEntity._create_socket"), NoDelayAE._create_socket),
+        (resolve("transport.AssociationSocket._create_socket"), NoDelaySocket._create_socket),
+        (resolve("transport.AssociationSocket.recv"), FastSocket.recv),
+        (resolve("dul.DULServiceProvider.send_pdu"), FastDUL.send_pdu),
+        (resolve("dul.DULServiceProvider._read_pdu_data"), FastDUL._read_pdu_data),
+        (resolve("dul.DULServiceProvider.run_reactor"), FastDUL.run_reactor),
+        (resolve("association.Association._run_reactor"), FastAssociation._run_reactor),
+        (resolve("acse.ACSE._negotiate_as_acceptor"), PolicyACSE._negotiate_as_acceptor),
+        (resolve("transport.RequestHandler._create_association"), SCPRequestHandler._create_association),
     ]
     changed = [f"{stock.__qualname__}{inspect.signature(stock)} vs ours {inspect.signature(ours)}"
                for stock, ours in pairs
@@ -213,4 +226,5 @@ def test_overridden_signatures() -> None:
     assert not changed, f"pynetdicom {pynetdicom.__version__} changed the parameters of {changed}"
     get_msg = inspect.signature(resolve("dimse.DIMSEServiceProvider.get_msg"))
     assert list(get_msg.parameters) == ["self", "block"], (
-        f"DIMSEServiceProvider.get_msg{get_msg}: service/net/scu.py _guard_reactor wraps get_msg(block)")
+        f"DIMSEServiceProvider.get_msg{get_msg}: service/net/_pynetdicom_fast/dimse.py guard_reactor wraps "
+        "get_msg(block)")

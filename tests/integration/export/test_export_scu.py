@@ -13,7 +13,8 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, RLELossless
 from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from service.net.scu import NoDelayAE, classify_status, send_files
+from service.net._pynetdicom_fast.ae import NoDelayAE
+from service.net.scu import classify_status, send_files
 from service.settings import Destination
 
 AE_TITLE = "ITVNODE_TEST"

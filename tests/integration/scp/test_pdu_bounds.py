@@ -20,7 +20,7 @@ import pytest
 from scp_ctdata import classic_slice, new_study
 from scp_helpers import RunningSCP, echo_ok
 
-from service.net.scp import ASSOCIATION_PDU_BOUND, UNLIMITED_PDU_BOUND, pdu_length_limit
+from service.net.pdu_bounds import ASSOCIATION_PDU_BOUND, UNLIMITED_PDU_BOUND, pdu_length_limit
 from service.net.tls import server_context
 
 HUGE = 0xFFFF_FFF0  # ~4 GiB

@@ -1,8 +1,8 @@
 """The SCP on pynetdicom's stock classes: what any pynetdicom other than the pinned 3.0.x gets.
 
-``service.net.scp._FAST_REACTOR`` is false when the installed version is not the one the private overrides
-mirror (tests/unit/test_pynetdicom_contract.py); the SCP must then still serve, through the public API plus
-the policy ACSE, against the real dcmtk peers.
+``service.net._pynetdicom_fast.FAST_REACTOR`` is false when the installed version is not the one the private
+overrides mirror (tests/unit/test_pynetdicom_contract.py); the SCP must then still serve, through the public
+API plus the policy ACSE, against the real dcmtk peers.
 """
 
 from __future__ import annotations
@@ -19,22 +19,24 @@ from pynetdicom.transport import AssociationSocket
 from scp_ctdata import new_study, write_study
 from scp_helpers import STORESCU, RunningSCP, echo_ok
 
-import service.net.scp
+import service.net._pynetdicom_fast
+from service.net._pynetdicom_fast.acse import PolicyACSE
+from service.net._pynetdicom_fast.transport import SCPRequestHandler
 
 
 @pytest.fixture
 def stock_classes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[type, type, type, type]]:
     """Switch the fast reactor off in-process; record the classes each association is built from."""
-    monkeypatch.setattr(service.net.scp, "_FAST_REACTOR", False)
+    monkeypatch.setattr(service.net._pynetdicom_fast, "FAST_REACTOR", False)
     seen: list[tuple[type, type, type, type]] = []
-    original: Callable[[Any], Association] = service.net.scp._RequestHandler._create_association
+    original: Callable[[Any], Association] = SCPRequestHandler._create_association
 
     def spy(self: Any) -> Association:
         assoc = original(self)
         seen.append((type(assoc), type(assoc.dul), type(assoc.dul.socket), type(assoc.acse)))
         return assoc
 
-    monkeypatch.setattr(service.net.scp._RequestHandler, "_create_association", spy)
+    monkeypatch.setattr(SCPRequestHandler, "_create_association", spy)
     return seen
 
 
@@ -55,7 +57,7 @@ def test_the_stock_reactor_serves_c_echo_and_c_store(make_scp, stock_classes, tm
     assert len(stock_classes) == 2  # one association each for echoscu and storescu
     for assoc_cls, dul_cls, socket_cls, acse_cls in stock_classes:
         assert (assoc_cls, dul_cls, socket_cls) == (Association, DULServiceProvider, AssociationSocket)
-        assert acse_cls is service.net.scp._PolicyACSE  # the caller policy still applies
+        assert acse_cls is PolicyACSE  # the caller policy still applies
 
 
 def test_the_caller_policy_still_refuses_on_the_stock_reactor(make_scp, stock_classes) -> None:
