@@ -64,7 +64,9 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from service.net import dimse_status
 from service.net.admission import ConnectionGate
-from service.store.spool import CT_STORAGE_CLASSES, InstanceMeta, Spool, meta_from_bytes
+from service.store.header_scan import meta_from_bytes
+from service.store.instance_meta import CT_STORAGE_CLASSES, InstanceMeta
+from service.store.spool import Spool
 
 if TYPE_CHECKING:
     from service.settings import Settings
