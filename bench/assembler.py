@@ -38,8 +38,9 @@ def main() -> int:
     from service.dicomio.phantom_dicom import write_phantom_dicom
     from service.intake.assembler import Assembler
     from service.intake.queue import Enqueuer
+    from service.store.header_scan import meta_from_bytes
     from service.store.manifest import load_manifest, manifest_path, study_key
-    from service.store.spool import Spool, meta_from_bytes
+    from service.store.spool import Spool
 
     with tempfile.TemporaryDirectory(prefix="itvnode-bench-asm-") as tmp:
         root = Path(tmp)

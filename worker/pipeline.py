@@ -114,25 +114,17 @@ def results_dir(data_dir: Path, study_key: str) -> Path:
 
 def _receive_timings(data_dir: Path, m: Manifest) -> dict[str, float]:
     """``receive`` (first to last instance) and ``quiet`` (last instance to queued) from the spool index."""
-    index = Path(data_dir) / "spool" / "index.sqlite"
+    from service.store.spool_index import SpoolIndexReader
+
     out: dict[str, float] = {}
-    if not index.exists():
-        return out
     try:
-        con = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5.0)
-        try:
-            row = con.execute(
-                "SELECT MIN(received_at), MAX(received_at) FROM instances WHERE study_instance_uid = ?",
-                (m.study_instance_uid,),
-            ).fetchone()
-        finally:
-            con.close()
+        span = SpoolIndexReader(DataLayout(data_dir).spool_index).receive_span(m.study_instance_uid)
     except sqlite3.Error as exc:
         log.debug("study %s: no receive timings: %s", m.study_key, exc)
         return out
-    if not row or row[0] is None:
+    if span is None:
         return out
-    first, last = float(row[0]), float(row[1])
+    first, last = span
     out["receive"] = round(last - first, 4)
     # the assembler's decision: the first "complete" after the last "collecting"
     start = max((i for i, h in enumerate(m.history) if h.state == "collecting"), default=-1)
@@ -651,7 +643,7 @@ def _write_results(
     the version counts distinct results of this study. Returns the result files and the version record."""
     from service.dicomio.rtstruct import build_rtstructs, inputs_note, result_content_key, write_rtstruct
     from service.dicomio.uids import settings_digest
-    from service.store.spool import read_revisions
+    from service.store.spool_index import read_revisions
 
     with stages.stage("rtstruct"):
         key = result_content_key(

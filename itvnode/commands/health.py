@@ -36,7 +36,8 @@ def local_dicom_host(host: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.ops.health import HealthServer, HealthServerConfig, check_health, check_http
+    from service.ops.health import check_health, check_http
+    from service.ops.http_server import HealthServer, HealthServerConfig
     from service.ops.reconcile import ReconcilePolicy
     from service.settings import load_settings
 

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     http = None
     if not args.no_http:
         from itvnode.commands.health import local_dicom_host
-        from service.ops.health import HealthServer, HealthServerConfig
+        from service.ops.http_server import HealthServer, HealthServerConfig
         from service.ops.reconcile import ReconcilePolicy
 
         cfg = HealthServerConfig(

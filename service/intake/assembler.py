@@ -93,7 +93,8 @@ from service.store.state import FINISHED, IN_FLIGHT
 
 if TYPE_CHECKING:
     from service.settings import Settings
-    from service.store.spool import InstanceMeta, Spool
+    from service.store.instance_meta import InstanceMeta
+    from service.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -741,7 +742,9 @@ def assemble_folder(
 
     An incomplete cycle is processed and flagged by default: running a command on a folder is the deliberate
     act that ``itvnode release`` is on the node, and nothing is sent anywhere."""
-    from service.store.spool import IngestError, Spool, meta_from_bytes
+    from service.store.header_scan import meta_from_bytes
+    from service.store.ingest_errors import IngestError
+    from service.store.spool import Spool
 
     stored = 0
     ignored: defaultdict[str, int] = defaultdict(int)

@@ -7,7 +7,7 @@ The codes are documented for sites in ``docs/conformance.md``; keep both in step
 
 from __future__ import annotations
 
-from service.store.spool import (
+from service.store.ingest_errors import (
     ConflictingDuplicate,
     InvalidGeometry,
     InvalidIdentifier,

@@ -25,7 +25,7 @@ from pydicom.uid import (
     JPEGLossless as JPEGLosslessP14,
 )
 
-from service.store.spool import CT_STORAGE_CLASSES
+from service.store.instance_meta import CT_STORAGE_CLASSES
 
 #: Transfer syntaxes accepted for every CT storage SOP class, stored as received.
 TRANSFER_SYNTAXES: tuple[str, ...] = (

@@ -26,7 +26,8 @@ from service.net._pynetdicom_fast.transport import SCPRequestHandler, SCPServer
 from service.net.admission import ConnectionGate
 from service.net.negotiation import TRANSFER_SYNTAXES, CallerPolicy
 from service.net.scp_handlers import OnStored, SCPHandlers
-from service.store.spool import CT_STORAGE_CLASSES, Spool
+from service.store.instance_meta import CT_STORAGE_CLASSES
+from service.store.spool import Spool
 
 if TYPE_CHECKING:
     from service.settings import Settings

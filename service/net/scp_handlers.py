@@ -21,7 +21,9 @@ from pynetdicom.association import Association
 
 from service.net import dimse_status
 from service.net.admission import ConnectionGate
-from service.store.spool import InstanceMeta, Spool, meta_from_bytes
+from service.store.header_scan import meta_from_bytes
+from service.store.instance_meta import InstanceMeta
+from service.store.spool import Spool
 
 LOG = logging.getLogger(__name__)
 

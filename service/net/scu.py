@@ -35,7 +35,8 @@ from service.net._pynetdicom_fast.dimse import guard_reactor
 from service.net.connect_errors import RecordingSSLSocket, describe_oserror
 from service.net.tls import client_context
 from service.settings import Destination
-from service.store.outbox import DestinationState, FileInfo, Outbox, read_file_info
+from service.store.outbox import Outbox
+from service.store.outbox_item import DestinationState, FileInfo, read_file_info
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.store.layout import DataLayout
 from service.store.manifest import Manifest, iter_manifests
 
 NO_MANIFEST_REASON = "no respiratory phase series: not a 4DCT, no job"
@@ -57,11 +58,11 @@ def collect_status(data_dir: Path, quiet_period: float = 60.0,
             **_cycle_and_qa(m),
         }
         rows.append(row)
-    spool_index = data_dir / "spool" / "index.sqlite"
-    if spool_index.exists():
+    layout = DataLayout(data_dir)
+    if layout.spool_index.exists():
         from service.store.spool import Spool
 
-        spool = Spool(data_dir / "spool")
+        spool = Spool(layout.spool)
         try:
             for uid in spool.study_uids():
                 if uid in with_manifest:
@@ -147,27 +148,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def deliveries(data_dir: Path, study_key: str) -> list[dict[str, Any]]:
     """Every outbox delivery of the study, per item and destination (pending, finished, dead)."""
-    from service.store.layout import DataLayout
-    from service.store.outbox import OutboxItem, iso
+    from service.store.outbox_item import iso, iter_items
 
     out: list[dict[str, Any]] = []
-    root = DataLayout(data_dir).outbox
-    for sub in ("items", "done"):
-        for path in sorted((root / sub).glob("*/item.json")):
-            try:
-                item = OutboxItem.model_validate_json(path.read_bytes())
-            except (OSError, ValueError):
-                continue
-            if item.study_key != study_key:
-                continue
-            for dest, st in sorted(item.destinations.items()):
-                out.append({
-                    "item_id": item.item_id, "destination": dest, "status": st.status,
-                    "attempts": st.attempts, "created": iso(item.created_at),
-                    "delivered_at": iso(st.delivered_at), "last_error": st.last_error,
-                    "dead_reason": st.dead_reason, "dead_letter": st.dead_letter,
-                    "next_attempt_at": iso(st.next_attempt_at) if st.status == "pending" else None,
-                })
+    for item in iter_items(DataLayout(data_dir).outbox):
+        if item.study_key != study_key:
+            continue
+        for dest, st in sorted(item.destinations.items()):
+            out.append({
+                "item_id": item.item_id, "destination": dest, "status": st.status,
+                "attempts": st.attempts, "created": iso(item.created_at),
+                "delivered_at": iso(st.delivered_at), "last_error": st.last_error,
+                "dead_reason": st.dead_reason, "dead_letter": st.dead_letter,
+                "next_attempt_at": iso(st.next_attempt_at) if st.status == "pending" else None,
+            })
     out.sort(key=lambda d: str(d["created"] or ""))
     return out
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = "manifest.lock"  # next to the manifest (service.store.manifest.manifest_lock)
+SPOOL_INDEX = "index.sqlite"  # inside a spool directory (also a scratch spool outside data_dir)
 RESULTS = "results"
 HEARTBEAT = "heartbeat"
 
@@ -35,7 +37,7 @@ class DataLayout:
 
     @property
     def spool_index(self) -> Path:
-        return self.spool / "index.sqlite"
+        return self.spool / SPOOL_INDEX
 
     @property
     def studies(self) -> Path:
@@ -46,6 +48,10 @@ class DataLayout:
 
     def manifest(self, key: str) -> Path:
         return self.study_dir(key) / MANIFEST
+
+    def manifest_paths(self) -> list[Path]:
+        """Every study's manifest, by study key (none when there is no studies directory yet)."""
+        return sorted(self.studies.glob(f"*/{MANIFEST}"))
 
     def results(self, key: str) -> Path:
         return self.study_dir(key) / RESULTS

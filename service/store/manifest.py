@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.store.durable import private_dir, write_atomic
-from service.store.layout import DataLayout
+from service.store.layout import MANIFEST_LOCK, DataLayout
 from service.store.state import STATES, TRANSITIONS, StudyState
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,6 @@ def study_key(study_uid: str, for_uid: str) -> str:
     return hashlib.sha256(f"{study_uid}/{for_uid}".encode()).hexdigest()[:16]
 
 
-def studies_dir(data_dir: Path) -> Path:
-    return DataLayout(data_dir).studies
-
-
 def manifest_path(data_dir: Path, key: str) -> Path:
     return DataLayout(data_dir).manifest(key)
 
@@ -214,7 +210,7 @@ def manifest_lock(path: Path) -> Iterator[None]:
     """Exclusive inter-process lock for a read-modify-write of the manifest at ``path``."""
     path = Path(path)
     private_dir(path.parent)
-    with open(path.with_name("manifest.lock"), "a+b") as fh:
+    with open(path.with_name(MANIFEST_LOCK), "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -234,14 +230,24 @@ def update_manifest(path: Path, fn: Callable[[Manifest], Manifest | None]) -> Ma
 
 def iter_manifests(data_dir: Path) -> Iterator[tuple[Path, Manifest]]:
     """Every readable manifest under ``data_dir/studies`` (unreadable ones are logged and skipped)."""
-    root = studies_dir(data_dir)
-    if not root.is_dir():
-        return
-    for path in sorted(root.glob("*/manifest.json")):
+    for path in DataLayout(data_dir).manifest_paths():
         try:
             yield path, load_manifest(path)
         except (OSError, ValueError) as exc:
             log.warning("skipping unreadable manifest %s: %s", path, exc)
+
+
+def iter_manifest_dicts(data_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every manifest under ``data_dir/studies`` as its raw JSON dict, without validation (metrics and health
+    read fields of any schema version); unreadable ones are logged and skipped."""
+    for path in DataLayout(data_dir).manifest_paths():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("metrics: skipping unreadable manifest %s: %s", path, exc)
+            continue
+        if isinstance(data, dict):
+            yield data
 
 
 def manifest_dict(m: Manifest) -> dict[str, Any]:

@@ -30,54 +30,33 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-from pydantic import BaseModel, Field
-from pydicom.filereader import read_file_meta_info
+from typing import Any, Protocol
 
 from service.settings import Destination
 from service.store.durable import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, private_dir, write_json_atomic
+from service.store.outbox_dead_letter import dead_letter
+from service.store.outbox_item import (
+    ACTIVE,
+    DEAD,
+    DEAD_REASON,
+    DONE,
+    ITEM_JSON,
+    DestinationState,
+    OutboxFile,
+    OutboxItem,
+    check_item_id,
+    destination_slug,
+    iso,
+    read_file_info,
+)
 
 log = logging.getLogger(__name__)
-
-SCHEMA = 1
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-DestStatus = Literal["pending", "delivered", "dead"]
-
-
-# --------------------------------------------------------------------------------------------------- files
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-
-
-def read_file_info(path: Path) -> FileInfo:
-    """File Meta Information of a DICOM Part 10 file; ValueError when it is not one."""
-    try:
-        meta = read_file_meta_info(path)
-    except FileNotFoundError as exc:
-        raise ValueError(f"file not found: {path}") from exc
-    except Exception as exc:  # pydicom raises InvalidDicomError, OSError, struct errors ...
-        raise ValueError(f"not a DICOM Part 10 file: {exc}") from exc
-    missing = [k for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
-               if not meta.get(k)]
-    if missing:
-        raise ValueError(f"file meta information lacks {', '.join(missing)}")
-    return FileInfo(Path(path), str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                    str(meta.TransferSyntaxUID))
 
 
 def _sha256(path: Path) -> str:
@@ -86,15 +65,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def destination_slug(key: str) -> str:
-    """A file-system-safe name for a destination key ``AE@host:port``."""
-    return re.sub(r"[^A-Za-z0-9._@-]", "_", key)
-
-
-def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -124,55 +94,6 @@ class RetryPolicy:
                    horizon=settings.export_horizon_hours * 3600.0)
 
 
-# --------------------------------------------------------------------------------------------------- records
-
-
-class OutboxFile(BaseModel):
-    name: str  # file name under files/
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    size: int
-    sha256: str
-
-
-class DestinationState(BaseModel):
-    destination: Destination
-    status: DestStatus = "pending"
-    attempts: int = 0
-    next_attempt_at: float  # epoch seconds
-    last_attempt_at: float | None = None
-    last_error: str | None = None
-    delivered: list[str] = Field(default_factory=list)  # SOP instance UIDs acknowledged by this destination
-    delivered_at: float | None = None
-    dead_reason: str | None = None
-    dead_letter: str | None = None  # path relative to the outbox root
-
-
-class OutboxItem(BaseModel):
-    schema_version: int = SCHEMA
-    item_id: str
-    study_key: str | None = None
-    created_at: float
-    horizon_at: float  # no attempt is scheduled after this (epoch seconds)
-    files: list[OutboxFile]
-    destinations: dict[str, DestinationState]  # key: "AE@host:port"
-    enqueued_for: float | None = None  # next_attempt_at for which a broker message is already on its way
-    enqueued_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(d.status != "pending" for d in self.destinations.values())
-
-    def next_due(self) -> float | None:
-        pending = [d.next_attempt_at for d in self.destinations.values() if d.status == "pending"]
-        return min(pending) if pending else None
-
-    def due(self, now: float) -> list[str]:
-        return [k for k, d in self.destinations.items() if d.status == "pending" and d.next_attempt_at <= now]
-
-
 class Outcome(Protocol):
     """What :func:`Outbox.record` needs from one delivery attempt (``service.net.scu.StoreOutcome``)."""
 
@@ -193,13 +114,13 @@ class Outbox:
     def __init__(self, root: Path, policy: RetryPolicy | None = None) -> None:
         self.root = Path(root)
         self.policy = policy or RetryPolicy()
-        for sub in ("items", "dead", "done", "tmp"):
+        for sub in (ACTIVE, DEAD, DONE, "tmp"):
             private_dir(self.root / sub)
 
     # ---------------------------------------------------------------- paths and locks
     def item_dir(self, item_id: str) -> Path:
-        _check_id(item_id)
-        return self.root / "items" / item_id
+        check_item_id(item_id)
+        return self.root / ACTIVE / item_id
 
     def files(self, item: OutboxItem) -> list[Path]:
         base = self.item_dir(item.item_id) / "files"
@@ -258,7 +179,7 @@ class Outbox:
                 h.update(f"{uid}:{digest}\n".encode())
             h.update("\n".join(keys).encode())
             item_id = h.hexdigest()[:24]
-        _check_id(item_id)
+        check_item_id(item_id)
         existing = self.find(item_id)
         if existing is not None:
             log.info("outbox item %s already exists; not adding it again", item_id)
@@ -282,7 +203,7 @@ class Outbox:
             dests = {str(d): DestinationState(destination=d, next_attempt_at=now) for d in destinations}
             item = OutboxItem(item_id=item_id, study_key=study_key, created_at=now,
                               horizon_at=now + self.policy.horizon, files=records, destinations=dests)
-            write_json_atomic(staging / "item.json", item.model_dump(mode="json"))
+            write_json_atomic(staging / ITEM_JSON, item.model_dump(mode="json"))
             try:
                 os.rename(staging, self.item_dir(item_id))
             except OSError as exc:  # another process put the same item a moment ago
@@ -293,7 +214,7 @@ class Outbox:
                 if found is None:
                     raise
                 return found
-            fsync_dir(self.root / "items")
+            fsync_dir(self.root / ACTIVE)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -321,8 +242,8 @@ class Outbox:
     # ---------------------------------------------------------------- read
     def find(self, item_id: str) -> OutboxItem | None:
         """The item, active or finished; None when unknown."""
-        _check_id(item_id)
-        for path in (self.root / "items" / item_id / "item.json", self.root / "done" / item_id / "item.json"):
+        check_item_id(item_id)
+        for path in (self.root / ACTIVE / item_id / ITEM_JSON, self.root / DONE / item_id / ITEM_JSON):
             try:
                 return OutboxItem.model_validate_json(path.read_bytes())
             except FileNotFoundError:
@@ -345,8 +266,8 @@ class Outbox:
 
     def item_ids(self) -> list[str]:
         """Active (not finished) items."""
-        return sorted(p.name for p in (self.root / "items").iterdir()
-                      if p.is_dir() and (p / "item.json").exists())
+        return sorted(p.name for p in (self.root / ACTIVE).iterdir()
+                      if p.is_dir() and (p / ITEM_JSON).exists())
 
     def active_items(self, study_key: str | None = None) -> list[OutboxItem]:
         """Active items (of ``study_key`` when given); unreadable ones are logged and skipped."""
@@ -365,7 +286,7 @@ class Outbox:
 
     def dead_letters(self) -> list[Path]:
         """Every ``reason.json`` under ``dead/``."""
-        return sorted((self.root / "dead").glob("*/*/reason.json"))
+        return sorted((self.root / DEAD).glob(f"*/*/{DEAD_REASON}"))
 
     # ---------------------------------------------------------------- update
     def _update(self, item_id: str, change: Callable[[OutboxItem], bool]) -> OutboxItem | None:
@@ -373,7 +294,7 @@ class Outbox:
         with self._lock(item_id) as locked:
             if not locked:
                 return None
-            path = self.item_dir(item_id) / "item.json"
+            path = self.item_dir(item_id) / ITEM_JSON
             try:
                 item = OutboxItem.model_validate_json(path.read_bytes())
             except FileNotFoundError:
@@ -403,12 +324,12 @@ class Outbox:
                 log.info("outbox item %s delivered to %s (attempt %d)", item_id, key, st.attempts)
             elif outcome.permanent:
                 st.last_error = outcome.summary()
-                self._kill(item, key, f"permanent failure: {st.last_error}", now)
+                dead_letter(self.root, item, key, f"permanent failure: {st.last_error}", now)
             elif now >= item.horizon_at:
                 st.last_error = outcome.summary()
                 hours = (item.horizon_at - item.created_at) / 3600.0
-                self._kill(item, key, f"gave up after {st.attempts} attempt(s) over the {hours:g} h horizon; "
-                                      f"last error: {st.last_error}", now)
+                dead_letter(self.root, item, key, f"gave up after {st.attempts} attempt(s) over the "
+                                                  f"{hours:g} h horizon; last error: {st.last_error}", now)
             else:
                 st.last_error = outcome.summary()
                 st.next_attempt_at = min(now + self.policy.delay(st.attempts), item.horizon_at)
@@ -472,53 +393,18 @@ class Outbox:
         return sent
 
     # ---------------------------------------------------------------- terminal states
-    def _kill(self, item: OutboxItem, key: str, reason: str, now: float) -> None:
-        """Dead-letter one destination: hard links of the files it lacks + reason.json."""
-        st = item.destinations[key]
-        st.status, st.dead_reason = "dead", reason
-        folder = self.root / "dead" / item.item_id / destination_slug(key)
-        private_dir(folder / "files")
-        src = self.item_dir(item.item_id) / "files"
-        undelivered = [f for f in item.files if f.sop_instance_uid not in set(st.delivered)]
-        for f in undelivered:
-            target = folder / "files" / f.name
-            if target.exists():
-                continue
-            try:
-                os.link(src / f.name, target)
-            except OSError:
-                if (src / f.name).exists():
-                    shutil.copyfile(src / f.name, target)
-        fsync_dir(folder / "files")
-        write_json_atomic(folder / "reason.json", {
-            "item_id": item.item_id,
-            "study_key": item.study_key,
-            "destination": key,
-            "reason": reason,
-            "last_error": st.last_error,
-            "attempts": st.attempts,
-            "created_at": iso(item.created_at),
-            "last_attempt_at": iso(st.last_attempt_at),
-            "dead_at": iso(now),
-            "files_not_delivered": [f.name for f in undelivered],
-            "files_delivered": [f.name for f in item.files if f.sop_instance_uid in set(st.delivered)],
-            "resend": f"itvnode send {folder / 'files'} --to {key}",
-        })
-        st.dead_letter = str(folder.relative_to(self.root))
-        log.error("outbox item %s to %s is dead: %s (dead letter %s)", item.item_id, key, reason, folder)
-
     def _finish(self, item: OutboxItem) -> None:
         """Every destination is delivered or dead: keep item.json under done/, drop the files."""
         if item.finished_at is None:
             item.finished_at = time.time()
         src = self.item_dir(item.item_id)
-        write_json_atomic(src / "item.json", item.model_dump(mode="json"))
-        target = self.root / "done" / item.item_id
+        write_json_atomic(src / ITEM_JSON, item.model_dump(mode="json"))
+        target = self.root / DONE / item.item_id
         if target.exists():
             shutil.rmtree(target)
         os.rename(src, target)
-        fsync_dir(self.root / "done")
-        fsync_dir(self.root / "items")
+        fsync_dir(self.root / DONE)
+        fsync_dir(self.root / ACTIVE)
         shutil.rmtree(target / "files", ignore_errors=True)
         for lock in target.glob(".lock*"):
             lock.unlink(missing_ok=True)
@@ -532,29 +418,3 @@ def _clear_enqueued(item: OutboxItem, for_time: float) -> bool:
     item.enqueued_for = item.enqueued_at = None
     return True
 
-
-def _check_id(item_id: str) -> None:
-    if not _ID_RE.match(item_id):
-        raise ValueError(f"invalid outbox item id {item_id!r}")
-
-
-def state_counts(root: Path) -> dict[str, int]:
-    """Per-destination deliveries by state, for metrics: ``pending``, ``sent`` and ``dead``.
-
-    Active items are read from ``items/``; finished ones from ``done/`` (their final record). Cheap enough
-    for a scrape: one small JSON file per item.
-    """
-    counts = {"pending": 0, "sent": 0, "dead": 0}
-    names = {"pending": "pending", "delivered": "sent", "dead": "dead"}
-    for sub in ("items", "done"):
-        folder = Path(root) / sub
-        if not folder.is_dir():
-            continue
-        for path in folder.glob("*/item.json"):
-            try:
-                item = OutboxItem.model_validate_json(path.read_bytes())
-            except (OSError, ValueError):  # moved to done/ meanwhile, or being written
-                continue
-            for st in item.destinations.values():
-                counts[names[st.status]] += 1
-    return counts

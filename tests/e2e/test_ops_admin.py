@@ -94,7 +94,7 @@ def test_watermark_purges_finished_work_before_0xa700_while_a_study_arrives(
     assert "purged study key(s)" in serve_log and "(watermark)" in serve_log
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from service.ops.health import NodeCollector
+    from service.ops.metrics import NodeCollector
 
     reg = CollectorRegistry()
     reg.register(NodeCollector(data, None))

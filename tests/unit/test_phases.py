@@ -6,7 +6,7 @@ import pytest
 
 from service.intake.phases import SeriesKind, SiteRule, classify_series, compile_rules, reference_kind
 from service.settings import PhaseRule
-from service.store.spool import InstanceMeta
+from service.store.instance_meta import InstanceMeta
 
 
 def header(description: str = "", *, image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),

@@ -16,7 +16,7 @@ from service.intake.phases import (
     order_phases,
 )
 from service.settings import PhaseRule
-from service.store.spool import InstanceMeta
+from service.store.instance_meta import InstanceMeta
 
 
 def header(description: str) -> InstanceMeta:

@@ -17,9 +17,10 @@ from test_spool import ct, encode
 
 from service.dicomio.rtstruct import write_dataset
 from service.store.durable import DIR_MODE, FILE_MODE, private_dir, secure_data_dir, write_atomic
+from service.store.header_scan import meta_from_bytes
 from service.store.manifest import Manifest, manifest_path, save_manifest
 from service.store.outbox import Outbox
-from service.store.spool import Spool, meta_from_bytes
+from service.store.spool import Spool
 
 
 @pytest.fixture(autouse=True)

@@ -21,12 +21,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, gen
 from pynetdicom.dsutils import encode_file_meta
 
 from service.net import dimse_status as st
-from service.store.spool import (
-    CT_IMAGE_STORAGE,
-    ENHANCED_CT_IMAGE_STORAGE,
+from service.store.header_scan import _fast_header, meta_from_bytes, meta_via_pydicom
+from service.store.ingest_errors import (
     ConflictingDuplicate,
     IngestError,
-    InstanceMeta,
     InvalidGeometry,
     InvalidIdentifier,
     MissingAttribute,
@@ -35,14 +33,12 @@ from service.store.spool import (
     PixelDataLengthMismatch,
     SOPClassMismatch,
     SOPInstanceMismatch,
-    Spool,
     SpoolFull,
     SpoolUnavailable,
     UndecodableDataset,
-    _fast_header,
-    meta_from_bytes,
-    meta_via_pydicom,
 )
+from service.store.instance_meta import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceMeta
+from service.store.spool import Spool
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 FOR = "1.2.826.0.1.3680043.8.498.2"

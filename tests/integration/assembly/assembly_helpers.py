@@ -15,8 +15,9 @@ from pydicom.uid import generate_uid
 
 from service.intake.assembler import Assembler
 from service.intake.queue import embedded_broker_path
+from service.store.header_scan import meta_from_bytes
 from service.store.manifest import Manifest, load_manifest, manifest_path
-from service.store.spool import Spool, meta_from_bytes
+from service.store.spool import Spool
 
 SMALL = {"n_phases": 4, "shape": (12, 64, 64), "pixel_spacing": (500 / 64, 500 / 64)}
 

@@ -17,8 +17,9 @@ from pydicom.uid import generate_uid
 from service.intake.queue import Enqueuer
 from service.net.scp import StorageSCP
 from service.ops.status import collect_status
+from service.store.header_scan import meta_from_bytes
 from service.store.manifest import manifest_path, set_state, study_key, update_manifest
-from service.store.spool import Spool, meta_from_bytes
+from service.store.spool import Spool
 
 Factory = Callable[..., Any]
 STORESCU = "/usr/bin/storescu"

@@ -14,8 +14,9 @@ import pytest
 from service.intake.assembler import Assembler
 from service.intake.phases import compile_rules
 from service.settings import PhaseRule
+from service.store.header_scan import meta_from_bytes
 from service.store.manifest import iter_manifests
-from service.store.spool import Spool, meta_from_bytes
+from service.store.spool import Spool
 
 
 def _assemble(data_dir: Path, files: list[Path], expected: int, rules: list[PhaseRule] | None = None) -> Any:

@@ -288,7 +288,7 @@ def test_sweep_is_idempotent_until_grace(tmp_path: Path, ct_files, refused_port:
 
 
 def test_state_counts_for_metrics(tmp_path: Path, ct_files, scripted_scp, refused_port: int) -> None:
-    from service.store.outbox import state_counts
+    from service.store.outbox_item import state_counts
 
     ok, bad = scripted_scp(), scripted_scp(statuses=[0xA900])
     box = Outbox(tmp_path / "outbox")

@@ -59,7 +59,8 @@ def test_late_arrival_after_done_is_delivered_as_a_new_instance(
     from service.intake.assembler import Assembler
     from service.intake.queue import Enqueuer
     from service.ops.status import collect_status
-    from service.store.spool import Spool, meta_from_bytes
+    from service.store.header_scan import meta_from_bytes
+    from service.store.spool import Spool
     from worker.celery_app import create_app
 
     phantom = phantom_dicom_factory("siemens", with_avg=True, uid_seed=f"late-{late}")

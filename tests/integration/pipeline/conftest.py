@@ -13,8 +13,9 @@ import pytest
 def assemble(data_dir: Path, files: list[Path], expected_phases: int) -> str:
     """Store ``files`` into ``data_dir``'s spool and run the assembler once; returns the study key."""
     from service.intake.assembler import Assembler
+    from service.store.header_scan import meta_from_bytes
     from service.store.manifest import iter_manifests
-    from service.store.spool import Spool, meta_from_bytes
+    from service.store.spool import Spool
 
     spool = Spool(data_dir / "spool", fsync=False)
     try:

@@ -44,7 +44,7 @@ def node(
     """A data dir with one processed phantom study (report included) and one held study, served on a free
     port with a token; yields (base URL, data_dir, study key, patient name)."""
     from itvnode.commands.offline import intake
-    from service.ops.health import HealthServer, HealthServerConfig
+    from service.ops.http_server import HealthServer, HealthServerConfig
     from service.settings import load_settings
     from service.store.manifest import load_manifest, manifest_path, save_manifest, set_state
     from worker.engine_settings import LoadedSegmenter, engine_config

@@ -13,13 +13,8 @@ import pytest
 
 from itvnode.cli import main
 from service.intake.queue import Enqueuer
-from service.ops.health import (
-    HealthServer,
-    HealthServerConfig,
-    check_health,
-    queue_depths,
-    resolve_broker_url,
-)
+from service.ops.health import check_health, queue_depths, resolve_broker_url
+from service.ops.http_server import HealthServer, HealthServerConfig
 from service.store.manifest import load_manifest, manifest_path, set_state, update_manifest
 from worker.tasks import recover_orphans
 

@@ -107,7 +107,8 @@ def test_good_model_and_adapter_pass_the_check(tiny_dir: Path, adapter_dir: Path
 
 def test_health_unhealthy_while_structures_skipped_for_broken_model(assembled: tuple[Path, str, Any],
                                                                    tmp_path: Path) -> None:
-    from service.ops.health import NodeCollector, check_health
+    from service.ops.health import check_health
+    from service.ops.metrics import NodeCollector
     from service.settings import load_settings
     from worker.engine_settings import engine_config, load_segmenter
     from worker.pipeline import process_study

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from service.intake.queue import Enqueuer, queued_study_keys
-from service.ops.health import HealthServer, HealthServerConfig
+from service.ops.http_server import HealthServer, HealthServerConfig
 from service.ops.reconcile import REASON_PREFIX, ReconcilePolicy, Reconciler, heartbeat_path
 from service.store.manifest import load_manifest, manifest_path, set_state, update_manifest
 
@@ -132,7 +132,8 @@ def test_queued_study_whose_redis_message_was_lost_is_requeued_and_finished(
     import redis
 
     from service.intake.assembler import Assembler
-    from service.store.spool import Spool, meta_from_bytes
+    from service.store.header_scan import meta_from_bytes
+    from service.store.spool import Spool
 
     series = phantom_dicom_factory("siemens", with_avg=True)
     data_dir = tmp_path / "data"
