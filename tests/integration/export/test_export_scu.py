@@ -203,8 +203,9 @@ def test_destination_parse_errors(bad: str) -> None:
 
 @pytest.mark.slow
 def test_concurrent_senders_never_lose_a_response(ct_files, scripted_scp) -> None:
-    """Regression: pynetdicom's reactor could take a C-STORE-RSP meant for send_c_store (see _pynetdicom_fast.dimse.guard_reactor);
-    without the guard about 1 in 200 sends here waited out the DIMSE timeout."""
+    """Regression: pynetdicom's reactor could take a C-STORE-RSP meant for send_c_store (see
+    _pynetdicom_fast.dimse.guard_reactor); without the guard about 1 in 200 sends here waited out the DIMSE
+    timeout."""
     scp = scripted_scp()
     files = ct_files(2)
     failures: list[str] = []
