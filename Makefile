@@ -32,11 +32,12 @@ test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-# Each script prints its numbers against a peer measured in the same run.
+# Each script prints its numbers against a peer measured in the same run; run as modules from the repository root
+# (bench/ and tests/support/ are packages there, no sys.path edits).
 BENCHES ?= ingest hostile assembler load threshold postprocess itv_motion artifacts rtstruct qa_report export e2e soak gpu_infer train_memory
 
 bench: install
-	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+	@for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,8 +12,8 @@ The table compares the raw masks, connectivity alone, and the full post-processi
 connectivity + holes), per ROI (mean / min Dice and mean / max HD95 over phases) and for the ITV; it then
 checks that every injected artifact is gone and that nothing genuine was removed.
 
-    .venv/bin/python bench/artifacts.py                    # 10 phases x 64 x 256 x 256 (about a minute)
-    .venv/bin/python bench/artifacts.py --size full        # 10 x 150 x 512 x 512
+    .venv/bin/python -m bench.artifacts                    # 10 phases x 64 x 256 x 256 (about a minute)
+    .venv/bin/python -m bench.artifacts --size full        # 10 x 150 x 512 x 512
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.engine import OutputStructure, output_structures, postprocess  # noqa: E402
-from models.metrics import compare  # noqa: E402
-from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
-from models.post.temporal import TemporalParams, bounding_box  # noqa: E402
-from models.structures import default_structures  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from models.engine import OutputStructure, output_structures, postprocess
+from models.metrics import compare
+from models.phantom import Phantom, make_phantom
+from models.phantom_spec import PhantomSpec
+from models.post.labels import bounding_box
+from models.post.temporal import TemporalParams
+from models.structures import default_structures
+from service.settings import Settings
 
 SAM_ROIS = ("Lung_L", "Lung_R", "Heart", "GTVp")
 _CROSS = ndi.generate_binary_structure(3, 1)

@@ -1,6 +1,6 @@
 """Assembler cost per poll on a clinical-size index, against a header scan of the same files (same run).
 
-    .venv/bin/python bench/assembler.py [--phases 10] [--slices 150] [--rows 64] [--repeat 5]
+    .venv/bin/python -m bench.assembler [--phases 10] [--slices 150] [--rows 64] [--repeat 5]
 
 The spool index carries every header field the assembler needs, so a poll should cost a fraction of what
 re-reading the headers would (the peer: ``pydicom.dcmread(stop_before_pixels=True)`` of every instance, which
@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +32,8 @@ def main() -> int:
 
     from pydicom import dcmread
 
-    from models.phantom import PhantomSpec, make_phantom
+    from models.phantom import make_phantom
+    from models.phantom_spec import PhantomSpec
     from service.dicomio.phantom_dicom import write_phantom_dicom
     from service.intake.assembler import Assembler
     from service.intake.queue import Enqueuer

@@ -9,7 +9,7 @@ The default model is the random-initialised tiny SAM 3 (written to a temporary f
 node's overhead around inference, not SAM 3's speed (see bench/gpu_infer.py for that). ``--sam3 DIR`` uses
 real weights; ``--sam3 none`` runs threshold structures only.
 
-    .venv/bin/python bench/e2e.py [--rows 256] [--slices 100] [--phases 10] [--sam3 tiny|none|DIR]
+    .venv/bin/python -m bench.e2e [--rows 256] [--slices 100] [--phases 10] [--sam3 tiny|none|DIR]
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tests.support.net import free_port
 
-from tests.support.net import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
 STAGES = ("receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "export")
@@ -143,7 +142,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from itvnode.commands.phantom import write_phantom
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
 
     work = Path(tempfile.mkdtemp(prefix="itvnode-bench-e2e-"))
     procs: list[subprocess.Popen[bytes]] = []

@@ -5,7 +5,7 @@ PRED: the same contours, damaged the way real contours go wrong (our writer, com
 2 columns, Heart dilated by one voxel, the GTV missing on the 50 % phase (an empty prediction: inf) and a
 far false-positive blob on 75 %. No model is involved; nothing here is a model's result.
 
-    .venv/bin/python bench/evaluation_example.py OUT [--docs docs/img/evaluate]
+    .venv/bin/python -m bench.evaluation_example OUT [--docs docs/img/evaluate]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main() -> int:
     ap.add_argument("--docs", type=Path, help="copy the PNGs here")
     args = ap.parse_args()
     from itvnode.commands.phantom import write_phantom
-    from models.phantom import PhantomSpec, load_ground_truth
+    from models.phantom_spec import PhantomSpec
+    from models.phantom_truth import load_ground_truth
     from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
     from service.dicomio.volume import read_series
 

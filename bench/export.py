@@ -1,6 +1,6 @@
 """Export throughput: itvnode's C-STORE SCU against dcmtk storescu, both into dcmtk storescp, same run.
 
-    .venv/bin/python bench/export.py [--files 300] [--size 256] [--repeat 3]
+    .venv/bin/python -m bench.export [--files 300] [--size 256] [--repeat 3]
 
 Prints the best-of-``repeat`` wall time for each sender and the ratio to dcmtk storescu (the peer baseline):
 
@@ -25,11 +25,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from service.net.scu import send_files  # noqa: E402
-from service.settings import Destination  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+from service.net.scu import send_files
+from service.settings import Destination
+from tests.support.net import free_port
 
 STORESCP = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"

@@ -14,7 +14,7 @@ and prints the projected time for a 1,500-slice, 4-prompt study and the ratio ag
 Without CUDA it runs the same measurements on the tiny random model (or, with ``--full-cpu``, the full model
 on 1 slice) and says clearly that the figures are NOT GPU figures.
 
-    .venv/bin/python bench/gpu_infer.py [--slices 32] [--prompts 4] [--batch-size N] [--full-cpu] [--json OUT]
+    .venv/bin/python -m bench.gpu_infer [--slices 32] [--prompts 4] [--batch-size N] [--full-cpu] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 STUDY_SLICES = 1500
 STUDY_PROMPTS = 4

@@ -1,6 +1,6 @@
 """Oversized-PDU attack during a real transfer: SCP memory and the transfer's time, with and without attack.
 
-Usage: ``.venv/bin/python bench/hostile.py [--attackers 3 20] [--phases 10 --slices 120 --size 512]``.
+Usage: ``.venv/bin/python -m bench.hostile [--attackers 3 20] [--phases 10 --slices 120 --size 512]``.
 
 Starts ``itvnode serve`` as shipped (fsync on, assembler in-process) and sends the full-size phantom
 (10 x 120 x 512^2, ~630 MB, cached by bench/ingest.py) with ``/usr/bin/storescu +sd +r``: once alone, then
@@ -29,11 +29,10 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.ingest import ITVNODE, phantom, send, stop, wait_echo
+from tests.support.net import free_port
 
-from bench.ingest import ITVNODE, phantom, send, stop, wait_echo  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CLAIM = struct.pack(">BBL", 0x01, 0, 0xFFFF_FFF0)
 

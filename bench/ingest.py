@@ -1,6 +1,6 @@
 """Ingest throughput: ``itvnode serve`` vs dcmtk ``storescp`` receiving the same 4DCT from ``storescu``.
 
-Usage: ``.venv/bin/python bench/ingest.py [--rounds 3] [--profile]`` (``make bench``).
+Usage: ``.venv/bin/python -m bench.ingest [--rounds 3] [--profile]`` (``make bench``).
 
 Sends a full-size phantom (10 phases x 120 slices x 512 x 512, ~630 MB, generated once and cached) with
 ``/usr/bin/storescu +sd +r`` (TCP_NODELAY=1) alternately to ``itvnode serve`` (fsync + atomic rename + SQLite
@@ -9,7 +9,7 @@ files/s and the ratio itvnode/storescp of the medians. ``--profile`` samples the
 and prints where its time goes.
 
 Measured 2026-11-26 on the team VM (2 vCPU shared with ~8 engineers, load average 7-9, loopback, ext4 on a
-virtual disk where one fsync takes 4-7 ms); `.venv/bin/python bench/ingest.py --rounds 3 --profile`:
+virtual disk where one fsync takes 4-7 ms); `.venv/bin/python -m bench.ingest --rounds 3 --profile`:
 
     this disk: fsync of a new 0.5 MB file 7.1 ms, of its directory 4.0 ms -> <= ~90 files/s per association
     median of 3     itvnode (fsync)   29.0 s  21.7 MB/s   41 files/s
@@ -57,10 +57,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tests.support.net import free_port
 
-from tests.support.net import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -71,7 +70,8 @@ PY_SPY = REPO / ".venv" / "bin" / "py-spy"
 
 def phantom(cache: Path, phases: int, slices: int, size: int) -> tuple[Path, int, int]:
     """The cached phantom DICOM folder; returns (folder, files, bytes)."""
-    from models.phantom import PhantomSpec, make_phantom
+    from models.phantom import make_phantom
+    from models.phantom_spec import PhantomSpec
     from service.dicomio.phantom_dicom import write_phantom_dicom
 
     spec = PhantomSpec.sized(size, slices, n_phases=phases, slice_thickness=2.5)

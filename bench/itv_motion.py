@@ -22,8 +22,8 @@ own position stays missing and QA reports it (`vanished_phases`). Variants, in t
 CENTROID (IoU or centroids within 15 mm), NEW (defaults, with the CT). Goal: NEW keeps coverage >= 0.99 and
 false-positive voxels kept <= 1 % in every cell.
 
-    .venv/bin/python bench/itv_motion.py            # 4 radii x 4 amplitudes x 4 shapes x 8/10 phases
-    .venv/bin/python bench/itv_motion.py --quick    # 8 cells (smoke test)
+    .venv/bin/python -m bench.itv_motion            # 4 radii x 4 amplitudes x 4 shapes x 8/10 phases
+    .venv/bin/python -m bench.itv_motion --quick    # 8 cells (smoke test)
 """
 
 from __future__ import annotations
@@ -33,15 +33,12 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.post.qa import structure_qa  # noqa: E402
-from models.post.temporal import TemporalParams, temporal_filter  # noqa: E402
+from models.post.qa import structure_qa
+from models.post.temporal import TemporalParams, temporal_filter
 
 SHAPES = ("cos2", "cos4", "cos6", "hyst")
 SPACING = (3.0, 1.2, 1.2)  # coarse slices: a 3 mm tumour spans two or three of them

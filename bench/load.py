@@ -12,7 +12,7 @@ under ``--cache``). Each round runs, in alternating order:
 Prints best and median seconds per reader, the ratios against ``naive`` and the load average (2 shared cores
 are noisy: compare ratios, not seconds). The reader outputs are checked to be identical.
 
-    .venv/bin/python bench/load.py [--rounds 5] [--phases 10] [--slices 120] [--size 512] [--workers N]
+    .venv/bin/python -m bench.load [--rounds 5] [--phases 10] [--slices 120] [--size 512] [--workers N]
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from service.dicomio import volume
 
-from service.dicomio import volume  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def phantom(cache: Path, phases: int, slices: int, size: int) -> list[list[Path]]:
@@ -41,7 +40,7 @@ def phantom(cache: Path, phases: int, slices: int, size: int) -> list[list[Path]
     done = folder / ".complete"
     if not done.exists():
         from itvnode.commands.phantom import write_phantom
-        from models.phantom import PhantomSpec
+        from models.phantom_spec import PhantomSpec
 
         t0 = time.perf_counter()
         write_phantom(folder, PhantomSpec.sized(size, slices, n_phases=phases))

@@ -4,7 +4,7 @@ Synthetic volume: a body ellipse with lungs, and a 12 mm GTV moving 15 mm SI; Ex
 same in every phase (broadcast views, so the bench needs ~0.5 GB, not several). Times ``extract`` (taken while
 the CT is in memory, on the pipeline's critical path) and ``render`` (after the RTSTRUCT is sent) separately.
 
-    .venv/bin/python bench/qa_report.py [--out DIR] [--dpi 110]
+    .venv/bin/python -m bench.qa_report [--out DIR] [--dpi 110]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--dpi", type=int, default=110)
     args = ap.parse_args()
     from models.post.qa import cycle_qa, study_qa
-    from worker.qa_report import extract, render
+    from worker.qa_render import render
+    from worker.qa_report import extract
 
     n_ph, nz, ny, nx = 10, 150, 512, 512
     spacing = (2.5, 0.98, 0.98)

@@ -20,9 +20,9 @@ Measured:
   per phase-0 structure and the ITV for our combined file, our per-series phase-0 file and rt-utils' file;
 * DS values longer than 16 characters (Eclipse rejects them) and file sizes.
 
-    .venv/bin/python bench/rtstruct.py                     # full size: ~1.6 GB of masks, a few minutes
-    .venv/bin/python bench/rtstruct.py --speed-only        # only the timing against the previous writer
-    .venv/bin/python bench/rtstruct.py --size 256 --slices 60
+    .venv/bin/python -m bench.rtstruct                     # full size: ~1.6 GB of masks, a few minutes
+    .venv/bin/python -m bench.rtstruct --speed-only        # only the timing against the previous writer
+    .venv/bin/python -m bench.rtstruct --size 256 --slices 60
 """
 
 from __future__ import annotations
@@ -41,27 +41,23 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "tests" / "integration" / "rtstruct"))  # the same plastimatch peer as the tests
-sys.path.insert(0, str(ROOT / "tests" / "unit"))  # the previous writer, kept as the tests' reference
-
-import rtstruct_previous  # noqa: E402
-from rtstruct_peers import plastimatch_masks  # noqa: E402
-
-from models.metrics import dice as metric_dice  # noqa: E402
-from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
-from service.dicomio.phantom_dicom import write_phantom_dicom  # noqa: E402
-from service.dicomio.rtstruct import (  # noqa: E402
+from models.metrics import dice as metric_dice
+from models.phantom import Phantom, make_phantom
+from models.phantom_spec import PhantomSpec
+from service.dicomio.phantom_dicom import write_phantom_dicom
+from service.dicomio.rtstruct import (
     Algorithm,
     build_rtstructs,
     roi_name,
     styles_from_settings,
     write_rtstruct,
 )
-from service.dicomio.volume import Geometry, read_geometry  # noqa: E402
-from service.settings import default_structures  # noqa: E402
+from service.dicomio.volume import Geometry, read_geometry
+from service.settings import default_structures
+from tests.support import rtstruct_previous
+from tests.support.rtstruct_peers import plastimatch_masks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)  # one timestamp: the two writers' files compare byte for byte

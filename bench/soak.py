@@ -6,7 +6,7 @@ dcmtk storescu sends ``--studies`` small 10-phase phantoms (distinct UIDs) one e
 over time, studies done (RTSTRUCTs received) and lost (goal 0), what retention purged, and the RSS of each
 process of the node at start and at the end.
 
-    .venv/bin/python bench/soak.py [--studies 30] [--every 4] [--slices 8] [--rows 64] [--sam3 none|tiny]
+    .venv/bin/python -m bench.soak [--studies 30] [--every 4] [--slices 8] [--rows 64] [--sam3 none|tiny]
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tests.support.net import free_port
 
-from tests.support.net import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
 
@@ -90,7 +89,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from itvnode.commands.phantom import write_phantom
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="itvnode-soak-"))
     spec = PhantomSpec.small(n_phases=10, shape=(args.slices, args.rows, args.rows))

@@ -8,7 +8,7 @@ one (phases on ``--workers`` threads) in alternating order; outputs must be iden
 
 Prints best and median seconds per phase, the speed-up and the load average.
 
-    .venv/bin/python bench/threshold.py [--rounds 3] [--phases 10] [--slices 120] [--size 512] [--workers 2]
+    .venv/bin/python -m bench.threshold [--rounds 3] [--phases 10] [--slices 120] [--size 512] [--workers 2]
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.load import phantom
+from models.threshold import threshold_body
+from service.dicomio.volume import read_phases
+from tests.support.threshold_previous import threshold_body as previous_body
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
-
-from load import phantom  # noqa: E402
-from threshold_previous import threshold_body as previous_body  # noqa: E402
-
-from models.threshold import threshold_body  # noqa: E402
-from service.dicomio.volume import read_phases  # noqa: E402
 
 HU_RANGE = (-350.0, 3000.0)  # the shipped External structure
 

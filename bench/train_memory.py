@@ -12,7 +12,7 @@ Without CUDA it says so and exits 0; ``--tiny`` then times one step of the tiny 
 smoke test of the code path, not a memory figure). The full-size LoRA parameter count is printed either
 way (meta device, no memory).
 
-    .venv/bin/python bench/train_memory.py [--batch-sizes 1,2,4] [--sam3-dir DIR] [--tiny] [--dry-run]
+    .venv/bin/python -m bench.train_memory [--batch-sizes 1,2,4] [--sam3-dir DIR] [--tiny] [--dry-run]
                                            [--json OUT]
 """
 
@@ -25,16 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 GOAL_GB = 24.0
 
 
 def _volume(rows: int, slices: int) -> Any:
-    from models.phantom import PhantomSpec, make_phantom
+    from models.phantom import make_phantom
+    from models.phantom_spec import PhantomSpec
     from models.training.dataset import phantom_volumes
 
     ph = make_phantom(PhantomSpec.sized(rows, slices, n_phases=1, slice_thickness=20.0))

@@ -10,27 +10,23 @@ Volumes are generated phase by phase on demand (a full 10 x 120 x 512 x 512 stud
 in memory); masks of every generated phase are kept bit-packed. Axes follow docs/internal-api.md:
 ``(phases, z, y, x)``, x towards patient Left, y towards Posterior, z towards Superior; ``origin`` is
 ``(x, y, z)`` of voxel ``(0, 0, 0)``.
+
+The spec and breathing curve are models/phantom_spec.py, the ground-truth files models/phantom_truth.py. The
+anatomy is one class whose methods share its coordinate grids, so it stays whole here (just over 400 lines).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-log = logging.getLogger(__name__)
+from models.phantom_spec import HU_MAX, HU_MIN, STRUCTURES, PhantomSpec, amplitude_bins, lujan
 
-STRUCTURES: tuple[str, ...] = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
-HU_MIN, HU_MAX = -1024, 3071  # what 12-bit unsigned storage with intercept -1024 can carry
-GROUND_TRUTH_FORMAT = 1
+log = logging.getLogger(__name__)
 
 # Anatomy, mm, LPS. Body centred on x = 0; the back lies on the table at y = +100.
 _BODY_AX = 165.0  # LR semi-axis of the torso
@@ -61,83 +57,6 @@ HU = {
 }
 
 
-@dataclass(frozen=True)
-class PhantomSpec:
-    """What to generate. All lengths in mm. ``shape`` is ``(slices, rows, columns)``."""
-
-    n_phases: int = 10
-    shape: tuple[int, int, int] = (120, 512, 512)
-    pixel_spacing: tuple[float, float] = (500.0 / 512, 500.0 / 512)  # (row = dy, column = dx)
-    slice_thickness: float = 2.5  # also the slice spacing
-    origin: tuple[float, float, float] | None = None  # (x, y, z) of voxel 0; None: centred, off-grid
-    z_center_mm: float | None = None  # None: whole thorax if it fits, else centred on the tumour path
-    tumour_radius_mm: float = 12.0
-    tumour_amplitude_mm: float = 15.0  # SI peak-to-peak, end-inhale to end-exhale
-    tumour_ap_mm: float = 3.0  # anterior at inhale
-    tumour_lr_mm: float = 1.0  # towards patient left at inhale
-    diaphragm_amplitude_mm: float = 20.0
-    chest_ap_mm: float = 6.0  # anterior chest wall excursion
-    breathing_n: int = 2  # Lujan exponent n in cos^(2n)
-    breathing_phi: float = 0.0  # radians
-    noise_hu: float = 20.0  # Gaussian sigma
-    psf_sigma_mm: float = 0.7  # in-plane blur before noise (0: none)
-    arms: bool = False  # arms beside the torso (separate External components)
-    vessels: int = 24  # pulmonary vessel segments per lung (HU texture only; 0: none)
-    seed: int = 0  # noise and vessel pattern
-    # "phase": phases at equal times t = 0, 100/P, ... % (0 % = end-inhale). "amplitude": Siemens-style
-    # amplitude binning, phases at the times the breathing amplitude crosses 0, 200/P, ... 100 % (inhale,
-    # from end-exhale) and back down (exhale), in that breathing order; P must be even (see amplitude_bins)
-    sampling: str = "phase"
-
-    def __post_init__(self) -> None:
-        z, y, x = self.shape
-        if self.n_phases < 1 or self.n_phases > 100:
-            raise ValueError(f"n_phases must be 1-100, got {self.n_phases}")
-        if self.sampling not in ("phase", "amplitude"):
-            raise ValueError(f"sampling must be 'phase' or 'amplitude', got {self.sampling!r}")
-        if self.sampling == "amplitude" and (self.n_phases < 2 or self.n_phases % 2):
-            raise ValueError(f"amplitude sampling needs an even number of phases >= 2, got {self.n_phases}")
-        if z < 1 or y < 8 or x < 8:
-            raise ValueError(f"shape {self.shape} too small (need >= 1 slice and >= 8 x 8 pixels)")
-        if min(self.pixel_spacing) <= 0 or self.slice_thickness <= 0:
-            raise ValueError("pixel_spacing and slice_thickness must be positive")
-        if not 2.0 <= self.tumour_radius_mm <= 30.0:
-            raise ValueError(f"tumour_radius_mm must be 2-30 mm, got {self.tumour_radius_mm}")
-        if not 0.0 <= self.tumour_amplitude_mm <= 30.0:
-            raise ValueError(f"tumour_amplitude_mm must be 0-30 mm, got {self.tumour_amplitude_mm}")
-        if abs(self.tumour_ap_mm) > 10 or abs(self.tumour_lr_mm) > 10:
-            raise ValueError("tumour_ap_mm / tumour_lr_mm must be within +-10 mm")
-        if not 0.0 <= self.diaphragm_amplitude_mm <= 40.0 or not 0.0 <= self.chest_ap_mm <= 20.0:
-            raise ValueError("diaphragm_amplitude_mm must be 0-40 and chest_ap_mm 0-20")
-        if self.breathing_n < 1:
-            raise ValueError("breathing_n must be >= 1")
-        if self.noise_hu < 0 or self.psf_sigma_mm < 0 or self.vessels < 0:
-            raise ValueError("noise_hu, psf_sigma_mm and vessels must be >= 0")
-
-    @classmethod
-    def full(cls, **overrides: Any) -> PhantomSpec:
-        """Clinical geometry: 10 phases x 120 slices x 512 x 512, 0.98 mm pixels, 2.5 mm slices."""
-        return cls(**overrides)
-
-    @classmethod
-    def small(cls, **overrides: Any) -> PhantomSpec:
-        """Fast tests: 4 phases x 24 slices x 96 x 96 (same 500 mm field of view, 5 mm slices)."""
-        base: dict[str, Any] = dict(n_phases=4, shape=(24, 96, 96), pixel_spacing=(500 / 96, 500 / 96),
-                                    slice_thickness=5.0)
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def sized(cls, rows: int, slices: int, fov_mm: float = 500.0, **overrides: Any) -> PhantomSpec:
-        """Square ``rows`` x ``rows`` images over ``fov_mm``; ``slices`` at the given slice_thickness."""
-        d = fov_mm / rows
-        return cls(**{"shape": (slices, rows, rows), "pixel_spacing": (d, d), **overrides})
-
-    def digest(self) -> str:
-        """Short stable hash of every field (default UID seed, cache keys)."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 @dataclass
 class PhantomPhase:
@@ -148,29 +67,6 @@ class PhantomPhase:
     hu: np.ndarray
     masks: dict[str, np.ndarray]
 
-
-def amplitude_bins(n_phases: int, n: int = 2, phi: float = 0.0) -> list[tuple[float, float, str]]:
-    """Amplitude binning of the Lujan curve: ``(time percent, amplitude percent, "In" | "Ex")`` per phase in
-    breathing order: inhale from end-exhale (amplitude 0) up to end-inhale (100) in steps of
-    ``200 / n_phases``, then exhale back down (the end points are not repeated). Amplitude = inhale fraction.
-    """
-    step = 200.0 / n_phases
-    half = n_phases // 2
-    out: list[tuple[float, float, str]] = []
-    for k in range(half + 1):  # In: 0, step, ... 100
-        a = k * step
-        t = 100.0 - 100.0 / np.pi * (float(np.arccos((a / 100.0) ** (1.0 / (2 * n)))) - phi)
-        out.append((t % 100.0, a, "In"))
-    for k in range(half - 1, 0, -1):  # Ex: 100 - step ... step
-        a = k * step
-        t = 100.0 / np.pi * (float(np.arccos((a / 100.0) ** (1.0 / (2 * n)))) + phi)
-        out.append((t % 100.0, a, "Ex"))
-    return out
-
-
-def lujan(percent: float | np.ndarray, n: int = 2, phi: float = 0.0) -> np.ndarray:
-    """Inhale fraction s = cos^(2n)(pi t/tau - phi) in [0, 1] (1: end-inhale) at phase ``percent``."""
-    return np.asarray(np.cos(np.pi * np.asarray(percent, dtype=np.float64) / 100.0 - phi) ** (2 * n))
 
 
 class Phantom:
@@ -527,127 +423,3 @@ def make_phantom(spec: PhantomSpec | None = None) -> Phantom:
     """The phantom for ``spec`` (default: full clinical size). Cheap: phases generate on first use."""
     return Phantom(spec or PhantomSpec())
 
-
-# ground truth --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GroundTruth:
-    """Ground truth read back by :func:`load_ground_truth` (same attribute names as :class:`Phantom`)."""
-
-    masks: dict[str, np.ndarray]
-    itv: np.ndarray
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    phase_percents: tuple[float, ...]
-    shape: tuple[int, int, int, int]
-    tumour_centres: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def ground_truth_meta(phantom: Phantom) -> dict[str, Any]:
-    """The human-readable half of the ground truth (ground_truth.json)."""
-    s = phantom.spec
-    centres = phantom.tumour_centres
-    return {
-        "format": GROUND_TRUTH_FORMAT,
-        "generator": "itvnode phantom (models/phantom.py)",
-        "structures": list(STRUCTURES),
-        "itv_of": "GTVp",
-        "shape_pzyx": list(phantom.shape),
-        "spacing_zyx_mm": list(phantom.spacing),
-        "origin_xyz_mm": list(phantom.origin),
-        "image_orientation": [1, 0, 0, 0, 1, 0],
-        "patient_position": "HFS",
-        "axes": "arrays are (phase, z, y, x); x -> patient Left, y -> Posterior, z -> Superior (LPS)",
-        "phase_percents": list(phantom.phase_percents),
-        "inhale_fraction": [round(float(v), 6) for v in phantom.inhale],
-        "end_inhale_phase_percent": phantom.phase_percents[int(np.argmax(phantom.inhale))],
-        "end_exhale_phase_percent": phantom.phase_percents[int(np.argmin(phantom.inhale))],
-        "breathing_model": {"name": "Lujan cos^2n", "n": s.breathing_n, "phi_rad": s.breathing_phi,
-                            "formula": "z(t) = z0 - b*cos^(2n)(pi*t/tau - phi), t/tau = percent/100"},
-        "tumour": {
-            "radius_mm": s.tumour_radius_mm,
-            "amplitude_mm": {"LR": s.tumour_lr_mm, "AP": s.tumour_ap_mm, "SI": s.tumour_amplitude_mm},
-            "sampled_range_mm": {ax: round(float(np.ptp(centres[:, i])), 4)
-                                 for i, ax in enumerate(("LR", "AP", "SI"))},
-            "centres_xyz_mm": [[round(float(v), 4) for v in c] for c in centres],
-            "location": "right lower lobe",
-        },
-        "diaphragm_amplitude_mm": s.diaphragm_amplitude_mm,
-        "chest_wall_ap_mm": s.chest_ap_mm,
-        "noise_hu": s.noise_hu,
-        "psf_sigma_mm": s.psf_sigma_mm,
-        "hu_range": [HU_MIN, HU_MAX],
-        "seed": s.seed,
-        "spec": dataclasses.asdict(s),
-        "spec_digest": s.digest(),
-    }
-
-
-def save_ground_truth(phantom: Phantom, path: str | Path) -> Path:
-    """Write ``ground_truth.npz`` + ``ground_truth.json`` into directory ``path``; returns the npz path.
-
-    Masks are stored bit-packed along x (``np.packbits(mask, axis=-1)``); see docs/phantom.md.
-    """
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    p, z, y, x = phantom.shape
-    xb = (x + 7) // 8
-    packed = {k: np.empty((p, z, y, xb), dtype=np.uint8) for k in STRUCTURES}
-    for i in range(p):
-        ph = phantom.phase_masks_packed(i)
-        for k in STRUCTURES:
-            packed[k][i] = ph[k]
-    itv = np.bitwise_or.reduce(packed["GTVp"], axis=0)
-    arrays: dict[str, np.ndarray] = {f"mask_{k}": v for k, v in packed.items()}
-    arrays.update(
-        itv=itv,
-        structures=np.array(STRUCTURES),
-        shape=np.array(phantom.shape, dtype=np.int64),
-        spacing=np.array(phantom.spacing, dtype=np.float64),
-        origin=np.array(phantom.origin, dtype=np.float64),
-        phase_percents=np.array(phantom.phase_percents, dtype=np.float64),
-        tumour_centres=phantom.tumour_centres.astype(np.float64),
-    )
-    npz = out / "ground_truth.npz"
-    tmp = out / "ground_truth.tmp.npz"
-    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
-    tmp.replace(npz)
-    meta = ground_truth_meta(phantom)
-    meta["volumes_cc"] = {
-        k: [round(float(np.unpackbits(packed[k][i]).sum()) * _voxel_cc(phantom.spacing), 4) for i in range(p)]
-        for k in STRUCTURES
-    }
-    meta["itv_cc"] = round(float(np.unpackbits(itv).sum()) * _voxel_cc(phantom.spacing), 4)
-    (out / "ground_truth.json").write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("ground truth written to %s", out)
-    return npz
-
-
-def _voxel_cc(spacing: tuple[float, float, float]) -> float:
-    return math.prod(spacing) / 1000.0
-
-
-def load_ground_truth(path: str | Path) -> GroundTruth:
-    """Read a directory written by :func:`save_ground_truth` (or its ``ground_truth.npz``)."""
-    p = Path(path)
-    npz = p / "ground_truth.npz" if p.is_dir() else p
-    meta_path = npz.with_name("ground_truth.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    with np.load(npz, allow_pickle=False) as data:
-        shape = tuple(int(v) for v in data["shape"])
-        x = shape[3]
-        names = [str(n) for n in data["structures"]]
-        masks = {n: np.unpackbits(data[f"mask_{n}"], axis=-1, count=x).astype(bool) for n in names}
-        itv = np.unpackbits(data["itv"], axis=-1, count=x).astype(bool)
-        return GroundTruth(
-            masks=masks,
-            itv=itv,
-            spacing=tuple(float(v) for v in data["spacing"]),  # type: ignore[arg-type]
-            origin=tuple(float(v) for v in data["origin"]),  # type: ignore[arg-type]
-            phase_percents=tuple(float(v) for v in data["phase_percents"]),
-            shape=shape,  # type: ignore[arg-type]
-            tumour_centres=np.array(data["tumour_centres"]),
-            meta=meta,
-        )

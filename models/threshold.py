@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from models.post.temporal import thread_map
+from models.post.labels import thread_map
 
 log = logging.getLogger(__name__)
 

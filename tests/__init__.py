@@ -1,3 +1,3 @@
 """The test tree. A regular package only so that ``tests.support`` imports from the repository root (pytest,
-and ``python bench/x.py`` with the root first on ``sys.path``): rt-utils installs a top-level ``tests``
+and ``python -m bench.x`` from the root): rt-utils installs a top-level ``tests``
 package into site-packages, which would shadow a namespace package of that name."""

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from models.phantom import Phantom, PhantomSpec
+    from models.phantom import Phantom
+    from models.phantom_spec import PhantomSpec
     from service.dicomio.phantom_dicom import PhantomSeries
 
 
 @pytest.fixture(scope="session")
 def small_phantom_spec() -> PhantomSpec:
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
 
     return PhantomSpec.small()
 
@@ -54,7 +55,7 @@ def phantom_dicom_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[
                 with_extra_ct: bool | str = False, uid_seed: str | None = None,
                 **spec_overrides: Any) -> PhantomSeries:
         from itvnode.commands.phantom import write_phantom
-        from models.phantom import PhantomSpec
+        from models.phantom_spec import PhantomSpec
 
         spec = PhantomSpec.small(**spec_overrides)
         key = json.dumps([vendor, with_avg, with_mip, with_extra_ct, uid_seed, spec.digest()])

@@ -531,7 +531,8 @@ def _load(
 ) -> tuple[Any, list[Any], dict[str, Any], tuple[str, Any] | None]:
     """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind, (kind, HU
     volume) of the QA report's reference series (AVG, else MIP; None without one on the phases' grid))``."""
-    from service.dicomio.volume import VolumeError, read_geometry, read_phases, read_series
+    from service.dicomio.geometry import VolumeError
+    from service.dicomio.volume import read_geometry, read_phases, read_series
 
     if not m.phases:
         raise PipelineError("the manifest lists no phases")
@@ -998,7 +999,8 @@ def write_report(
     from pydicom.filereader import read_file_meta_info
 
     from service.dicomio.encapsulated_pdf import build_encapsulated_pdf, write_encapsulated_pdf
-    from worker.qa_report import REPORT_DIR, render
+    from worker.qa_render import render
+    from worker.qa_report import REPORT_DIR
 
     data_dir = Path(data_dir)
     path = manifest_path(data_dir, study_key)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
     from service.dicomio.phantom_dicom import PhantomSeries
 
 
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> PhantomSpec:
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
 
     over: dict[str, Any] = {"seed": args.seed}
     for attr, key in (("phases", "n_phases"), ("slice_thickness", "slice_thickness"),
@@ -86,7 +86,8 @@ def write_phantom(
 
     Each phase is generated once: the writer keeps its masks bit-packed for the ground truth.
     """
-    from models.phantom import make_phantom, save_ground_truth
+    from models.phantom import make_phantom
+    from models.phantom_truth import save_ground_truth
     from service.dicomio.phantom_dicom import write_phantom_dicom
 
     out = Path(out)

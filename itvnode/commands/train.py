@@ -146,7 +146,9 @@ def phantom_arrays(folder: str | Path) -> tuple[Any, Any, dict[str, Any], str]:
     """(hu (P,Z,Y,X), ground truth, meta, patient name) of a phantom folder; HU regenerated from its spec."""
     import numpy as np
 
-    from models.phantom import PhantomSpec, load_ground_truth, make_phantom
+    from models.phantom import make_phantom
+    from models.phantom_spec import PhantomSpec
+    from models.phantom_truth import load_ground_truth
 
     p = Path(folder)
     gt_dir = p / "ground_truth" if (p / "ground_truth").is_dir() else p

@@ -23,16 +23,15 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.post.temporal import (
+from models.post.labels import (
     PhaseLabels,
-    TemporalParams,
     bounding_box,
-    find_genuine,
     label_components,
     label_counts,
     label_phases,
     thread_map,
 )
+from models.post.temporal import TemporalParams, find_genuine
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.post.temporal import bounding_box
+from models.post.labels import bounding_box
 
 
 def envelope(masks: np.ndarray) -> np.ndarray:

@@ -26,7 +26,8 @@ from scipy.optimize import linear_sum_assignment
 from models.post.motion import Shift, estimate_shift
 
 if TYPE_CHECKING:
-    from models.post.temporal import PhaseLabels, TemporalParams
+    from models.post.labels import PhaseLabels
+    from models.post.temporal import TemporalParams
 
 Box = tuple[slice, ...]
 

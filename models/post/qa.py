@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from models.post.temporal import bounding_box
+from models.post.labels import bounding_box
 
 AXES = ("SI", "AP", "LR")  # array axes z, y, x
 QA_SCHEMA = 1

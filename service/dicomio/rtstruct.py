@@ -42,9 +42,9 @@ from pydicom.uid import (
 
 from itvnode_version import __version__
 from service.dicomio.contours import Loops, loop_points, trace_mask
+from service.dicomio.geometry import Geometry
 from service.dicomio.uids import content_key as _content_key
 from service.dicomio.uids import output_uid
-from service.dicomio.volume import Geometry
 from service.store.durable import private_dir, write_atomic
 
 if TYPE_CHECKING:

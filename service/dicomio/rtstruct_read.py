@@ -28,8 +28,8 @@ import numpy as np
 import pydicom
 from skimage.measure import points_in_poly
 
+from service.dicomio.geometry import Geometry
 from service.dicomio.rtstruct import parse_roi_name, phase_label
-from service.dicomio.volume import Geometry
 
 log = logging.getLogger(__name__)
 

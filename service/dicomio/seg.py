@@ -18,9 +18,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from itvnode_version import __version__
+from service.dicomio.geometry import Geometry
 from service.dicomio.rtstruct import Algorithm, RoiStyle, write_dataset
 from service.dicomio.uids import output_uid
-from service.dicomio.volume import Geometry
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ show the patient's name and ID. An action needs the session cookie **and** the s
 form (or ``Authorization: Bearer <token>`` for scripts, which carries no cookie), and a request whose
 ``Origin`` names another host is refused. Every value on a page is HTML-escaped; pages send a strict
 Content-Security-Policy (no scripts at all). Logs name the study key and the action, never the patient.
+
+One class: its pages and its access checks share the session state, so it stays whole (just over 400 lines).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_train_then_evaluate_cli(tmp_path: Path) -> None:
     from itvnode.commands.phantom import write_phantom
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
 
     spec = PhantomSpec.small(
         n_phases=4, shape=(16, 64, 64), pixel_spacing=(500 / 64, 500 / 64), slice_thickness=7.5
@@ -156,7 +156,8 @@ def test_evaluate_dicom_4dct_with_rtstruct_truth(tmp_path: Path) -> None:
     """A DICOM 4DCT folder with per-phase RTSTRUCTs (our writer): phases found as the node finds them, truth
     rasterised on the right phase (voxel counts equal the phantom's exact ground truth)."""
     from itvnode.commands.phantom import write_phantom
-    from models.phantom import PhantomSpec, load_ground_truth
+    from models.phantom_spec import PhantomSpec
+    from models.phantom_truth import load_ground_truth
     from models.sam3.tiny import write_tiny_model
     from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
     from service.dicomio.volume import read_series

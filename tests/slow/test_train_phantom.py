@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.phantom import PhantomSpec, make_phantom
+from models.phantom import make_phantom
+from models.phantom_spec import PhantomSpec
 from models.training.dataset import Target, phantom_volumes, split_by_group
 from models.training.losses import LossWeights
 from models.training.trainer import TrainConfig, Trainer

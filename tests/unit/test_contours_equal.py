@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import contours_previous as previous
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from service.dicomio import contours
+from tests.support import contours_previous as previous
 
 ORIENTATIONS = [
     (1, 0, 0, 0, 1, 0),

@@ -9,18 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.phantom import (
-    HU,
-    HU_MAX,
-    HU_MIN,
-    STRUCTURES,
-    Phantom,
-    PhantomSpec,
-    load_ground_truth,
-    lujan,
-    make_phantom,
-    save_ground_truth,
-)
+from models.phantom import HU, Phantom, make_phantom
+from models.phantom_spec import HU_MAX, HU_MIN, STRUCTURES, PhantomSpec, lujan
+from models.phantom_truth import load_ground_truth, save_ground_truth
 
 
 def _grid(ph: Phantom) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,8 @@ import pydicom
 import pytest
 
 from itvnode.cli import main as itvnode_main
-from models.phantom import Phantom, load_ground_truth, make_phantom
+from models.phantom import Phantom, make_phantom
+from models.phantom_truth import load_ground_truth
 from service.dicomio.phantom_dicom import PATIENT_NAME, PhantomSeries, phase_description, write_phantom_dicom
 
 Factory = Callable[..., PhantomSeries]
@@ -227,7 +228,7 @@ def test_full_size_phase_by_phase_within_memory(tmp_path: Path) -> None:
     import tracemalloc
 
     from itvnode.commands.phantom import write_phantom
-    from models.phantom import PhantomSpec
+    from models.phantom_spec import PhantomSpec
 
     spec = PhantomSpec.full(n_phases=2)
     tracemalloc.start()

@@ -16,9 +16,11 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from models.phantom import Phantom, PhantomSpec  # noqa: E402
+from models.phantom import Phantom  # noqa: E402
+from models.phantom_spec import PhantomSpec  # noqa: E402
 from models.post.qa import cycle_qa, study_qa  # noqa: E402
-from worker.qa_report import ReportData, draw_plane, extract, render  # noqa: E402
+from worker.qa_render import draw_plane, render  # noqa: E402
+from worker.qa_report import ReportData, extract  # noqa: E402
 
 MAGENTA = "#ff00ff"
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import rtstruct_previous as previous
 from pydicom.uid import ImplicitVRLittleEndian
 from scipy import ndimage
 
 from service.dicomio import rtstruct
-from service.dicomio.volume import Geometry
+from service.dicomio.geometry import Geometry
+from tests.support import rtstruct_previous as previous
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

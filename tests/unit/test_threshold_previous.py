@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from threshold_previous import threshold_body as previous
 
-from models.phantom import PhantomSpec, make_phantom
+from models.phantom import make_phantom
+from models.phantom_spec import PhantomSpec
 from models.threshold import threshold_body
+from tests.support.threshold_previous import threshold_body as previous
 
 
 @pytest.fixture(scope="module")

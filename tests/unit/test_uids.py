@@ -12,9 +12,9 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from models.structures import StructureSpec
+from service.dicomio.geometry import Geometry
 from service.dicomio.rtstruct import Algorithm, build_rtstructs
 from service.dicomio.uids import content_key, settings_digest
-from service.dicomio.volume import Geometry
 from service.store.manifest import Manifest
 from worker.engine_settings import EngineConfig
 from worker.pipeline import result_version

@@ -1,5 +1,5 @@
 """Fixtures for the RTSTRUCT tests: a 10-phase phantom (24 x 128 x 128, 2 mm pixels, 8 mm tumour) read back
-and written in both layouts. Peer helpers live in rtstruct_peers.py."""
+and written in both layouts. Peer helpers live in tests/support/rtstruct_peers.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PHANTOM_10 = dict(
 
 @pytest.fixture(scope="session")
 def study10(phantom_dicom_factory: Callable[..., Any]) -> Study:
-    from models.phantom import load_ground_truth
+    from models.phantom_truth import load_ground_truth
     from service.dicomio.volume import read_geometry, read_phases
 
     series = phantom_dicom_factory("siemens", with_avg=True, with_mip=True, **PHANTOM_10)

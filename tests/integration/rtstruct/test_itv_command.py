@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from rtstruct_peers import dciodvfy, dice, plastimatch_masks
 from rtstruct_study import Study
 
 from service.dicomio.rtstruct import roi_name
+from tests.support.rtstruct_peers import dciodvfy, dice, plastimatch_masks
 
 REPO = Path(__file__).resolve().parents[3]
 

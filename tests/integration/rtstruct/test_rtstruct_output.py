@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from rtstruct_peers import DS_RE, dciodvfy, dice, ds_values, plastimatch_masks
 from rtstruct_study import Study, build
 
 from service.dicomio.rtstruct import Algorithm, RoiStyle, roi_name, write_rtstruct
+from tests.support.rtstruct_peers import DS_RE, dciodvfy, dice, ds_values, plastimatch_masks
 
 STRUCTURES = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 

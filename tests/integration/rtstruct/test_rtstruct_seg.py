@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from rtstruct_peers import dciodvfy
 from rtstruct_study import Study
 
 from service.dicomio.rtstruct import Algorithm, styles_from_settings
 from service.settings import default_structures
+from tests.support.rtstruct_peers import dciodvfy
 
 hd = pytest.importorskip("highdicom")
 

@@ -14,7 +14,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
 
-from service.dicomio.volume import VolumeError, read_geometry, read_phases, read_series
+from service.dicomio.geometry import VolumeError
+from service.dicomio.volume import read_geometry, read_phases, read_series
 from tests.support.ctdata import write_ct_series
 
 STUDY, FOR = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
@@ -33,7 +34,8 @@ def _series(tmp_path: Path, hu: np.ndarray, **kw: Any) -> list[Path]:
 
 
 def test_phantom_phases_read_back_exactly(phantom_dicom_factory: Callable[..., Any]) -> None:
-    from models.phantom import PhantomSpec, make_phantom
+    from models.phantom import make_phantom
+    from models.phantom_spec import PhantomSpec
 
     series = phantom_dicom_factory("siemens", with_avg=True)
     phantom = make_phantom(PhantomSpec.small())

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from service.dicomio import volume
+from service.dicomio import native_read, volume
 from tests.support.ctdata import write_ct_series
 
 STUDY, FOR = "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"
@@ -48,7 +48,7 @@ def _both(lists: list[list[Path]], dtype: type | None = None, workers: int = 2) 
 
 
 def _native(files: list[Path]) -> bool:
-    return volume._scan_series([str(f) for f in files]) is not None
+    return native_read.scan_series([str(f) for f in files]) is not None
 
 
 def _raw(seed: int, lo: int, hi: int, dtype: Any, shape: tuple[int, int, int] = (4, 12, 10)) -> np.ndarray:

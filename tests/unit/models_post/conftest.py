@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from models.phantom import Phantom, PhantomSpec, make_phantom
+from models.phantom import Phantom, make_phantom
+from models.phantom_spec import PhantomSpec
 
 PROMPT_OF = {"Lung_L": "lung", "Lung_R": "lung", "Heart": "heart", "GTVp": "lung tumor"}
 

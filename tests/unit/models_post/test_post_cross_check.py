@@ -1,4 +1,5 @@
-"""Cross-check: the vectorised rules equal the per-component implementation of bench/postprocess.py.
+"""Cross-check: the vectorised rules equal the per-component implementation of
+tests/support/postprocess_reference.py (the naive peer of bench/postprocess.py).
 
 Random scenes (moving blobs, sporadic specks, dropped phases) under several parameter sets; the two
 implementations share no code beyond scipy.ndimage.label.
@@ -6,28 +7,12 @@ implementations share no code beyond scipy.ndimage.label.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import pytest
 
 from models.post.connectivity import ConnectivityParams, clean_phases
 from models.post.temporal import TemporalParams
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def bench_pp() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_postprocess", ROOT / "bench" / "postprocess.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_postprocess"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from tests.support.postprocess_reference import naive_clean
 
 
 def _scene(rng: np.random.Generator, n_phases: int) -> np.ndarray:
@@ -63,7 +48,7 @@ PARAMS = [
 
 @pytest.mark.parametrize("case", range(len(PARAMS)))
 @pytest.mark.parametrize("n_phases", [4, 7, 10])
-def test_vectorised_equals_naive(bench_pp: ModuleType, case: int, n_phases: int) -> None:
+def test_vectorised_equals_naive(case: int, n_phases: int) -> None:
     temporal, conn = PARAMS[case]
     rng = np.random.default_rng(100 * case + n_phases)
     sp = (2.0, 1.0, 1.0)
@@ -71,6 +56,6 @@ def test_vectorised_equals_naive(bench_pp: ModuleType, case: int, n_phases: int)
         m = _scene(rng, n_phases)
         ours, theirs = m.copy(), m.copy()
         clean_phases(ours, sp, temporal, conn, workers=2)
-        bench_pp.naive_clean(theirs, sp, temporal, conn)
+        naive_clean(theirs, sp, temporal, conn)
         assert np.array_equal(ours, theirs)
         assert ours.sum() <= m.sum() or conn.fill_holes != "none"

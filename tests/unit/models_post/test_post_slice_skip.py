@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from models.engine import SkipParams, prompt_slices, segment_volume
-from models.phantom import Phantom, PhantomSpec, make_phantom
+from models.phantom import Phantom, make_phantom
+from models.phantom_spec import PhantomSpec
 from models.post.temporal import TemporalParams
 from models.structures import default_structures
 

@@ -5,17 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import models.post.temporal as temporal
-from models.post.temporal import (
-    TemporalParams,
-    bounding_box,
-    find_genuine,
-    label_components,
-    label_phases,
-    pair_overlaps,
-    render,
-    temporal_filter,
-)
+import models.post.labels as labels
+from models.post.labels import bounding_box, label_components, label_phases, pair_overlaps
+from models.post.temporal import TemporalParams, find_genuine, render, temporal_filter
 
 SHAPE = (12, 24, 24)
 
@@ -181,7 +173,7 @@ def test_pair_overlaps_dense_and_sparse_paths_agree(monkeypatch: pytest.MonkeyPa
     la, na = label_components(a, 1)
     lb, nb = label_components(b, 1)
     dense = pair_overlaps(la, na, lb, nb)
-    monkeypatch.setattr(temporal, "_MAX_DENSE_PAIRS", 0)
+    monkeypatch.setattr(labels, "_MAX_DENSE_PAIRS", 0)
     assert (na + 1) * (nb + 1) > 2 * np.count_nonzero(a & b)  # so the np.unique path runs
     sparse = pair_overlaps(la, na, lb, nb)
     key = lambda t: sorted(zip(*(x.tolist() for x in t), strict=True))  # noqa: E731

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.phantom import PhantomSpec, make_phantom
+from models.phantom import make_phantom
+from models.phantom_spec import PhantomSpec
 from models.threshold import threshold_body, threshold_lungs
 
 

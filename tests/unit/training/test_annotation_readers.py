@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.phantom import load_ground_truth
+from models.phantom_truth import load_ground_truth
 from service.dicomio.nifti_read import parse_label_map, read_nifti_image, read_nifti_labels
 from service.dicomio.rtstruct import build_rtstructs, write_rtstruct
 from service.dicomio.rtstruct_read import find_rtstructs, map_name, rtstruct_masks

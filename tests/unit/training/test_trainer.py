@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.phantom import PhantomSpec, make_phantom
+from models.phantom import make_phantom
+from models.phantom_spec import PhantomSpec
 from models.structures import default_structures
 from models.training.dataset import (
     AnnotatedVolume,

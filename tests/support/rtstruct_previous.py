@@ -33,11 +33,11 @@ from pydicom.uid import (
 )
 
 from itvnode import __version__
-from contours_previous import mask_to_contours  # the only changed line
+from tests.support.contours_previous import mask_to_contours  # the only changed line
 from service.store.durable import private_dir, write_atomic
 from service.dicomio.uids import content_key as _content_key
 from service.dicomio.uids import output_uid
-from service.dicomio.volume import Geometry
+from service.dicomio.geometry import Geometry
 
 if TYPE_CHECKING:
     from service.settings import StructureSetting

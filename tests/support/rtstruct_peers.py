@@ -1,4 +1,4 @@
-"""Helpers for the RTSTRUCT tests: the real peers (dciodvfy, plastimatch), Dice, DS value checks."""
+"""The RTSTRUCT tests' and bench/rtstruct.py's real peers (dciodvfy, plastimatch), Dice, DS value checks."""
 
 from __future__ import annotations
 
