@@ -98,7 +98,7 @@ def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any, predicte
     (service.dicomio.rtstruct_read.read_phase_contours: per-phase or combined layout)."""
     from service.dicomio.rtstruct_read import RTStructReadError, read_phase_contours, split_rtstructs
     from service.dicomio.volume import read_phases
-    from service.intake.assembler import assemble_folder
+    from service.intake.folder import assemble_folder
     from service.store.manifest import iter_manifests
     from service.store.state import StudyState
 
