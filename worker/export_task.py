@@ -1,8 +1,11 @@
 """Celery tasks of the ``export`` queue: deliver one outbox item, and sweep the outbox for due retries.
 
 Thin on purpose: the logic lives in :func:`run_export` / :func:`run_sweep` (plain functions, plain arguments)
-over :mod:`service.store.outbox` and :mod:`service.net.scu`. The tasks are ``shared_task``s, so they bind to
-the node's Celery app (``worker.celery_app``) as soon as that app imports this module (``include``).
+over :mod:`service.store.outbox` and :mod:`service.net.scu`. After every delivery attempt the task
+calls :func:`sync_study_state`: the study's manifest follows its outbox item (``exporting`` -> ``done``,
+or ``failed`` with the dead-letter reason), so ``itvnode status`` shows delivery. The tasks are
+``shared_task``s, so they bind to the node's Celery app (``worker.celery_app``) as soon as that app imports
+this module (``include``).
 
 The retry schedule is in the outbox on disk; the Celery countdown this task schedules is only the fast path.
 If that message is lost (worker killed, broker restarted), :func:`run_sweep` re-enqueues the item once due.
@@ -60,6 +63,23 @@ def run_export(
     return {k: st.status for k, st in states.items()}
 
 
+def sync_study_state(data_dir: Path, outbox_dir: Path, item_id: str) -> None:
+    """Mirror the outbox state of ``item_id`` into its study's manifest
+    (:func:`worker.pipeline.sync_export_state`).
+
+    Never raises: the delivery itself is recorded in the outbox, and the next attempt or sweep syncs again.
+    """
+    try:
+        from worker.pipeline import sync_export_state
+
+        outbox = Outbox(outbox_dir)
+        item = outbox.find(item_id)
+        if item is not None and item.study_key:
+            sync_export_state(data_dir, item.study_key, outbox)
+    except Exception:
+        log.exception("could not update the study state after exporting %s", item_id)
+
+
 def run_sweep(data_dir: Path, policy: RetryPolicy, enqueue: Callable[[str], Any], grace: float = 300.0
               ) -> list[str]:
     """Re-enqueue outbox items whose retry is due (after a restart, or a lost countdown)."""
@@ -82,8 +102,12 @@ def export_item(self: Any, item_id: str, destination: str | None = None) -> dict
                            serializer="json")
 
     log.info("task %s: export item %s", self.request.id, item_id)
-    return run_export(item_id, settings.data_dir, settings.ae_title, RetryPolicy.from_settings(settings),
-                      destination=destination, schedule=schedule, timeouts=Timeouts.from_settings(settings))
+    try:
+        return run_export(item_id, settings.data_dir, settings.ae_title,
+                          RetryPolicy.from_settings(settings), destination=destination, schedule=schedule,
+                          timeouts=Timeouts.from_settings(settings))
+    finally:
+        sync_study_state(settings.data_dir, settings.outbox_dir, item_id)
 
 
 @shared_task(name=TASK_SWEEP, bind=True, ignore_result=True)

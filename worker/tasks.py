@@ -5,17 +5,14 @@ Task options: explicit names, JSON only, ``acks_late`` + ``reject_on_worker_lost
 puts its message back), soft/hard time limits from ``service.intake.queue.celery_config`` (annotations by
 task name).
 
-Two signal handlers close the loop around the export queue and worker crashes:
+Around worker crashes:
 
-* after every ``itvnode.export_item`` the study's manifest follows its outbox item (``exporting`` ->
-  ``done``, or ``failed`` with the dead-letter reason), so ``itvnode status`` shows delivery;
 * while ``itvnode.segment_study`` runs, a thread touches the study's heartbeat file (service.ops.reconcile):
-the
-  reconciler in ``itvnode serve`` re-queues or fails a ``processing`` study whose heartbeat stopped;
-* when an inference worker starts, studies left ``processing`` by an earlier incarnation of the same worker
-  node (killed mid-job: with the embedded broker its message is gone, with Redis it would only come back after
-  the visibility timeout) are enqueued again. The killed task's id is recorded as superseded, so a late
-  re-delivery of it does nothing.
+  the reconciler in ``itvnode serve`` re-queues or fails a ``processing`` study whose heartbeat stopped;
+* when an inference worker starts (``worker_ready`` signal), studies left ``processing`` by an earlier
+  incarnation of the same worker node (killed mid-job: with the embedded broker its message is gone, with
+  Redis it would only come back after the visibility timeout) are enqueued again. The killed task's id is
+  recorded as superseded, so a late re-delivery of it does nothing.
 
 Heavy imports (torch via the engine) happen inside the task, so the export worker in the slim service image
 can import this module.
@@ -32,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from celery import shared_task
-from celery.signals import task_postrun, worker_init, worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 import worker.export_task  # noqa: F401 - registers itvnode.export_item on the app that includes this module
 from service.intake.queue import QUEUE_EXPORT, QUEUE_INFERENCE, TASK_EXPORT, TASK_SEGMENT
+from service.store.state import StudyState
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     except PipelineError as exc:
         # deterministic (bad input): recorded in the manifest; retrying cannot help
         log.error("task %s: study %s failed: %s", task_id, study_key, exc)
-        return {"study_key": study_key, "state": "failed", "reason": str(exc)}
+        return {"study_key": study_key, "state": StudyState.FAILED, "reason": str(exc)}
     return {"study_key": study_key, "state": outcome.state, "items": outcome.item_ids,
             "skipped": outcome.skipped, "timings": outcome.timings}
 
@@ -91,13 +89,14 @@ def recover_orphans(data_dir: Path, node: str, boot: str, enqueue: Any) -> list[
     recovered = []
     for path, m in iter_manifests(Path(data_dir)):
         w = m.results.get("worker") or {}
-        if m.state != "processing" or w.get("node") != node or not w.get("boot") or w.get("boot") == boot:
+        if (m.state != StudyState.PROCESSING or w.get("node") != node or not w.get("boot")
+                or w.get("boot") == boot):
             continue
         old = m.task_id
 
         def mark(mm: Any, old: str | None = old) -> Any:
-            if mm.state == "processing":
-                set_state(mm, "queued", f"worker {node} stopped during processing; re-queued")
+            if mm.state == StudyState.PROCESSING:
+                set_state(mm, StudyState.QUEUED, f"worker {node} stopped during processing; re-queued")
                 mm.results["task_ids"] = [*(mm.results.get("task_ids") or []), *([old] if old else [])]
             return mm
 
@@ -188,20 +187,3 @@ def _sweep_loop(app: Any, settings: Any) -> None:
         except Exception:
             log.exception("outbox sweep failed")
         time.sleep(interval)
-
-
-@task_postrun.connect
-def _after_export(sender: Any = None, args: Any = None, **_: Any) -> None:
-    if getattr(sender, "name", None) != TASK_EXPORT or not args:
-        return
-    try:
-        from service.store.outbox import Outbox
-        from worker.pipeline import sync_export_state
-
-        settings = _settings()
-        outbox = Outbox(settings.outbox_dir)
-        item = outbox.find(str(args[0]))
-        if item is not None and item.study_key:
-            sync_export_state(settings.data_dir, item.study_key, outbox)
-    except Exception:
-        log.exception("could not update the study state after exporting %s", args[0] if args else "?")

@@ -98,8 +98,9 @@ def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any, predicte
     (service.dicomio.rtstruct_read.read_phase_contours: per-phase or combined layout)."""
     from service.dicomio.rtstruct_read import RTStructReadError, read_phase_contours, split_rtstructs
     from service.dicomio.volume import read_phases
-    from service.intake.assembler import assemble_folder
+    from service.intake.folder import assemble_folder
     from service.store.manifest import iter_manifests
+    from service.store.state import StudyState
 
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     rts, others, series = split_rtstructs(files)
@@ -115,7 +116,7 @@ def _dicom_studies(folder: str, roi_map: dict[str, str], settings: Any, predicte
             others, work, expected_phases=settings.expected_phases, phase_rules=settings.phase_rules
         )
         for _, m in iter_manifests(work):
-            if m.state != "complete":
+            if m.state != StudyState.COMPLETE:
                 log.warning("study %s not evaluated: %s (%s)", m.study_key, m.state, m.reason)
                 continue
             hu, geoms = read_phases(m, work)

@@ -3,7 +3,7 @@ node would receive it, and the result folder handed to the user.
 
 :func:`intake` puts every file through the SCP's header checks into a private spool (a temporary data
 directory unless ``--work-dir``) and lets the assembler's phase detection build the manifests
-(:func:`service.intake.assembler.assemble_folder`); :func:`publish` copies one study's result files and
+(:func:`service.intake.folder.assemble_folder`); :func:`publish` copies one study's result files and
 writes its ``qa.json`` with the phases, references and assembly note of its manifest.
 """
 
@@ -40,7 +40,7 @@ def intake(
 ) -> list[tuple[Path, Any]]:
     """Assemble ``files`` into manifests under ``work``; ``[(manifest path, Manifest)]``, empty (after
     printing why) when no respiratory-phase series was found."""
-    from service.intake.assembler import assemble_folder
+    from service.intake.folder import assemble_folder
     from service.store.manifest import iter_manifests
 
     t0 = time.perf_counter()

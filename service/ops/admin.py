@@ -49,7 +49,7 @@ from service.store.manifest import (
     set_state,
     utcnow_iso,
 )
-from service.store.state import FINISHED, STATES
+from service.store.state import FINISHED, STATES, StudyState
 
 if TYPE_CHECKING:
     from service.ops.retention import RetentionPolicy
@@ -100,12 +100,12 @@ def _release_one(path: Path) -> AdminResult:
 def _release(m: Manifest) -> AdminResult:
     """The transition itself, on a manifest read under its lock (``changed``: it must be saved)."""
     key = m.study_key
-    if m.state == "held":
+    if m.state == StudyState.HELD:
         if not m.phases:
             return AdminResult(key, False, False, f"study {key} is held with no phases: {m.reason}")
         held_reason = m.reason
         m.released = Release(at=utcnow_iso(), held_reason=held_reason, fingerprint=m.fingerprint)
-        set_state(m, "complete", f"released by admin (was held: {held_reason})"[:2000])
+        set_state(m, StudyState.COMPLETE, f"released by admin (was held: {held_reason})"[:2000])
         log.warning("study key %s released by admin; was held: %s", key, held_reason)
         what = m.cycle.summary() if m.cycle else f"{len(m.phases)} phases"
         return AdminResult(key, True, True, f"study {key} released ({what}); the node queues it")
@@ -136,11 +136,12 @@ def _retry_one(data_dir: Path, path: Path) -> AdminResult:
     with manifest_lock(path):
         m = load_manifest(path)
         key = m.study_key
-        if m.state != "failed":
+        if m.state != StudyState.FAILED:
             last = m.history[-1].reason if m.history else None
-            if m.state in ("complete", "queued", "processing") and (last or "").startswith("retry by admin"):
+            retried = (last or "").startswith("retry by admin")
+            if retried and m.state in (StudyState.COMPLETE, StudyState.QUEUED, StudyState.PROCESSING):
                 return AdminResult(key, True, False, f"study {key} already retried; now {m.state}")
-            hint = {"held": "itvnode release", "done": "itvnode resend"}.get(m.state)
+            hint = {StudyState.HELD: "itvnode release", StudyState.DONE: "itvnode resend"}.get(m.state)
             return AdminResult(key, False, False, f"study {key} is {m.state}, not failed: nothing to retry"
                                                   + (f" (see {hint})" if hint else ""))
         missing = _inputs_missing(data_dir, m)
@@ -148,7 +149,7 @@ def _retry_one(data_dir: Path, path: Path) -> AdminResult:
             return AdminResult(key, False, False, f"study {key}: {missing} input file(s) are gone (purged?); "
                                                   "send the study again from the PACS")
         was = m.reason
-        set_state(m, "complete", f"retry by admin (was failed: {was})"[:2000])
+        set_state(m, StudyState.COMPLETE, f"retry by admin (was failed: {was})"[:2000])
         m.results.pop("retry_at", None)
         save_manifest(m, path)
     log.warning("study key %s retried by admin; was failed: %s", key, was)
@@ -174,7 +175,7 @@ def _resend_one(data_dir: Path, path: Path, destinations: Sequence[Destination],
         m = load_manifest(path)
         key = m.study_key
         files = [data_dir / f for f in m.results.get("files") or []]
-        if m.state not in (*FINISHED, "exporting") or not files:
+        if m.state not in (*FINISHED, StudyState.EXPORTING) or not files:
             return AdminResult(key, False, False, f"study {key} is {m.state} with no kept result: "
                                                   "nothing to resend")
         if not all(f.is_file() for f in files):
@@ -184,11 +185,11 @@ def _resend_one(data_dir: Path, path: Path, destinations: Sequence[Destination],
         if item.finished:  # delivered before: a new item (same SOP Instance UIDs: receivers replace)
             item = outbox.put(files, list(destinations), study_key=key,
                               item_id=f"{item.item_id[:15]}-{uuid.uuid4().hex[:8]}")
-        elif item.item_id in (m.results.get("items") or []) and m.state == "exporting":
+        elif item.item_id in (m.results.get("items") or []) and m.state == StudyState.EXPORTING:
             changed = False  # the same delivery is still pending: a repeat changes nothing
         to = ", ".join(str(d) for d in destinations)
         if changed:
-            set_state(m, "exporting", f"re-send by admin to {to}"[:2000])
+            set_state(m, StudyState.EXPORTING, f"re-send by admin to {to}"[:2000])
             m.results["items"] = [item.item_id]
             save_manifest(m, path)
     if enqueue_export is not None:
@@ -218,14 +219,14 @@ def _delete_one(data_dir: Path, path: Path) -> AdminResult:
     layout = DataLayout(data_dir)
     m = load_manifest(path)
     key = m.study_key
-    if m.state == "processing":
+    if m.state == StudyState.PROCESSING:
         return AdminResult(key, False, False, f"study {key} is processing: a worker reads it; delete it once "
                                               "it is done or failed")
     spool = Spool(layout.spool)
     try:
         unit = Purgeable(m.study_instance_uid, [key], time.time(), [m.state],
                          frame_of_reference_uid=m.frame_of_reference_uid or None)
-        freed = purge(layout, spool, unit, "delete", states=frozenset(STATES) - {"processing"})
+        freed = purge(layout, spool, unit, "delete", states=frozenset(STATES) - {StudyState.PROCESSING})
     finally:
         spool.close()
     if freed is None:

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from service.store.state import StudyState
+
 log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"[0-9a-f]{16}")
@@ -49,8 +51,10 @@ SESSION_TTL = 8 * 3600.0
 MAX_BODY = 4096
 CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
-STATE_COLORS = {"held": "#b26b00", "failed": "#b00000", "done": "#1a7f37", "exporting": "#0b5cad",
-                "processing": "#0b5cad", "queued": "#555", "complete": "#555", "collecting": "#555"}
+STATE_COLORS: dict[str, str] = {
+    StudyState.HELD: "#b26b00", StudyState.FAILED: "#b00000", StudyState.DONE: "#1a7f37",
+    StudyState.EXPORTING: "#0b5cad", StudyState.PROCESSING: "#0b5cad", StudyState.QUEUED: "#555",
+    StudyState.COMPLETE: "#555", StudyState.COLLECTING: "#555"}
 
 
 @dataclass

@@ -51,12 +51,13 @@ from service.store.manifest import (
     set_state,
     update_manifest,
 )
+from service.store.state import IN_FLIGHT, StudyState
 
 log = logging.getLogger(__name__)
 
 REASON_PREFIX = "reconcile: "
 # a re-queue counts against the bound until the study is assembled again or finishes
-_RESET_STATES = frozenset({"collecting", "complete", "held", "done", "failed"})
+_RESET_STATES = frozenset(StudyState) - IN_FLIGHT  # assembled again, or finished
 
 
 def heartbeat_path(data_dir: Path, study_key: str) -> Path:
@@ -106,7 +107,7 @@ class Stuck:
     """A study whose task is gone: ``since`` (epoch) is when it entered ``state``."""
 
     study_key: str
-    state: str
+    state: StudyState
     since: float
     reason: str
 
@@ -129,7 +130,7 @@ def attempts(m: Manifest) -> tuple[int, float | None]:
     for h in reversed(m.history):
         if h.state in _RESET_STATES:
             break
-        if h.state == "queued" and (h.reason or "").startswith(REASON_PREFIX):
+        if h.state == StudyState.QUEUED and (h.reason or "").startswith(REASON_PREFIX):
             n += 1
             last = last if last is not None else iso_epoch(h.at)
     return n, last
@@ -138,20 +139,21 @@ def attempts(m: Manifest) -> tuple[int, float | None]:
 RETRY_AT = "retry_at"  # manifest results key: epoch at which a scheduled retry is sent (no message before)
 
 
-def schedule_retry(m: Manifest, reason: str, policy: ReconcilePolicy, now: float) -> str:
+def schedule_retry(m: Manifest, reason: str, policy: ReconcilePolicy, now: float) -> StudyState:
     """A transient failure of ``m``'s task (time limit, model load, disk, broker): ``queued`` with
     ``results.retry_at`` after the backoff (the reconciler sends the message then), or ``failed`` with the
     reason once the retries (shared with the reconciler's re-queues) are used up. Returns the new state."""
     n, _last = attempts(m)
     m.results.pop(RETRY_AT, None)
     if n >= policy.max_attempts:
-        set_state(m, "failed", f"{reason}; gave up after {n} retr{'y' if n == 1 else 'ies'}"[:2000])
-        return "failed"
+        set_state(m, StudyState.FAILED,
+                  f"{reason}; gave up after {n} retr{'y' if n == 1 else 'ies'}"[:2000])
+        return StudyState.FAILED
     wait = min(policy.backoff_max, policy.backoff * 2 ** n)
     m.results[RETRY_AT] = now + wait
-    set_state(m, "queued", f"{REASON_PREFIX}{reason}; retry {n + 1} of {policy.max_attempts} in {wait:.0f} s"
-              [:2000])
-    return "queued"
+    set_state(m, StudyState.QUEUED,
+              f"{REASON_PREFIX}{reason}; retry {n + 1} of {policy.max_attempts} in {wait:.0f} s"[:2000])
+    return StudyState.QUEUED
 
 
 def assess(m: Manifest, now: float, policy: ReconcilePolicy, heartbeat: float | None,
@@ -160,9 +162,9 @@ def assess(m: Manifest, now: float, policy: ReconcilePolicy, heartbeat: float | 
     since = _entered(m)
     if since is None:
         return None
-    if m.state == "queued" and m.results.get(RETRY_AT) is not None:
+    if m.state == StudyState.QUEUED and m.results.get(RETRY_AT) is not None:
         return None  # a retry waiting for its time: no message on purpose (Reconciler.send_due_retries)
-    if m.state == "processing":
+    if m.state == StudyState.PROCESSING:
         started = m.results.get("started_at")
         started = float(started) if isinstance(started, int | float) else since
         if now - started > policy.deadline:
@@ -176,7 +178,7 @@ def assess(m: Manifest, now: float, policy: ReconcilePolicy, heartbeat: float | 
             return Stuck(m.study_key, m.state, since,
                          f"no heartbeat from the worker {seen} (timeout {policy.heartbeat_timeout:.0f} s): "
                          "the worker process died or could not finish")
-    elif m.state == "queued" and broker_keys is not None:
+    elif m.state == StudyState.QUEUED and broker_keys is not None:
         if m.study_key not in broker_keys and now - since > policy.queued_lost_after:
             return Stuck(m.study_key, m.state, since,
                          f"queued for {now - since:.0f} s but the broker holds no message for it "
@@ -197,7 +199,7 @@ def find_stuck(data_dir: Path, policy: ReconcilePolicy, now: float | None = None
     now = time.time() if now is None else now
     out = []
     for _path, m in iter_manifests(Path(data_dir)):
-        if m.state not in ("processing", "queued"):
+        if m.state not in (StudyState.PROCESSING, StudyState.QUEUED):
             continue
         found = assess(m, now, policy, _heartbeat(Path(data_dir), m.study_key), broker_keys)
         if found is not None:
@@ -262,7 +264,7 @@ class Reconciler:
             except Exception:
                 log.exception("reconciliation failed")
 
-    def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
+    def run_once(self, now: float | None = None) -> list[tuple[str, StudyState]]:
         """One pass; returns (study key, ``queued``|``failed``) for each study acted on."""
         now = time.time() if now is None else now
         try:
@@ -273,7 +275,7 @@ class Reconciler:
         acted = self.send_due_retries(now)
         lost_now: dict[str, float] = {}
         for found in find_stuck(self.data_dir, self.policy, now, keys):
-            if found.state == "queued":
+            if found.state == StudyState.QUEUED:
                 lost_now[found.study_key] = found.since
                 if self._lost_seen.get(found.study_key) != found.since:
                     continue  # confirm on the next pass (a worker may have just taken the message)
@@ -283,17 +285,17 @@ class Reconciler:
         self._lost_seen = lost_now
         return acted
 
-    def send_due_retries(self, now: float) -> list[tuple[str, str]]:
+    def send_due_retries(self, now: float) -> list[tuple[str, StudyState]]:
         """Send the message of every retry whose time has come (:func:`schedule_retry`)."""
         sent = []
         for path, m in iter_manifests(self.data_dir):
             at = m.results.get(RETRY_AT)
-            if m.state != "queued" or not isinstance(at, int | float) or at > now:
+            if m.state != StudyState.QUEUED or not isinstance(at, int | float) or at > now:
                 continue
             taken: dict[str, Any] = {}
 
             def take(mm: Manifest, taken: dict[str, Any] = taken) -> Manifest:
-                if mm.state == "queued" and mm.results.get(RETRY_AT) is not None:
+                if mm.state == StudyState.QUEUED and mm.results.get(RETRY_AT) is not None:
                     taken["at"] = mm.results.pop(RETRY_AT)
                     mm.results["task_ids"] = [*(mm.results.get("task_ids") or []),
                                               *([mm.task_id] if mm.task_id else [])]
@@ -308,7 +310,7 @@ class Reconciler:
                 log.error("study %s: retry could not be queued (%s); trying again", m.study_key, exc)
 
                 def again(mm: Manifest) -> Manifest:
-                    if mm.state == "queued":
+                    if mm.state == StudyState.QUEUED:
                         mm.results[RETRY_AT] = now + self.policy.interval
                     return mm
 
@@ -316,16 +318,16 @@ class Reconciler:
                 continue
 
             def record(mm: Manifest, task_id: str = task_id) -> Manifest:
-                if mm.state == "queued":
+                if mm.state == StudyState.QUEUED:
                     mm.task_id = task_id
                 return mm
 
             update_manifest(path, record)
             log.warning("study %s: retry sent as task %s", m.study_key, task_id)
-            sent.append((m.study_key, "queued"))
+            sent.append((m.study_key, StudyState.QUEUED))
         return sent
 
-    def _act(self, found: Stuck, now: float) -> str | None:
+    def _act(self, found: Stuck, now: float) -> StudyState | None:
         path = manifest_path(self.data_dir, found.study_key)
         outcome: dict[str, Any] = {}
 
@@ -334,8 +336,9 @@ class Reconciler:
                 return m  # moved on meanwhile (a worker, the assembler, another reconciler)
             n, last = attempts(m)
             if n >= self.policy.max_attempts:
-                set_state(m, "failed", f"{REASON_PREFIX}{found.reason}; gave up after {n} re-queue(s)")
-                outcome["state"] = "failed"
+                set_state(m, StudyState.FAILED,
+                          f"{REASON_PREFIX}{found.reason}; gave up after {n} re-queue(s)")
+                outcome["state"] = StudyState.FAILED
                 return m
             wait = min(self.policy.backoff_max, self.policy.backoff * 2 ** (n - 1)) if n else 0.0
             if last is not None and now < last + wait:
@@ -343,9 +346,9 @@ class Reconciler:
                 return m
             superseded = [m.task_id] if m.task_id else []
             m.results["task_ids"] = [*(m.results.get("task_ids") or []), *superseded]
-            set_state(m, "queued", f"{REASON_PREFIX}{found.reason}; re-queued "
+            set_state(m, StudyState.QUEUED, f"{REASON_PREFIX}{found.reason}; re-queued "
                                    f"(attempt {n + 1} of {self.policy.max_attempts})")
-            outcome["state"] = "queued"
+            outcome["state"] = StudyState.QUEUED
             return m
 
         try:
@@ -354,10 +357,10 @@ class Reconciler:
             log.error("study %s: %s; cannot record it: %s", found.study_key, found.reason, exc)
             return None
         state = outcome.get("state")
-        if state == "failed":
+        if state == StudyState.FAILED:
             log.error("study %s FAILED: %s (gave up after %d re-queues)", found.study_key, found.reason,
                       self.policy.max_attempts)
-        elif state == "queued":
+        elif state == StudyState.QUEUED:
             try:
                 task_id = self.enqueue(found.study_key)
             except Exception as exc:  # stays queued without a message: the queued rule finds it again
@@ -365,7 +368,7 @@ class Reconciler:
                 return state
 
             def record(m: Manifest) -> Manifest:
-                if m.state == "queued":
+                if m.state == StudyState.QUEUED:
                     m.task_id = task_id
                 return m
 

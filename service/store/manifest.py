@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from service.store.durable import private_dir, write_atomic
 from service.store.layout import MANIFEST_LOCK, DataLayout
-from service.store.state import STATES, TRANSITIONS, StudyState
+from service.store.state import StudyState, check_transition
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +191,12 @@ def save_manifest(m: Manifest, path: Path) -> None:
 
 
 def set_state(m: Manifest, state: StudyState | str, reason: str | None = None) -> Manifest:
-    """Move ``m`` to ``state`` (same state allowed: records a note) and append to its history."""
-    if state not in STATES:
-        raise ValueError(f"unknown manifest state {state!r}")
-    to = StudyState(state)
-    if m.history and to not in TRANSITIONS[m.state].exits:
-        log.warning("study key %s: transition %s -> %s is not in the state table", m.study_key, m.state, to)
+    """Move ``m`` to ``state`` and append to its history: the only code that changes a study's state.
+
+    Same state allowed where the table lists it (a note). A transition the table does not list raises
+    :class:`~service.store.state.IllegalTransition` (a manifest without history is a new study: any state).
+    """
+    to = check_transition(m.study_key, m.state if m.history else None, state)
     now = utcnow_iso()
     m.state = to
     m.reason = reason

@@ -37,53 +37,65 @@ class StateRule:
 
     meaning: str
     owner: str
-    exits: dict[str, str]  # next state -> who moves it there, and when
+    exits: dict[StudyState, str]  # next state -> who moves it there, and when
 
 
-#: THE study state machine (README "Operating the node" prints it; tests/unit/test_state_table.py checks the
-#: README against it). :func:`check_transition` refuses any transition that is not listed here.
+_S = StudyState
+
+#: THE study state machine (README "Study states" prints it; tests/unit/test_state_table.py checks the README
+#: against it). :func:`check_transition` refuses any transition that is not listed here.
 TRANSITIONS: dict[StudyState, StateRule] = {
-    StudyState.COLLECTING: StateRule(
+    _S.COLLECTING: StateRule(
         "instances arriving; quiet period not over", "assembler (itvnode serve)",
-        {"complete": "assembler: all phases, or quiet period over with a valid 4D set",
-         "held": "assembler: quiet period over and the result would be unsafe (reason)",
-         "collecting": "assembler: more instances"}),
-    StudyState.HELD: StateRule(
+        {_S.COMPLETE: "assembler: all phases, or quiet period over with a valid 4D set",
+         _S.HELD: "assembler: quiet period over and the result would be unsafe (reason)",
+         _S.COLLECTING: "assembler: more instances"}),
+    _S.HELD: StateRule(
         "unsafe to process (missing phases, mixed frames, ambiguous labels); waits for a person", "admin",
-        {"complete": "itvnode release", "collecting": "assembler: new instances",
-         "held": "assembler: re-assessed, still unsafe"}),
-    StudyState.COMPLETE: StateRule(
+        {_S.COMPLETE: "itvnode release", _S.COLLECTING: "assembler: new instances",
+         _S.HELD: "assembler: re-assessed, still unsafe"}),
+    _S.COMPLETE: StateRule(
         "assembled, about to be queued", "assembler",
-        {"queued": "assembler: message sent (broker down: stays, retried with backoff)",
-         "collecting": "assembler: content changed", "held": "assembler: content changed, now unsafe",
-         "complete": "assembler: enqueue failed, reason updated",
-         "processing": "inference worker (took the message before `queued` was written)"}),
-    StudyState.QUEUED: StateRule(
+        {_S.QUEUED: "assembler: message sent (broker down: stays, retried with backoff)",
+         _S.COLLECTING: "assembler: content changed", _S.HELD: "assembler: content changed, now unsafe",
+         _S.COMPLETE: "assembler: enqueue failed, reason updated",
+         _S.PROCESSING: "inference worker (took the message before `queued` was written)"}),
+    _S.QUEUED: StateRule(
         "a message is in the broker, or a retry is scheduled (results.retry_at)", "broker + reconciler",
-        {"processing": "inference worker takes it",
-         "queued": "reconciler: message lost, or the scheduled retry is sent",
-         "failed": "reconciler: retries used up (reason)"}),
-    StudyState.PROCESSING: StateRule(
+        {_S.PROCESSING: "inference worker takes it",
+         _S.QUEUED: "reconciler: message lost, or the scheduled retry is sent",
+         _S.FAILED: "reconciler: retries used up (reason)",
+         _S.EXPORTING: "inference worker: finished a job the reconciler had re-queued (heartbeat late)",
+         _S.DONE: "inference worker: the same, no destinations"}),
+    _S.PROCESSING: StateRule(
         "an inference worker runs it (heartbeat every heartbeat_interval)", "inference worker",
-        {"exporting": "worker: RTSTRUCT in the outbox", "done": "worker: no destinations",
-         "failed": "worker: bad input (reason), or retries used up",
-         "queued": "transient failure (time limit, worker lost, model/broker/disk error): retry with backoff "
-                   "by the worker, the reconciler (no heartbeat, past the hard time limit) or a restarted "
-                   "worker",
-         "processing": "inference worker: the message was delivered again"}),
-    StudyState.EXPORTING: StateRule(
+        {_S.EXPORTING: "worker: RTSTRUCT in the outbox", _S.DONE: "worker: no destinations",
+         _S.FAILED: "worker: bad input (reason), or retries used up",
+         _S.QUEUED: "transient failure (time limit, worker lost, model/broker/disk error): retry with "
+                    "backoff by the worker, the reconciler (no heartbeat, past the hard time limit) or a "
+                    "restarted worker",
+         _S.PROCESSING: "inference worker: the message was delivered again"}),
+    _S.EXPORTING: StateRule(
         "RTSTRUCT in the outbox, C-STORE to each destination with retries", "export worker",
-        {"done": "every destination has it", "failed": "a destination gave up (dead letter, reason)",
-         "exporting": "an attempt failed, retrying (reason)"}),
-    StudyState.DONE: StateRule(
+        {_S.DONE: "every destination has it",
+         _S.FAILED: "a destination gave up (dead letter, reason)",
+         _S.EXPORTING: "an attempt failed, retrying (reason)",
+         _S.PROCESSING: "inference worker: asked again and the kept result is gone: computed again"}),
+    _S.DONE: StateRule(
         "every destination has the RTSTRUCT (or none configured)", "nobody: finished; retention purges it",
-        {"exporting": "itvnode resend", "collecting": "assembler: changed content arrives",
-         "complete": "itvnode retry", "done": "export worker: note updated"}),
-    StudyState.FAILED: StateRule(
+        {_S.EXPORTING: "itvnode resend", _S.COLLECTING: "assembler: changed content arrives",
+         _S.COMPLETE: "itvnode retry", _S.DONE: "export worker: note updated",
+         _S.FAILED: "export worker: a destination of a later delivery gave up (dead letter, reason)",
+         _S.HELD: "assembler: changed content arrives and its assembly fails (reason)",
+         _S.PROCESSING: "inference worker: asked again and the kept result is gone: computed again"}),
+    _S.FAILED: StateRule(
         "gave up, the reason says why", "admin; retention purges it",
-        {"complete": "itvnode retry", "exporting": "itvnode resend (result kept)",
-         "collecting": "assembler: changed content arrives", "failed": "export worker: reason updated",
-         "processing": "inference worker: a late duplicate message"}),
+        {_S.COMPLETE: "itvnode retry", _S.EXPORTING: "itvnode resend (result kept)",
+         _S.COLLECTING: "assembler: changed content arrives", _S.FAILED: "export worker: reason updated",
+         _S.PROCESSING: "inference worker: a late duplicate message",
+         _S.DONE: "inference worker (no destinations) or export worker: finished after the study had "
+                 "failed meanwhile",
+         _S.HELD: "assembler: changed content arrives and its assembly fails (reason)"}),
 }
 
 
@@ -92,7 +104,8 @@ class IllegalTransition(ValueError):
 
 
 def check_transition(study_key: str, old: StudyState | str | None, new: StudyState | str) -> StudyState:
-    """``new`` as a :class:`StudyState` when ``old -> new`` is in the table (``old`` None: a new study)."""
+    """``new`` as a :class:`StudyState` when ``old -> new`` is in the table (``old`` None: a new study);
+    :class:`IllegalTransition` otherwise."""
     try:
         to = StudyState(new)
     except ValueError:
