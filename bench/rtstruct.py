@@ -61,7 +61,7 @@ from service.dicomio.rtstruct import (  # noqa: E402
     write_rtstruct,
 )
 from service.dicomio.volume import Geometry, read_geometry  # noqa: E402
-from service.settings import default_structures  # noqa: E402
+from service.structure_settings import default_structures  # noqa: E402
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)  # one timestamp: the two writers' files compare byte for byte

@@ -48,7 +48,7 @@ from service.dicomio.volume import Geometry
 from service.store.durable import private_dir, write_atomic
 
 if TYPE_CHECKING:
-    from service.settings import StructureSetting
+    from service.structure_settings import StructureSetting
 
 log = logging.getLogger(__name__)
 

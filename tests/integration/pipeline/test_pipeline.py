@@ -191,7 +191,7 @@ def test_missing_model_is_reported_not_raised(tmp_path: Path) -> None:
 def test_per_series_layout_one_rtstruct_per_phase_and_reference(assembled: tuple[Path, str, Any]) -> None:
     data_dir, key, series = assembled
     dest = [Destination.parse(f"RX@127.0.0.1:{free_port()}")]
-    from service.settings import StructureSetting
+    from service.structure_settings import StructureSetting
 
     body = StructureSetting(name="External", method="threshold", hu_range=(-350.0, 3000.0),
                             interpreted_type="EXTERNAL", envelope=True, envelope_name="BodyEnvelope")

@@ -33,7 +33,7 @@ def identifiers_of(path: Path) -> dict[str, str]:
 
 def build(study: Study, layout: str, **kw: Any) -> list[Any]:
     from service.dicomio.rtstruct import Algorithm, build_rtstructs, styles_from_settings
-    from service.settings import default_structures
+    from service.structure_settings import default_structures
 
     args: dict[str, Any] = dict(
         study_key="0123456789abcdef",

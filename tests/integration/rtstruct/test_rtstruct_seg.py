@@ -12,7 +12,7 @@ from rtstruct_peers import dciodvfy
 from rtstruct_study import Study
 
 from service.dicomio.rtstruct import Algorithm, styles_from_settings
-from service.settings import default_structures
+from service.structure_settings import default_structures
 
 hd = pytest.importorskip("highdicom")
 
