@@ -52,16 +52,16 @@ from rtstruct_peers import plastimatch_masks  # noqa: E402
 
 from models.metrics import dice as metric_dice  # noqa: E402
 from models.phantom import Phantom, PhantomSpec, make_phantom  # noqa: E402
+from models.structures import default_structures  # noqa: E402
 from service.dicomio.phantom_dicom import write_phantom_dicom  # noqa: E402
 from service.dicomio.rtstruct import (  # noqa: E402
     Algorithm,
     build_rtstructs,
     roi_name,
-    styles_from_settings,
     write_rtstruct,
 )
 from service.dicomio.volume import Geometry, read_geometry  # noqa: E402
-from service.structure_settings import default_structures  # noqa: E402
+from worker.engine_settings import EngineConfig, roi_styles  # noqa: E402
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)  # one timestamp: the two writers' files compare byte for byte
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_percents=phantom.phase_percents,
             masks=masks,
             envelopes={"ITV": itv},
-            styles=styles_from_settings(default_structures()),
+            styles=roi_styles(EngineConfig(structures=tuple(default_structures()))),
             algorithm=Algorithm("SAM 3", "bench", "bench"),
         )
         speed(common, work / "speed", args.repeat)

@@ -236,17 +236,14 @@ class EngineSettings(BaseModel):
 
 
 class TemporalSettings(BaseModel):
-    """Group ``temporal``: the phase-coherence rule, one setting per ``models.post.temporal.TemporalParams``
-    field (``temporal_<field>``, same default; docs/postprocessing.md)."""
+    """Group ``temporal``: the phase-coherence rule (``models.post.temporal.TemporalParams``, field
+    ``temporal_<field>``; docs/postprocessing.md)."""
 
     temporal_min_phases: int = Field(3, ge=1)  # k: contiguous phases a component must be matched in
     temporal_min_overlap: float = Field(0.1, gt=0, le=1)
     temporal_match: Literal["iou", "overlap"] = "iou"  # how temporal_min_overlap is measured
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
-    temporal_centroid_volume_ratio: float = Field(0.5, ge=0, le=1)  # volumes a centroid match may differ by
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
-    temporal_circular: bool = True  # the last phase neighbours the first
-    temporal_connectivity: Literal[1, 2, 3] = 3  # 6-, 18-, 26-connected components
     # motion-compensated matching from the CT (docs/postprocessing.md); temporal_motion_mm null: off
     temporal_motion_mm: float | None = Field(25.0, gt=0)  # search bound per phase step, mm
     temporal_motion_margin_mm: float = Field(8.0, ge=0)  # CT context followed around a component, mm

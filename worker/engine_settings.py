@@ -129,7 +129,9 @@ def qa_params(settings: Any) -> QAParams:
 
 
 def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
-    """``service.dicomio.rtstruct.RoiStyle`` for every ROI name the engine emits (split sides, envelopes)."""
+    """``service.dicomio.rtstruct.RoiStyle`` for every ROI name the engine emits, the one naming rule
+    (``models.engine.output_structures``: split sides ``Lung_L``, envelopes ``ITV`` / ``<name>^ENV``, a split
+    structure's envelope per side ``ITV_L``); production, tests and bench/rtstruct.py all style ROIs here."""
     from models.engine import output_structures
     from service.dicomio.rtstruct import RoiStyle
 

@@ -26,9 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from itvnode.commands import DefaultsHelpFormatter
+
+if TYPE_CHECKING:
+    from worker.engine_settings import EngineConfig
 
 log = logging.getLogger("itvnode.evaluate")
 
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         print("itvnode evaluate: no studies: give --phantom or --dicom", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    adapter = args.adapter or settings.adapter_dir
+    adapter = args.adapter or engine.adapter_dir
     context: dict[str, Any] = {"studies": ", ".join(s.name for s in studies)}
     variants: list[tuple[str, Path | None]] = []
     if args.predicted:
@@ -251,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     for vi, (variant, adapter_dir) in enumerate(variants):
         seg = None
         if not args.predicted:
-            seg = _segmenter(args, settings, adapter_dir)
+            seg = _segmenter(args, engine, adapter_dir)
             if seg is None:
                 return 2
             info = seg.version_info()
@@ -297,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segmenter(args: argparse.Namespace, settings: Any, adapter_dir: Path | None) -> Any:
+def _segmenter(args: argparse.Namespace, engine: EngineConfig, adapter_dir: Path | None) -> Any:
     import torch
 
     from models.sam3.loader import Sam3LoadError, build_segmenter
@@ -306,11 +309,11 @@ def _segmenter(args: argparse.Namespace, settings: Any, adapter_dir: Path | None
         torch.set_num_threads(args.threads)
     try:
         return build_segmenter(
-            args.sam3_dir or settings.sam3_dir,
+            args.sam3_dir or engine.sam3_dir,
             adapter_dir,
-            device=args.device or settings.device,
-            batch_size=settings.batch_size,
-            windows=settings.hu_windows,
+            device=args.device or engine.device,
+            batch_size=engine.batch_size,
+            windows=engine.hu_windows,
         )
     except Sam3LoadError as exc:
         print(f"itvnode evaluate: {exc}", file=sys.stderr)

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from models.phantom import PhantomSpec, make_phantom
+from models.training.config import TrainConfig
 from models.training.dataset import Target, phantom_volumes, split_by_group
 from models.training.losses import LossWeights
-from models.training.trainer import TrainConfig, Trainer
+from models.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ import torch
 
 from models.phantom import PhantomSpec, make_phantom
 from models.structures import default_structures
+from models.training.config import TrainConfig
 from models.training.dataset import (
     AnnotatedVolume,
     Target,
@@ -20,7 +21,7 @@ from models.training.dataset import (
     split_by_group,
     targets_from_specs,
 )
-from models.training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer
+from models.training.trainer import CHECKPOINT_DIR, Trainer
 
 IMAGE = 28
 
