@@ -100,3 +100,18 @@ def test_caller_ips_need_the_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.caller_ips == {"PACS": ["10.0.0.1"]} and s.allowed_callers == ["PACS", "CT_SIM"]
     monkeypatch.setenv("ITVNODE_CALLER_IPS", '{"PACS": [" 0:0::1 "]}')
     assert load_settings().caller_ips == {"PACS": ["::1"]}  # compared as the server prints peer addresses
+
+
+def test_yaml_groups_read_as_their_flat_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "itvnode.yaml"
+    cfg.write_text("temporal: {motion_mm: 12, min_phases: 4}\nnetwork: {port: 104}\nexport: {retry_base: 5}\n")
+    s = load_settings(cfg)
+    assert (s.temporal_motion_mm, s.temporal_min_phases, s.port, s.export_retry_base) == (12.0, 4, 104, 5.0)
+    monkeypatch.setenv("ITVNODE_TEMPORAL_MOTION_MM", "20")  # the environment still wins
+    assert load_settings(cfg).temporal_motion_mm == 20.0
+    cfg.write_text("temporal: {motion_mm: 12}\ntemporal_motion_mm: 10\n")
+    with pytest.raises(SettingsError, match="given twice"):
+        load_settings(cfg)
+    cfg.write_text("temporal: {nope: 1}\n")
+    with pytest.raises(SettingsError, match="temporal.nope"):
+        load_settings(cfg)
