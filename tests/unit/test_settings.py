@@ -104,7 +104,8 @@ def test_caller_ips_need_the_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_yaml_groups_read_as_their_flat_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "itvnode.yaml"
-    cfg.write_text("temporal: {motion_mm: 12, min_phases: 4}\nnetwork: {port: 104}\nexport: {retry_base: 5}\n")
+    cfg.write_text("temporal: {motion_mm: 12, min_phases: 4}\nnetwork: {port: 104}\n"
+                   "export: {retry_base: 5}\n")
     s = load_settings(cfg)
     assert (s.temporal_motion_mm, s.temporal_min_phases, s.port, s.export_retry_base) == (12.0, 4, 104, 5.0)
     monkeypatch.setenv("ITVNODE_TEMPORAL_MOTION_MM", "20")  # the environment still wins
