@@ -44,6 +44,8 @@ from models.engine import OutputStructure, connectivity_params, output_structure
 from models.post.connectivity import ConnectivityParams  # noqa: E402
 from models.post.temporal import TemporalParams  # noqa: E402
 from models.structures import default_structures  # noqa: E402
+from service.settings import TemporalSettings  # noqa: E402
+from worker.engine_settings import temporal_params  # noqa: E402
 
 ROIS = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")
 GB = 1024**3
@@ -326,7 +328,7 @@ def main() -> int:
             print(f"built CT cache {hu_cache} in {time.perf_counter() - t:.0f} s")
         hu = np.load(hu_cache)
     outputs = [o for o in output_structures(default_structures()) if o.name in ROIS]
-    temporal = TemporalParams()
+    temporal = temporal_params(TemporalSettings())  # the product's rule
     print(f"masks: {len(ROIS)} ROIs x {shape} bool, spacing {tuple(round(s, 3) for s in sp)} mm; "
           f"{a.workers} worker thread(s); cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; "
           + ("CT given (motion-compensated matching on)" if hu is not None else "no CT (mask-only fallback)"))

@@ -236,14 +236,18 @@ class EngineSettings(BaseModel):
 
 
 class TemporalSettings(BaseModel):
-    """Group ``temporal``: the phase-coherence rule (``models.post.temporal.TemporalParams``, field
-    ``temporal_<field>``; docs/postprocessing.md)."""
+    """Group ``temporal``: the phase-coherence rule (docs/postprocessing.md), one setting ``temporal_<field>``
+    per field of ``models.post.temporal.TemporalParams`` (``worker.engine_settings.temporal_params``)."""
 
     temporal_min_phases: int = Field(3, ge=1)  # k: contiguous phases a component must be matched in
     temporal_min_overlap: float = Field(0.1, gt=0, le=1)
     temporal_match: Literal["iou", "overlap"] = "iou"  # how temporal_min_overlap is measured
     temporal_max_centroid_mm: float | None = Field(None, gt=0)  # also match within this motion bound (mm)
+    # a centroid match also needs the smaller component's volume to be at least this fraction of the larger's
+    temporal_centroid_volume_ratio: float = Field(0.5, ge=0, le=1)
     temporal_max_gap: int = Field(1, ge=0)  # missing (dropped) phases a block may bridge
+    temporal_circular: bool = True  # the breathing cycle wraps: the last phase neighbours the first
+    temporal_connectivity: int = Field(3, ge=1, le=3)  # 3D components: 1, 2, 3 = 6-, 18-, 26-connected voxels
     # motion-compensated matching from the CT (docs/postprocessing.md); temporal_motion_mm null: off
     temporal_motion_mm: float | None = Field(25.0, gt=0)  # search bound per phase step, mm
     temporal_motion_margin_mm: float = Field(8.0, ge=0)  # CT context followed around a component, mm

@@ -54,7 +54,7 @@ from service.store.manifest import (
     utcnow_iso,
 )
 from service.store.outbox import Outbox, RetryPolicy
-from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles, temporal_params
+from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def process_contours(
             hu,
             geoms[0].spacing,
             list(config.structures),
-            temporal_params(config),
+            config.temporal,
             phase_percents=percents,
             study_key=study_key,
             qa_params=config.qa,
@@ -599,7 +599,7 @@ def _compute(
             geoms[0].spacing,
             list(config.structures),
             segmenter.segmenter,
-            temporal=temporal_params(config),
+            temporal=config.temporal,
             phase_percents=[p.percent for p in m.phases],
             study_key=study_key,
             qa_params=config.qa,

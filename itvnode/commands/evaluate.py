@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     from models.training.manifest import read_manifest, training_hashes
     from service.dicomio.rtstruct_read import RTStructReadError
     from service.settings import load_settings
-    from worker.engine_settings import engine_config, temporal_params
+    from worker.engine_settings import engine_config
 
     settings = load_settings()
     out = Path(args.out)
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 from models.engine import segment_volume
 
-                res = segment_volume(st.hu, st.spacing, specs, seg, temporal_params(engine),
+                res = segment_volume(st.hu, st.spacing, specs, seg, engine.temporal,
                                      phase_percents=st.percents, study_key=st.name)
                 pred, pred_env, skipped = res.masks, res.envelopes, res.skipped
             truth_env = {envelope_of[k]: v.any(axis=0) for k, v in truth.items() if k in envelope_of}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from service.settings import Destination, SettingsError, load_settings
+from models.post.temporal import TemporalParams
+from service.settings import Destination, SettingsError, TemporalSettings, load_settings
+from worker.engine_settings import engine_config, temporal_params
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +119,15 @@ def test_yaml_groups_read_as_their_flat_names(tmp_path: Path, monkeypatch: pytes
     cfg.write_text("temporal: {nope: 1}\n")
     with pytest.raises(SettingsError, match="temporal.nope"):
         load_settings(cfg)
+
+
+def test_every_temporal_param_is_a_setting_with_its_default() -> None:
+    """One hop from the ``temporal`` group to the engine's rule: setting ``temporal_<f>`` is field ``f``."""
+    assert {f.name for f in fields(TemporalParams)} == {
+        n.removeprefix("temporal_") for n in TemporalSettings.model_fields}
+    assert temporal_params(TemporalSettings()) == TemporalParams()
+    s = load_settings(temporal_circular=False, temporal_connectivity=1, temporal_centroid_volume_ratio=0.25)
+    assert engine_config(s).temporal == TemporalParams(circular=False, connectivity=1,
+                                                       centroid_volume_ratio=0.25)
+    with pytest.raises(SettingsError):
+        load_settings(temporal_connectivity=4)

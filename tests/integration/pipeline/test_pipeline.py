@@ -168,7 +168,7 @@ def test_engine_config_mirrors_settings() -> None:
     assert [s.name for s in cfg.structures] == ["External", "Lung", "Heart", "GTVp"]
     assert cfg.structures[0].method == "threshold" and cfg.structures[0].hu_range == (-350.0, 3000.0)
     assert cfg.structures[1].split_laterality and cfg.structures[3].envelope_name == "ITV"
-    assert (cfg.layout, cfg.batch_size, cfg.temporal_min_phases) == ("per-series", 2, 4)
+    assert (cfg.layout, cfg.batch_size, cfg.temporal.min_phases) == ("per-series", 2, 4)
     assert cfg.sam3_dir is None and cfg.needs_sam3
     styles = roi_styles(cfg)
     assert set(styles) == {"External", "Lung_L", "Lung_R", "Heart", "GTVp", "ITV"}
