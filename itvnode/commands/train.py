@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = trainer.fit(resume=not args.no_resume)
     if result.manifest:
-        from models.evaluation import plot_training
+        from models.evaluation.figures import plot_training
 
         png = plot_training(result.manifest, Path(args.out) / "training.png")
         log.info("training curves: %s", png)
