@@ -28,7 +28,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.net.scu import send_files  # noqa: E402
-from service.settings import Destination  # noqa: E402
+from service.setting_values import Destination  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 STORESCP = "/usr/bin/storescp"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,72 +18,14 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from service.setting_values import Destination, PhaseRule, TLSSettings, check_ae_title
 from service.settings_file import ConfigFileError, read_config_file
 from service.store.layout import DataLayout
 from service.structure_settings import StructureSetting, default_roi_map, default_structures
 
-_AE_RE = re.compile(r"^[ -~]{1,16}$")
-_DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
-
 
 class SettingsError(ValueError):
     """Raised with a message that names the offending key."""
-
-
-def _check_ae(value: str) -> str:
-    value = value.strip()
-    if not _AE_RE.match(value) or "\\" in value:
-        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no backslash")
-    return value
-
-
-class TLSSettings(BaseModel):
-    """Paths for DICOM TLS. Enabled when ``cert`` and ``key`` are set."""
-
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None  # when set, peers must present a certificate signed by it
-    require_client_cert: bool = True
-
-    @property
-    def enabled(self) -> bool:
-        return self.cert is not None and self.key is not None
-
-
-class Destination(BaseModel):
-    """A C-STORE destination (PACS or TPS)."""
-
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-    tls: TLSSettings | None = None
-
-    _ae = field_validator("ae_title")(_check_ae)
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        m = _DEST_RE.match(text.strip())
-        if not m:
-            raise ValueError(f"destination {text!r} is not AE@host:port")
-        return cls(ae_title=m["ae"], host=m["host"], port=int(m["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-class PhaseRule(BaseModel):
-    """A site rule: a regex on SeriesDescription whose named group ``pct`` is the phase percent."""
-
-    pattern: str
-    field: Literal["SeriesDescription", "ProtocolName", "ImageComments"] = "SeriesDescription"
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        rx = re.compile(v)
-        if "pct" not in rx.groupindex:
-            raise ValueError(f"phase rule {v!r} needs a named group (?P<pct>...)")
-        return v
 
 
 class NetworkSettings(BaseModel):
@@ -107,7 +48,7 @@ class NetworkSettings(BaseModel):
     network_timeout: float = 60.0
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
-    _ae = field_validator("ae_title")(_check_ae)
+    _ae = field_validator("ae_title")(check_ae_title)
 
     @field_validator("allowed_callers", mode="before")
     @classmethod
@@ -115,7 +56,7 @@ class NetworkSettings(BaseModel):
         if isinstance(v, str):
             v = [p for p in (s.strip() for s in v.split(",")) if p]
         if isinstance(v, list):
-            return [_check_ae(str(x)) for x in v]
+            return [check_ae_title(str(x)) for x in v]
         return v
 
     @field_validator("caller_ips", mode="after")
@@ -131,7 +72,7 @@ class NetworkSettings(BaseModel):
                     raise ValueError(f"caller_ips[{ae!r}]: {ip!r} is not an IP address") from None
             if not addrs:
                 raise ValueError(f"caller_ips[{ae!r}]: empty list (list the addresses {ae} may call from)")
-            out[_check_ae(ae)] = addrs
+            out[check_ae_title(ae)] = addrs
         return out
 
     @model_validator(mode="after")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from service.ops.reconcile import ReconcilePolicy, schedule_retry
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.durable import DIR_MODE
 from service.store.layout import DataLayout
 from service.store.manifest import (

@@ -30,7 +30,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from service.net.tls import client_context
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.outbox import DestinationState, FileInfo, Outbox, read_file_info
 
 log = logging.getLogger(__name__)

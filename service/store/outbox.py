@@ -43,7 +43,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 from pydicom.filereader import read_file_meta_info
 
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.durable import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, private_dir, write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.post.temporal import TemporalParams
-from service.settings import Destination, SettingsError, TemporalSettings, load_settings
+from service.setting_values import Destination
+from service.settings import SettingsError, TemporalSettings, load_settings
 from worker.engine_settings import engine_config, temporal_params
 
 

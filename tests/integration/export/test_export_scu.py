@@ -14,7 +14,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from service.net.scu import NoDelayAE, classify_status, send_files
-from service.settings import Destination
+from service.setting_values import Destination
 
 AE_TITLE = "ITVNODE_TEST"
 

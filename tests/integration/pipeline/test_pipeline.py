@@ -17,7 +17,8 @@ import pydicom
 import pytest
 
 from service.ops.status import collect_status
-from service.settings import Destination, load_settings
+from service.setting_values import Destination
+from service.settings import load_settings
 from service.store.manifest import load_manifest, manifest_path, save_manifest
 from service.store.outbox import Outbox, RetryPolicy
 from tests.support.net import free_port
