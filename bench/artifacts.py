@@ -33,7 +33,8 @@ from models.phantom_spec import PhantomSpec
 from models.post.labels import bounding_box
 from models.post.temporal import TemporalParams
 from models.structures import default_structures
-from service.settings import Settings
+from service.settings import Settings, TemporalSettings
+from worker.engine_settings import temporal_params
 
 SAM_ROIS = ("Lung_L", "Lung_R", "Heart", "GTVp")
 _CROSS = ndi.generate_binary_structure(3, 1)
@@ -177,7 +178,7 @@ def run(size: str, seed: int, workers: int, k: int, centroid_mm: float | None,
     envs: dict[str, np.ndarray] = {"raw": np.asarray(inj.masks["GTVp"].any(axis=0))}
     times: dict[str, float] = {}
     links: dict[str, list[tuple[int, int, int]]] = {}
-    product = TemporalParams(min_phases=k, max_centroid_mm=centroid_mm)
+    product = temporal_params(TemporalSettings(temporal_min_phases=k, temporal_max_centroid_mm=centroid_mm))
     for name, temporal in (("connectivity", None), ("temporal+conn", product)):
         work = {k2: v.copy() for k2, v in inj.masks.items()}
         work["External"] = gt["External"].copy()

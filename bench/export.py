@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from service.net.scu import send_files
-from service.settings import Destination
+from service.setting_values import Destination
 from tests.support.net import free_port
 
 STORESCP = "/usr/bin/storescp"

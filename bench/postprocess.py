@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from models.engine import output_structures, postprocess
-from models.post.temporal import TemporalParams
 from models.structures import default_structures
+from service.settings import TemporalSettings
 from tests.support.postprocess_reference import naive_postprocess
+from worker.engine_settings import temporal_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def main() -> int:
             print(f"built CT cache {hu_cache} in {time.perf_counter() - t:.0f} s")
         hu = np.load(hu_cache)
     outputs = [o for o in output_structures(default_structures()) if o.name in ROIS]
-    temporal = TemporalParams()
+    temporal = temporal_params(TemporalSettings())  # the product's rule
     print(f"masks: {len(ROIS)} ROIs x {shape} bool, spacing {tuple(round(s, 3) for s in sp)} mm; "
           f"{a.workers} worker thread(s); cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; "
           + ("CT given (motion-compensated matching on)" if hu is not None else "no CT (mask-only fallback)"))

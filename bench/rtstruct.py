@@ -44,18 +44,18 @@ from pydicom.uid import generate_uid
 from models.metrics import dice as metric_dice
 from models.phantom import Phantom, make_phantom
 from models.phantom_spec import PhantomSpec
+from models.structures import default_structures
 from service.dicomio.phantom_dicom import write_phantom_dicom
 from service.dicomio.rtstruct import (
     Algorithm,
     build_rtstructs,
     roi_name,
-    styles_from_settings,
     write_rtstruct,
 )
 from service.dicomio.volume import Geometry, read_geometry
-from service.settings import default_structures
 from tests.support import rtstruct_previous
 from tests.support.rtstruct_peers import plastimatch_masks
+from worker.engine_settings import EngineConfig, roi_styles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_percents=phantom.phase_percents,
             masks=masks,
             envelopes={"ITV": itv},
-            styles=styles_from_settings(default_structures()),
+            styles=roi_styles(EngineConfig(structures=tuple(default_structures()))),
             algorithm=Algorithm("SAM 3", "bench", "bench"),
         )
         speed(common, work / "speed", args.repeat)

@@ -2,7 +2,7 @@
 
 On CUDA: the full-size architecture (``--sam3-dir`` loads real weights; otherwise default ``Sam3Config()``
 with random weights: memory is the same, the outputs mean nothing) wrapped as ``itvnode train`` wraps it
-(models.training.trainer.apply_training_lora with the default TrainConfig: LoRA r=16, alpha=32 on
+(models.training.config.apply_training_lora with the default TrainConfig: LoRA r=16, alpha=32 on
 q/k/v/o_proj + fc1/fc2 of the ViT, text encoder, DETR and mask decoder), bf16 autocast, AdamW. It runs warm-up
 steps, then measures ``torch.cuda.max_memory_allocated`` over one full step (forward, loss with hard-pixel
 mining, backward, optimizer step) for each batch size, and the peer in the same run: one inference forward of
@@ -41,8 +41,9 @@ def _volume(rows: int, slices: int) -> Any:
 
 
 def _trainer(model: Any, processor: Any, vols: list[Any], device: torch.device, out: Path, batch: int) -> Any:
+    from models.training.config import TrainConfig
     from models.training.dataset import Target
-    from models.training.trainer import TrainConfig, Trainer
+    from models.training.trainer import Trainer
 
     cfg = TrainConfig(batch_size=batch, mining_every=0)  # default LoRA settings
     targets = [Target("Lung", "lung", ("Lung_L", "Lung_R"))]
@@ -178,8 +179,11 @@ def main() -> int:
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
 
     from models.sam3.lora import count_trainable_full_size
+    from models.training.config import TrainConfig, training_lora_config
 
-    report: dict[str, Any] = {"goal_gb": GOAL_GB, "full_size_lora": str(count_trainable_full_size())}
+    # the LoRA of the training path (default TrainConfig), not a second description of it
+    full_size = count_trainable_full_size(lora=training_lora_config(TrainConfig()))
+    report: dict[str, Any] = {"goal_gb": GOAL_GB, "full_size_lora": str(full_size)}
     print(report["full_size_lora"])
     if not torch.cuda.is_available():
         print(

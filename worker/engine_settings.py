@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from models.post.qa import QAParams
+from models.post.temporal import TemporalParams
 from models.structures import StructureSpec
+from service.settings import TemporalSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +31,7 @@ class EngineConfig:
     adapter_dir: Path | None = None
     device: str = "auto"
     batch_size: int = 4
-    temporal_min_phases: int = 3
-    temporal_min_overlap: float = 0.1
-    temporal_match: str = "iou"  # iou | overlap (models.post.temporal)
-    temporal_max_gap: int = 1
-    temporal_max_centroid_mm: float | None = None
-    temporal_motion_mm: float | None = 25.0  # None: no motion-compensated matching (models.post.temporal)
-    temporal_motion_margin_mm: float = 8.0
-    temporal_motion_min_ncc: float = 0.5
-    temporal_motion_min_mm3: float = 30.0
+    temporal: TemporalParams = field(default_factory=TemporalParams)  # the phase-coherence rule
     layout: str = "combined"  # combined | per-series
     write_seg: bool = False
     send_qa_report: bool = True  # the QA report as an Encapsulated PDF to the destinations too
@@ -97,15 +91,7 @@ def engine_config(settings: Any) -> EngineConfig:
         adapter_dir=_dir(settings.adapter_dir),
         device=settings.device,
         batch_size=settings.batch_size,
-        temporal_min_phases=settings.temporal_min_phases,
-        temporal_min_overlap=settings.temporal_min_overlap,
-        temporal_match=settings.temporal_match,
-        temporal_max_gap=settings.temporal_max_gap,
-        temporal_max_centroid_mm=settings.temporal_max_centroid_mm,
-        temporal_motion_mm=settings.temporal_motion_mm,
-        temporal_motion_margin_mm=settings.temporal_motion_margin_mm,
-        temporal_motion_min_ncc=settings.temporal_motion_min_ncc,
-        temporal_motion_min_mm3=settings.temporal_motion_min_mm3,
+        temporal=temporal_params(settings),
         layout=settings.layout,
         write_seg=settings.write_seg,
         send_qa_report=getattr(settings, "send_qa_report", True),
@@ -115,6 +101,14 @@ def engine_config(settings: Any) -> EngineConfig:
         hu_windows=tuple((float(lo), float(hi)) for lo, hi in settings.hu_windows),
         qa=qa_params(settings),
     )
+
+
+def temporal_params(settings: TemporalSettings) -> TemporalParams:
+    """The ``temporal_*`` settings as :class:`models.post.temporal.TemporalParams` (setting ``temporal_<f>``
+    is field ``f``, so a new field needs only its setting)."""
+    prefix = "temporal_"
+    return TemporalParams(**{name.removeprefix(prefix): getattr(settings, name)
+                             for name in TemporalSettings.model_fields})
 
 
 def qa_params(settings: Any) -> QAParams:
@@ -129,7 +123,9 @@ def qa_params(settings: Any) -> QAParams:
 
 
 def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
-    """``service.dicomio.rtstruct.RoiStyle`` for every ROI name the engine emits (split sides, envelopes)."""
+    """``service.dicomio.rtstruct.RoiStyle`` for every ROI name the engine emits, the one naming rule
+    (``models.engine.output_structures``: split sides ``Lung_L``, envelopes ``ITV`` / ``<name>^ENV``, a split
+    structure's envelope per side ``ITV_L``); production, tests and bench/rtstruct.py all style ROIs here."""
     from models.engine import output_structures
     from service.dicomio.rtstruct import RoiStyle
 
@@ -139,22 +135,6 @@ def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
         if out.envelope_name:
             styles[out.envelope_name] = RoiStyle(out.spec.color, cfg.envelope_types.get(out.spec.name, ""))
     return styles
-
-
-def temporal_params(cfg: EngineConfig) -> Any:
-    from models.post.temporal import TemporalParams
-
-    return TemporalParams(
-        min_phases=cfg.temporal_min_phases,
-        min_overlap=cfg.temporal_min_overlap,
-        match=cfg.temporal_match,  # type: ignore[arg-type]
-        max_gap=cfg.temporal_max_gap,
-        max_centroid_mm=cfg.temporal_max_centroid_mm,
-        motion_mm=cfg.temporal_motion_mm,
-        motion_margin_mm=cfg.temporal_motion_margin_mm,
-        motion_min_ncc=cfg.temporal_motion_min_ncc,
-        motion_min_mm3=cfg.temporal_motion_min_mm3,
-    )
 
 
 _cache: dict[tuple[Any, ...], LoadedSegmenter] = {}

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from service.ops.reconcile import ReconcilePolicy, schedule_retry
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.durable import DIR_MODE
 from service.store.layout import DataLayout
 from service.store.manifest import (
@@ -54,7 +54,7 @@ from service.store.manifest import (
     utcnow_iso,
 )
 from service.store.outbox import Outbox, RetryPolicy
-from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles, temporal_params
+from worker.engine_settings import EngineConfig, LoadedSegmenter, roi_styles
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def process_contours(
             hu,
             geoms[0].spacing,
             list(config.structures),
-            temporal_params(config),
+            config.temporal,
             phase_percents=percents,
             study_key=study_key,
             qa_params=config.qa,
@@ -592,7 +592,7 @@ def _compute(
             geoms[0].spacing,
             list(config.structures),
             segmenter.segmenter,
-            temporal=temporal_params(config),
+            temporal=config.temporal,
             phase_percents=[p.percent for p in m.phases],
             study_key=study_key,
             qa_params=config.qa,

@@ -26,9 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from itvnode.commands import DefaultsHelpFormatter
+
+if TYPE_CHECKING:
+    from worker.engine_settings import EngineConfig
 
 log = logging.getLogger("itvnode.evaluate")
 
@@ -184,12 +187,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from itvnode.commands.train import read_roi_map
-    from models import evaluation as ev
     from models.engine import output_structures
+    from models.evaluation.scores import MetricRow, evaluate_study
+    from models.evaluation.shapes import ShapeRow, shape_rows
+    from models.evaluation.worst_slices import ErrorSlice, keep_worst, worst_error_slice
     from models.training.manifest import read_manifest, training_hashes
     from service.dicomio.rtstruct_read import RTStructReadError
     from service.settings import load_settings
-    from worker.engine_settings import engine_config, temporal_params
+    from worker.engine_settings import engine_config
 
     settings = load_settings()
     out = Path(args.out)
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         print("itvnode evaluate: no studies: give --phantom or --dicom", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    adapter = args.adapter or settings.adapter_dir
+    adapter = args.adapter or engine.adapter_dir
     context: dict[str, Any] = {"studies": ", ".join(s.name for s in studies)}
     variants: list[tuple[str, Path | None]] = []
     if args.predicted:
@@ -239,20 +244,20 @@ def run(args: argparse.Namespace) -> int:
         )
     flags = {st.name: _leak_flags(st, hashes) for st in studies}
     banner = ""
-    rows: list[ev.MetricRow] = []
-    shapes: list[ev.ShapeRow] = []
-    worst: dict[str, ev.ErrorSlice] = {}
+    rows: list[MetricRow] = []
+    shapes: list[ShapeRow] = []
+    worst: dict[str, ErrorSlice] = {}
     for st in studies:  # truth: once per study
         keep = {k: v for k, v in st.truth.items() if k not in envelope_names}
         if not args.predicted:
             keep = {k: v for k, v in keep.items() if k in produced}
         st.truth = keep
         env = {envelope_of[k]: v.any(axis=0) for k, v in keep.items() if k in envelope_of}
-        shapes += ev.shape_rows(st.name, "truth", keep, st.spacing, st.percents, env, flags[st.name])
+        shapes += shape_rows(st.name, "truth", keep, st.spacing, st.percents, env, flags[st.name])
     for vi, (variant, adapter_dir) in enumerate(variants):
         seg = None
         if not args.predicted:
-            seg = _segmenter(args, settings, adapter_dir)
+            seg = _segmenter(args, engine, adapter_dir)
             if seg is None:
                 return 2
             info = seg.version_info()
@@ -270,17 +275,17 @@ def run(args: argparse.Namespace) -> int:
             else:
                 from models.engine import segment_volume
 
-                res = segment_volume(st.hu, st.spacing, specs, seg, temporal_params(engine),
+                res = segment_volume(st.hu, st.spacing, specs, seg, engine.temporal,
                                      phase_percents=st.percents, study_key=st.name)
                 pred, pred_env, skipped = res.masks, res.envelopes, res.skipped
             truth_env = {envelope_of[k]: v.any(axis=0) for k, v in truth.items() if k in envelope_of}
             rows += _apply_flags(
-                ev.evaluate_study(st.name, variant, pred, truth, st.spacing, st.percents, pred_env, truth_env,
+                evaluate_study(st.name, variant, pred, truth, st.spacing, st.percents, pred_env, truth_env,
                                   skipped),
                 st,
                 flags[st.name],
             )
-            shapes += ev.shape_rows(
+            shapes += shape_rows(
                 st.name, variant, {k: pred.get(k, np.zeros_like(v)) for k, v in truth.items()}, st.spacing,
                 st.percents, {k: pred_env.get(k, np.zeros_like(v)) for k, v in truth_env.items()},
                 flags[st.name],
@@ -291,14 +296,14 @@ def run(args: argparse.Namespace) -> int:
                     for p, pct in enumerate(st.percents):
                         if flags[st.name][p] and not args.include_training:
                             continue
-                        ev.keep_worst(worst, ev.worst_error_slice(
+                        keep_worst(worst, worst_error_slice(
                             name, st.name, variant, f"P{pct:g}", st.hu[p], pm[p], gt[p], st.spacing, st.z_mm))
             log.info("%s %s: evaluated in %.1f s", st.name, variant, time.perf_counter() - t0)
     _write_report(args, out, rows, shapes, worst, context, banner, flags, studies)
     return 0
 
 
-def _segmenter(args: argparse.Namespace, settings: Any, adapter_dir: Path | None) -> Any:
+def _segmenter(args: argparse.Namespace, engine: EngineConfig, adapter_dir: Path | None) -> Any:
     import torch
 
     from models.sam3.loader import Sam3LoadError, build_segmenter
@@ -307,11 +312,11 @@ def _segmenter(args: argparse.Namespace, settings: Any, adapter_dir: Path | None
         torch.set_num_threads(args.threads)
     try:
         return build_segmenter(
-            args.sam3_dir or settings.sam3_dir,
+            args.sam3_dir or engine.sam3_dir,
             adapter_dir,
-            device=args.device or settings.device,
-            batch_size=settings.batch_size,
-            windows=settings.hu_windows,
+            device=args.device or engine.device,
+            batch_size=engine.batch_size,
+            windows=engine.hu_windows,
         )
     except Sam3LoadError as exc:
         print(f"itvnode evaluate: {exc}", file=sys.stderr)
@@ -331,28 +336,44 @@ def _write_report(
 ) -> None:
     import numpy as np
 
-    from models import evaluation as ev
+    from models.evaluation.figures import (
+        envelope_figure,
+        motion_figure,
+        plot_boxplots,
+        plot_worst_slices,
+        save_figure,
+        volumes_figure,
+    )
+    from models.evaluation.scores import (
+        ENVELOPE_PHASE,
+        markdown_report,
+        summarise,
+        write_rows_csv,
+        write_summary_csv,
+    )
+    from models.evaluation.shapes import motion_amplitudes, write_motion_csv, write_shape_csv
+    from models.evaluation.worst_slices import write_worst_csv
     include = bool(args.include_training)
-    summary = ev.summarise(rows, include_training=include)
+    summary = summarise(rows, include_training=include)
     used_rows = [r for r in rows if include or not r.training]
     used_shapes = [s for s in shapes if include or not s.training]
-    ev.write_rows_csv(rows, out / "metrics.csv")
-    ev.write_summary_csv(summary, out / "summary.csv")
-    ev.write_shape_csv(shapes, out / "volumes.csv")
-    motion = ev.motion_amplitudes(used_shapes)
-    ev.write_motion_csv(motion, out / "motion.csv")
+    write_rows_csv(rows, out / "metrics.csv")
+    write_summary_csv(summary, out / "summary.csv")
+    write_shape_csv(shapes, out / "volumes.csv")
+    motion = motion_amplitudes(used_shapes)
+    write_motion_csv(motion, out / "motion.csv")
     figures = []
     if used_rows:
-        figures.append(ev.plot_boxplots(used_rows, out / "boxplots.png", banner).name)
+        figures.append(plot_boxplots(used_rows, out / "boxplots.png", banner).name)
     if worst:
         items = sorted(worst.values(), key=lambda w: w.structure)
-        figures.append(ev.plot_worst_slices(items, out / "worst_slices.png", banner).name)
-        ev.write_worst_csv(items, out / "worst_slices.csv")
+        figures.append(plot_worst_slices(items, out / "worst_slices.png", banner).name)
+        write_worst_csv(items, out / "worst_slices.csv")
     if used_shapes:
-        figures.append(ev._save(ev.volumes_figure(used_shapes, banner), out / "volumes.png").name)
-        figures.append(ev._save(ev.motion_figure(motion, banner), out / "motion.png").name)
-        if any(s.phase == ev.ENVELOPE_PHASE for s in used_shapes):
-            figures.append(ev._save(ev.envelope_figure(used_shapes, used_rows, banner), out / "itv.png").name)
+        figures.append(save_figure(volumes_figure(used_shapes, banner), out / "volumes.png").name)
+        figures.append(save_figure(motion_figure(motion, banner), out / "motion.png").name)
+        if any(s.phase == ENVELOPE_PHASE for s in used_shapes):
+            figures.append(save_figure(envelope_figure(used_shapes, used_rows, banner), out / "itv.png").name)
     notes = []
     leaked = [
         f"{st.name} P{pct:g} ({f})"
@@ -371,7 +392,7 @@ def _write_report(
     if missing:
         notes.append("**No predicted RTSTRUCT** on: " + ", ".join(missing) + " (scored as empty predictions)")
     notes.append(PAPER_NOTE)
-    md = ev.markdown_report(summary, "itvnode evaluation", context, figures, banner=banner, notes=notes)
+    md = markdown_report(summary, "itvnode evaluation", context, figures, banner=banner, notes=notes)
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(
         json.dumps(

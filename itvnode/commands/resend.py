@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
 
     from service.intake.queue import Enqueuer
     from service.ops.admin import resend_study
-    from service.settings import Destination, load_settings
+    from service.setting_values import Destination
+    from service.settings import load_settings
 
     settings = load_settings()
     try:

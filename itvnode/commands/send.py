@@ -40,7 +40,8 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from service.net.scu import send_files
-    from service.settings import Destination, TLSSettings, load_settings
+    from service.setting_values import Destination, TLSSettings
+    from service.settings import load_settings
 
     if not getattr(args, "verbose", False):  # our own lines say what happened; -v shows pynetdicom's log
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

@@ -62,7 +62,7 @@ def train_defaults() -> dict[str, Any]:
     """``TrainConfig`` field defaults as ``--help`` shows them (tuples comma-separated)."""
     import dataclasses
 
-    from models.training.trainer import TrainConfig
+    from models.training.config import TrainConfig
 
     out: dict[str, Any] = {}
     for k, v in dataclasses.asdict(TrainConfig()).items():
@@ -235,8 +235,8 @@ def load_volumes(
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from models.training.config import TrainConfig
     from models.training.losses import LossWeights
-    from models.training.trainer import TrainConfig
 
     kw: dict[str, Any] = {}
     for name in (
@@ -283,15 +283,16 @@ def run(args: argparse.Namespace) -> int:
     from models.training.dataset import split_by_group, targets_from_specs
     from models.training.trainer import Trainer
     from service.settings import load_settings
-    from worker.engine_settings import structure_spec
+    from worker.engine_settings import engine_config
 
     settings = load_settings()
+    engine = engine_config(settings)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         config = _config(args)
         volumes, sources = load_volumes(args, settings, args.group_by_phase)
-        targets = targets_from_specs(structure_spec(s) for s in settings.structures)
+        targets = targets_from_specs(engine.structures)
         wanted = _csv(args.structures)
         if wanted:
             unknown = sorted(set(wanted) - {t.name for t in targets})
@@ -312,9 +313,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, OSError) as exc:
         print(f"itvnode train: {exc}", file=sys.stderr)
         return 2
-    sam3_dir = args.sam3_dir or settings.sam3_dir
+    sam3_dir = args.sam3_dir or engine.sam3_dir
     try:
-        device = resolve_device(args.device or settings.device)
+        device = resolve_device(args.device or engine.device)
         model, processor = load_sam3(sam3_dir, device)
         identity = model_identity(Path(str(sam3_dir)))
         if identity.get("trained") is False:
@@ -347,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = trainer.fit(resume=not args.no_resume)
     if result.manifest:
-        from models.evaluation import plot_training
+        from models.evaluation.figures import plot_training
 
         png = plot_training(result.manifest, Path(args.out) / "training.png")
         log.info("training curves: %s", png)

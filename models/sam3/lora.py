@@ -77,14 +77,17 @@ def _component_of(name: str) -> str:
     return "other"
 
 
-def _lora_config(
-    r: int,
-    alpha: int,
-    dropout: float,
-    targets: Sequence[str],
-    components: Sequence[str],
-    train_mask_embedder: bool,
+def lora_config(
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
+    modules_to_save: Sequence[str] = (),
 ) -> Any:
+    """The one peft ``LoraConfig`` of the node: :func:`apply_lora`, training
+    (``models.training.config.training_lora_config``) and :func:`count_trainable_full_size` (so
+    bench/train_memory.py) all build it here. ``modules_to_save``: modules trained in full."""
     from peft import LoraConfig
 
     if r < 1:
@@ -97,8 +100,12 @@ def _lora_config(
         lora_dropout=dropout,
         bias="none",
         target_modules=target_regex(targets, components),
-        modules_to_save=[MASK_EMBEDDER] if train_mask_embedder else None,
+        modules_to_save=list(modules_to_save) or None,
     )
+
+
+def _embedder(train_mask_embedder: bool) -> tuple[str, ...]:
+    return (MASK_EMBEDDER,) if train_mask_embedder else ()
 
 
 def apply_lora(
@@ -121,7 +128,7 @@ def apply_lora(
         if isinstance(module, nn.MultiheadAttention) and name.rsplit(".", 1)[-1] in targets:
             raise ValueError(f"{name} is nn.MultiheadAttention: LoRA targets Linear layers only")
     peft_model = get_peft_model(
-        model, _lora_config(r, alpha, dropout, targets, components, train_mask_embedder)
+        model, lora_config(r, alpha, dropout, targets, components, _embedder(train_mask_embedder))
     )
     report = lora_report(peft_model)
     log.info("%s", report)
@@ -202,9 +209,11 @@ def count_trainable_full_size(
     components: Sequence[str] = DEFAULT_COMPONENTS,
     train_mask_embedder: bool = False,
     config: Any = None,
+    lora: Any = None,
 ) -> LoraReport:
     """LoRA parameter counts for the full-size SAM 3 (default ``Sam3Config()``) without weights or a forward
-    pass: the model and its adapters are built on the meta device (shapes only, no memory)."""
+    pass: the model and its adapters are built on the meta device (shapes only, no memory). ``lora``: a
+    :func:`lora_config` result to count instead of the one the other arguments describe."""
     from peft import get_peft_model
     from transformers import Sam3Config, Sam3Model
 
@@ -212,6 +221,6 @@ def count_trainable_full_size(
     with torch.device("meta"):
         model = Sam3Model(cfg)
         peft_model = get_peft_model(
-            model, _lora_config(r, alpha, 0.0, targets, components, train_mask_embedder)
+            model, lora or lora_config(r, alpha, 0.0, targets, components, _embedder(train_mask_embedder))
         )
     return lora_report(peft_model)

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from models.sam3.inference import PAD_BOX_LABEL, Sam3Segmenter
-from models.sam3.lora import DEFAULT_COMPONENTS, DEFAULT_TARGETS, lora_report, target_regex
 from models.sam3.windowing import (
     DEFAULT_WINDOWS,
     PixelNormalisation,
@@ -34,116 +33,16 @@ from models.sam3.windowing import (
     to_pixel_values,
     window_channels,
 )
+from models.training.config import TrainConfig, apply_training_lora, resolve_train_modules
 from models.training.dataset import AnnotatedVolume, SliceSample, Target, build_samples
 from models.training.hard_negatives import MiningReport, mine, pixel_candidates
-from models.training.losses import LossWeights, sam3_loss
+from models.training.losses import sam3_loss
 from models.training.manifest import build_manifest, write_manifest
 from models.training.sampler import HardNegativeSampler
 
 log = logging.getLogger(__name__)
 
-# Short names for modules trained in full (peft modules_to_save); any dotted module name also works.
-TRAIN_MODULE_ALIASES: dict[str, str] = {
-    "mask_embedder": "mask_decoder.mask_embedder",
-    "instance_projection": "mask_decoder.instance_projection",
-    "pixel_decoder": "mask_decoder.pixel_decoder",
-    "presence_head": "detr_decoder.presence_head",
-    "box_head": "detr_decoder.box_head",
-    "scoring": "dot_product_scoring",
-    "text_projection": "text_projection",
-}
 CHECKPOINT_DIR = "checkpoint"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters; validated on construction. An *epoch* is ``steps_per_epoch`` optimizer steps."""
-
-    epochs: int = 10
-    steps_per_epoch: int | None = None  # None: one pass over the training samples
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    lora_components: tuple[str, ...] = DEFAULT_COMPONENTS
-    train_modules: tuple[str, ...] = ()  # fully trained, e.g. ("mask_embedder",)
-    seed: int = 0
-    negative_fraction: float | None = 0.3  # base share of negative slices (None: natural proportion)
-    hard_mix: float = 0.5  # share of draws led by hardness
-    hard_ema: float = 0.5
-    hard_power: float = 1.0
-    mining_every: int = 50  # optimizer steps between mining passes (0: off; online losses still count)
-    mining_pool: int = 256  # slices scored per mining pass
-    band_px: int = 3  # boundary band of hard background pixels
-    hu_tolerance: float | None = 100.0  # low-contrast background pixels: |HU - median HU of structure|
-    loss: LossWeights = field(default_factory=LossWeights)
-    score_threshold: float = 0.5  # for validation Dice, as at inference
-    checkpoint_every: int = 100  # optimizer steps (0: end of each epoch only)
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-
-    def __post_init__(self) -> None:
-        ints = {
-            "epochs": 1,
-            "batch_size": 1,
-            "grad_accum": 1,
-            "lora_r": 1,
-            "warmup_steps": 0,
-            "mining_every": 0,
-            "mining_pool": 0,
-            "band_px": 0,
-            "checkpoint_every": 0,
-        }
-        for k, low in ints.items():
-            if int(getattr(self, k)) < low:
-                raise ValueError(f"{k} must be >= {low}, got {getattr(self, k)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch must be >= 1 or None")
-        if not self.lr > 0:
-            raise ValueError("lr must be > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError("lora_dropout must be in [0, 1)")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError("score_threshold must be in [0, 1]")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["train_modules"] = list(resolve_train_modules(self.train_modules))
-        return d
-
-
-def resolve_train_modules(names: Sequence[str]) -> tuple[str, ...]:
-    return tuple(TRAIN_MODULE_ALIASES.get(n, n) for n in names)
-
-
-def apply_training_lora(model: Any, config: TrainConfig) -> tuple[Any, Any]:
-    """peft-wrap ``model`` (LoRA on ``lora_targets`` in ``lora_components``, ``train_modules`` in full)."""
-    from peft import LoraConfig, get_peft_model
-
-    modules = resolve_train_modules(config.train_modules)
-    names = {n for n, _ in model.named_modules()}
-    unknown = [m for m in modules if m not in names]
-    if unknown:
-        raise ValueError(
-            f"train_modules {unknown} are not modules of this model; aliases: {sorted(TRAIN_MODULE_ALIASES)}"
-        )
-    cfg = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        bias="none",
-        target_modules=target_regex(config.lora_targets, config.lora_components),
-        modules_to_save=list(modules) or None,
-    )
-    peft_model = get_peft_model(model, cfg)
-    report = lora_report(peft_model)
-    log.info("%s; fully trained: %s", report, ", ".join(modules) or "none")
-    return peft_model, report
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
@@ -46,9 +46,6 @@ from service.dicomio.geometry import Geometry
 from service.dicomio.uids import content_key as _content_key
 from service.dicomio.uids import output_uid
 from service.store.durable import private_dir, write_atomic
-
-if TYPE_CHECKING:
-    from service.settings import StructureSetting
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +134,6 @@ def parse_roi_name(name: str) -> tuple[str, float | None]:
     if m is None:
         return name.strip(), None
     return base.strip(), float(m.group(1))
-
-
-def styles_from_settings(structures: Sequence[StructureSetting]) -> dict[str, RoiStyle]:
-    """Styles keyed by every name the engine emits (``Lung_L``/``Lung_R`` for split structures, envelopes)."""
-    out: dict[str, RoiStyle] = {}
-    for s in structures:
-        style = RoiStyle(tuple(s.color), s.interpreted_type)  # type: ignore[arg-type]
-        names = [f"{s.name}_L", f"{s.name}_R"] if s.split_laterality else [s.name]
-        for n in names:
-            out[n] = style
-        if s.envelope:
-            out[s.envelope_name or f"{s.name}_ITV"] = RoiStyle(
-                tuple(s.color),  # type: ignore[arg-type]
-                s.envelope_interpreted_type,
-            )
-    return out
 
 
 def _ds(v: float) -> str:

@@ -36,6 +36,21 @@ NOT_CONTENT: frozenset[str] = frozenset(
 )
 
 
+#: Nested parameters hashed under the flat names they had before they were grouped (``temporal.min_phases``
+#: as ``temporal_min_phases``), so that identical content keeps its UIDs across the regrouping.
+FLATTENED: Mapping[str, str] = {"temporal": "temporal_"}
+
+#: Content fields added after outputs were first issued -> the value they had (fixed, unsettable) before.
+#: At that value a field is left out of the digest, so a config an older release could express hashes as it
+#: did then; any other value changes the UIDs. Pinned here, not read from today's defaults: a changed default
+#: is changed content.
+ADDED: Mapping[str, Any] = {
+    "temporal_centroid_volume_ratio": 0.5,
+    "temporal_circular": True,
+    "temporal_connectivity": 3,
+}
+
+
 def deterministic_uid(prefix: str | None, *parts: str) -> UID:
     """A UID derived from ``parts`` under ``prefix`` (pydicom's root when None; never a random 2.25 UUID).
 
@@ -64,12 +79,22 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+def _content_fields(plain: dict[str, Any], exclude: Iterable[str]) -> dict[str, Any]:
+    """The hashed fields of a plain config: ``exclude`` left out, :data:`FLATTENED` groups flattened,
+    :data:`ADDED` fields left out at their earlier value."""
+    skip = set(exclude)
+    out = {k: v for k, v in plain.items() if k not in skip and k not in FLATTENED}
+    for group, prefix in FLATTENED.items():
+        if isinstance(plain.get(group), dict) and group not in skip:
+            out.update({prefix + k: v for k, v in plain[group].items()})
+    return {k: v for k, v in out.items() if not (k in ADDED and v == ADDED[k])}
+
+
 def settings_digest(config: Any, exclude: Iterable[str] = NOT_CONTENT) -> str:
     """sha256 (32 hex digits) of the content-relevant fields of a config (dataclass or mapping)."""
     plain = _plain(config)
     if isinstance(plain, dict):
-        skip = set(exclude)
-        plain = {k: v for k, v in plain.items() if k not in skip}
+        plain = _content_fields(plain, exclude)
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

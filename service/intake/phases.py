@@ -97,7 +97,7 @@ class SeriesClass:
 
 @dataclass(frozen=True)
 class SiteRule:
-    """A compiled site rule (plain form of ``service.settings.PhaseRule``)."""
+    """A compiled site rule (plain form of ``service.setting_values.PhaseRule``)."""
 
     regex: re.Pattern[str]
     field: str = "SeriesDescription"

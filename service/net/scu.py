@@ -34,7 +34,7 @@ from service.net._pynetdicom_fast.config import send_files_as_stored
 from service.net._pynetdicom_fast.dimse import guard_reactor
 from service.net.connect_errors import RecordingSSLSocket, describe_oserror
 from service.net.tls import client_context
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.outbox import Outbox
 from service.store.outbox_item import DestinationState, FileInfo, read_file_info
 

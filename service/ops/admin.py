@@ -53,7 +53,7 @@ from service.store.state import FINISHED, STATES, StudyState
 
 if TYPE_CHECKING:
     from service.ops.retention import RetentionPolicy
-    from service.settings import Destination
+    from service.setting_values import Destination
 
 log = logging.getLogger(__name__)
 

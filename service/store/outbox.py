@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.durable import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, private_dir, write_json_atomic
 from service.store.outbox_dead_letter import dead_letter
 from service.store.outbox_item import (

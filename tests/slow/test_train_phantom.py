@@ -17,9 +17,10 @@ import torch
 
 from models.phantom import make_phantom
 from models.phantom_spec import PhantomSpec
+from models.training.config import TrainConfig
 from models.training.dataset import Target, phantom_volumes, split_by_group
 from models.training.losses import LossWeights
-from models.training.trainer import TrainConfig, Trainer
+from models.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -40,7 +40,7 @@ from service.dicomio.uids import output_uid
 from service.dicomio.geometry import Geometry
 
 if TYPE_CHECKING:
-    from service.settings import StructureSetting
+    from service.structure_settings import StructureSetting
 
 log = logging.getLogger(__name__)
 

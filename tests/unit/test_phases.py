@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.intake.phases import SeriesKind, SiteRule, classify_series, compile_rules, reference_kind
-from service.settings import PhaseRule
+from service.setting_values import PhaseRule
 from service.store.instance_meta import InstanceMeta
 
 

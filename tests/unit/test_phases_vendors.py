@@ -15,7 +15,7 @@ from service.intake.phases import (
     descriptions_seen,
     order_phases,
 )
-from service.settings import PhaseRule
+from service.setting_values import PhaseRule
 from service.store.instance_meta import InstanceMeta
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from service.settings import Destination, SettingsError, load_settings
+from models.post.temporal import TemporalParams
+from service.setting_values import Destination
+from service.settings import SettingsError, TemporalSettings, load_settings
+from worker.engine_settings import engine_config, temporal_params
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +104,31 @@ def test_caller_ips_need_the_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.caller_ips == {"PACS": ["10.0.0.1"]} and s.allowed_callers == ["PACS", "CT_SIM"]
     monkeypatch.setenv("ITVNODE_CALLER_IPS", '{"PACS": [" 0:0::1 "]}')
     assert load_settings().caller_ips == {"PACS": ["::1"]}  # compared as the server prints peer addresses
+
+
+def test_yaml_groups_read_as_their_flat_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "itvnode.yaml"
+    cfg.write_text("temporal: {motion_mm: 12, min_phases: 4}\nnetwork: {port: 104}\n"
+                   "export: {retry_base: 5}\n")
+    s = load_settings(cfg)
+    assert (s.temporal_motion_mm, s.temporal_min_phases, s.port, s.export_retry_base) == (12.0, 4, 104, 5.0)
+    monkeypatch.setenv("ITVNODE_TEMPORAL_MOTION_MM", "20")  # the environment still wins
+    assert load_settings(cfg).temporal_motion_mm == 20.0
+    cfg.write_text("temporal: {motion_mm: 12}\ntemporal_motion_mm: 10\n")
+    with pytest.raises(SettingsError, match="given twice"):
+        load_settings(cfg)
+    cfg.write_text("temporal: {nope: 1}\n")
+    with pytest.raises(SettingsError, match="temporal.nope"):
+        load_settings(cfg)
+
+
+def test_every_temporal_param_is_a_setting_with_its_default() -> None:
+    """One hop from the ``temporal`` group to the engine's rule: setting ``temporal_<f>`` is field ``f``."""
+    assert {f.name for f in fields(TemporalParams)} == {
+        n.removeprefix("temporal_") for n in TemporalSettings.model_fields}
+    assert temporal_params(TemporalSettings()) == TemporalParams()
+    s = load_settings(temporal_circular=False, temporal_connectivity=1, temporal_centroid_volume_ratio=0.25)
+    assert engine_config(s).temporal == TemporalParams(circular=False, connectivity=1,
+                                                       centroid_volume_ratio=0.25)
+    with pytest.raises(SettingsError):
+        load_settings(temporal_connectivity=4)

@@ -3,6 +3,7 @@ ones."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -15,8 +16,9 @@ from models.structures import StructureSpec
 from service.dicomio.geometry import Geometry
 from service.dicomio.rtstruct import Algorithm, build_rtstructs
 from service.dicomio.uids import content_key, settings_digest
+from service.settings import load_settings
 from service.store.manifest import Manifest
-from worker.engine_settings import EngineConfig
+from worker.engine_settings import EngineConfig, engine_config
 from worker.pipeline import result_version
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -89,8 +91,27 @@ def test_algorithm_settings_and_layout_are_part_of_the_key() -> None:
 def test_settings_digest_ignores_what_cannot_change_content() -> None:
     cfg = EngineConfig(structures=(StructureSpec(name="GTVp", prompt="tumor"),))
     assert settings_digest(cfg) == settings_digest(replace(cfg, device="cuda", batch_size=16, write_seg=True))
-    assert settings_digest(cfg) != settings_digest(replace(cfg, temporal_min_phases=4))
+    assert settings_digest(cfg) != settings_digest(replace(cfg, temporal=replace(cfg.temporal, min_phases=4)))
     assert settings_digest(cfg) != settings_digest(replace(cfg, rtstruct_holes="xor"))
+
+
+def test_settings_digest_of_an_unchanged_config_survives_the_temporal_regrouping(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned before EngineConfig grouped its temporal_* fields and the three new temporal settings existed:
+    identical content must keep its UIDs across an upgrade; a new setting changes them once it is moved."""
+    for key in [k for k in os.environ if k.startswith("ITVNODE_")]:
+        monkeypatch.delenv(key)
+    default = engine_config(load_settings(sam3_dir=None, adapter_dir=None))
+    assert settings_digest(default) == "40dfe13f500eed48638fba5ea9805158"
+    cfg = EngineConfig(structures=(StructureSpec(name="GTVp", prompt="tumor"),))
+    assert settings_digest(cfg) == "b947ac31f01ba4099e316254f43a3b9f"
+    assert settings_digest(replace(cfg, temporal=replace(cfg.temporal, min_phases=4))) == (
+        "c491cbbbf2d92f5d7d4ab7b83fe238dd")
+    for changed in ({"circular": False}, {"connectivity": 1}, {"centroid_volume_ratio": 0.25}):
+        other = replace(cfg, temporal=replace(cfg.temporal, **changed))
+        assert settings_digest(other) != settings_digest(cfg)
+    moved = engine_config(load_settings(sam3_dir=None, adapter_dir=None, temporal_connectivity=2))
+    assert moved.temporal.connectivity == 2 and settings_digest(moved) != settings_digest(default)
 
 
 def test_content_key_is_order_and_duplicate_independent() -> None:

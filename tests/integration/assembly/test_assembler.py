@@ -23,7 +23,7 @@ from assembly_helpers import (
 from service.dicomio.volume import read_phases
 from service.intake.phases import compile_rules
 from service.intake.queue import TASK_SEGMENT, Enqueuer
-from service.settings import PhaseRule
+from service.setting_values import PhaseRule
 from service.store.manifest import manifest_path, set_state, study_key, update_manifest
 from service.store.spool import Spool
 

@@ -13,7 +13,7 @@ import pytest
 
 from service.intake.assembler import Assembler
 from service.intake.phases import compile_rules
-from service.settings import PhaseRule
+from service.setting_values import PhaseRule
 from service.store.header_scan import meta_from_bytes
 from service.store.manifest import iter_manifests
 from service.store.spool import Spool

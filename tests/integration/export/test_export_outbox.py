@@ -17,7 +17,7 @@ from export_peers import ABORT, dataset_bytes
 from pydicom import dcmread
 
 from service.net.scu import Timeouts, deliver_item
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.outbox import Outbox, RetryPolicy
 
 AE = "ITVNODE_TEST"
@@ -142,7 +142,7 @@ import sys
 from pathlib import Path
 from service.net.scu import Timeouts, deliver_item
 from service.store.outbox import Outbox, RetryPolicy
-from service.settings import Destination
+from service.setting_values import Destination
 box = Outbox(Path(sys.argv[1]), RetryPolicy(base=0.5, max_delay=1, horizon=3600))
 item = box.put([Path(p) for p in sys.argv[3:]], [Destination.parse(sys.argv[2])])
 st = deliver_item(box, item.item_id, "ITVNODE_TEST", timeouts=Timeouts(connect=2, acse=3))[sys.argv[2]]

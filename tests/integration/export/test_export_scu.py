@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from service.net._pynetdicom_fast.ae import NoDelayAE
 from service.net.scu import classify_status, send_files
-from service.settings import Destination
+from service.setting_values import Destination
 
 AE_TITLE = "ITVNODE_TEST"
 

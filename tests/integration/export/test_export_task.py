@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Destination
+from service.setting_values import Destination
 from service.store.outbox import Outbox, RetryPolicy
 
 

@@ -38,7 +38,7 @@ def test_encapsulated_pdf_reaches_storescp(
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed (tests/peers.sh)")
     from service.net.scu import deliver_item
-    from service.settings import Destination
+    from service.setting_values import Destination
     from service.store.manifest import load_manifest, manifest_path
     from service.store.outbox import Outbox
 
@@ -81,7 +81,7 @@ def test_encapsulated_pdf_reaches_storescp(
 def test_send_qa_report_off_keeps_the_report_local(
     phantom_dicom_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
-    from service.settings import Destination
+    from service.setting_values import Destination
     from service.store.manifest import load_manifest, manifest_path
 
     series = phantom_dicom_factory("siemens", with_avg=True)

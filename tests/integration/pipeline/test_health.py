@@ -28,7 +28,8 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_health_and_metrics_over_http(assembled: tuple[Path, str, Any]) -> None:
-    from service.settings import Destination, load_settings
+    from service.setting_values import Destination
+    from service.settings import load_settings
     from worker.engine_settings import LoadedSegmenter, engine_config
     from worker.pipeline import process_study
 

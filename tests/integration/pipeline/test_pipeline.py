@@ -17,7 +17,8 @@ import pydicom
 import pytest
 
 from service.ops.status import collect_status
-from service.settings import Destination, load_settings
+from service.setting_values import Destination
+from service.settings import load_settings
 from service.store.manifest import load_manifest, manifest_path, save_manifest
 from service.store.outbox import Outbox, RetryPolicy
 from tests.support.net import free_port
@@ -168,7 +169,7 @@ def test_engine_config_mirrors_settings() -> None:
     assert [s.name for s in cfg.structures] == ["External", "Lung", "Heart", "GTVp"]
     assert cfg.structures[0].method == "threshold" and cfg.structures[0].hu_range == (-350.0, 3000.0)
     assert cfg.structures[1].split_laterality and cfg.structures[3].envelope_name == "ITV"
-    assert (cfg.layout, cfg.batch_size, cfg.temporal_min_phases) == ("per-series", 2, 4)
+    assert (cfg.layout, cfg.batch_size, cfg.temporal.min_phases) == ("per-series", 2, 4)
     assert cfg.sam3_dir is None and cfg.needs_sam3
     styles = roi_styles(cfg)
     assert set(styles) == {"External", "Lung_L", "Lung_R", "Heart", "GTVp", "ITV"}
@@ -191,7 +192,7 @@ def test_missing_model_is_reported_not_raised(tmp_path: Path) -> None:
 def test_per_series_layout_one_rtstruct_per_phase_and_reference(assembled: tuple[Path, str, Any]) -> None:
     data_dir, key, series = assembled
     dest = [Destination.parse(f"RX@127.0.0.1:{free_port()}")]
-    from service.settings import StructureSetting
+    from service.structure_settings import StructureSetting
 
     body = StructureSetting(name="External", method="threshold", hu_range=(-350.0, 3000.0),
                             interpreted_type="EXTERNAL", envelope=True, envelope_name="BodyEnvelope")

@@ -32,8 +32,9 @@ def identifiers_of(path: Path) -> dict[str, str]:
 
 
 def build(study: Study, layout: str, **kw: Any) -> list[Any]:
-    from service.dicomio.rtstruct import Algorithm, build_rtstructs, styles_from_settings
-    from service.settings import default_structures
+    from models.structures import default_structures
+    from service.dicomio.rtstruct import Algorithm, build_rtstructs
+    from worker.engine_settings import EngineConfig, roi_styles
 
     args: dict[str, Any] = dict(
         study_key="0123456789abcdef",
@@ -42,7 +43,7 @@ def build(study: Study, layout: str, **kw: Any) -> list[Any]:
         phase_percents=study.gt.phase_percents,
         masks=study.gt.masks,
         envelopes={"ITV": study.gt.itv},
-        styles=styles_from_settings(default_structures()),
+        styles=roi_styles(EngineConfig(structures=tuple(default_structures()))),
         algorithm=Algorithm("SAM 3", "test-random-init", "lora-test-1"),
         layout=layout,
         references=study.references,

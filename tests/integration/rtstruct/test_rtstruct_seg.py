@@ -10,9 +10,10 @@ import pydicom
 import pytest
 from rtstruct_study import Study
 
-from service.dicomio.rtstruct import Algorithm, styles_from_settings
-from service.settings import default_structures
+from models.structures import default_structures
+from service.dicomio.rtstruct import Algorithm
 from tests.support.rtstruct_peers import dciodvfy
+from worker.engine_settings import EngineConfig, roi_styles
 
 hd = pytest.importorskip("highdicom")
 
@@ -32,7 +33,7 @@ def test_seg_of_one_phase_round_trips(study10: Study, tmp_path: Path) -> None:
         source_files=phase.files,
         geometry=g,
         segments=segments,
-        styles=styles_from_settings(default_structures()),
+        styles=roi_styles(EngineConfig(structures=tuple(default_structures()))),
         algorithm=alg,
     )
     path = write_seg(seg, tmp_path)

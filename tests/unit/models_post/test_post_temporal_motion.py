@@ -19,7 +19,7 @@ from models.post.motion import estimate_shift
 from models.post.temporal import TemporalParams, temporal_filter
 from models.structures import default_structures
 from service.settings import load_settings
-from worker.engine_settings import engine_config, temporal_params
+from worker.engine_settings import engine_config
 
 from .conftest import Injected, oracle_for
 
@@ -127,11 +127,11 @@ def test_motion_params_validation_and_settings_wiring() -> None:
     for bad in ({"motion_mm": 0}, {"motion_margin_mm": -1}, {"motion_min_ncc": 1.5}, {"motion_min_mm3": -1}):
         with pytest.raises(ValueError):
             TemporalParams(**bad)  # type: ignore[arg-type]
-    tp = temporal_params(engine_config(load_settings(sam3_dir=None, adapter_dir=None, temporal_motion_mm=12.0,
-                                                     temporal_motion_min_ncc=0.7)))
+    tp = engine_config(load_settings(sam3_dir=None, adapter_dir=None, temporal_motion_mm=12.0,
+                                     temporal_motion_min_ncc=0.7)).temporal
     assert (tp.motion_mm, tp.motion_min_ncc, tp.motion_margin_mm) == (12.0, 0.7, 8.0)
     off = engine_config(load_settings(sam3_dir=None, adapter_dir=None, temporal_motion_mm=None))
-    assert temporal_params(off).motion_mm is None
+    assert off.temporal.motion_mm is None
 
 
 def test_engine_passes_the_ct_to_the_filter(phantom6: Phantom, injected: Injected) -> None:

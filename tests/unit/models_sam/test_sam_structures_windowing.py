@@ -20,7 +20,7 @@ from models.structures import StructureSpec, default_structures
 
 
 def test_default_structures_mirror_settings() -> None:
-    from service.settings import default_structures as settings_defaults
+    from service.structure_settings import default_structures as settings_defaults
 
     ours = {s.name: dataclasses.asdict(s) for s in default_structures()}
     theirs = {s.name: s.model_dump() for s in settings_defaults()}
