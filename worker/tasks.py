@@ -55,7 +55,8 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     from service.ops.reconcile import Heartbeat, ReconcilePolicy
     from service.store.outbox import RetryPolicy
     from worker.engine_settings import engine_config, get_segmenter
-    from worker.pipeline import PipelineError, process_study
+    from worker.pipeline import process_study
+    from worker.stages import PipelineError
 
     settings = _settings()
     task_id = self.request.id
@@ -196,7 +197,7 @@ def _after_export(sender: Any = None, args: Any = None, **_: Any) -> None:
         return
     try:
         from service.store.outbox import Outbox
-        from worker.pipeline import sync_export_state
+        from worker.delivery import sync_export_state
 
         settings = _settings()
         outbox = Outbox(settings.outbox_dir)

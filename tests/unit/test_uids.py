@@ -17,7 +17,7 @@ from service.dicomio.uids import content_key, settings_digest
 from service.dicomio.volume import Geometry
 from service.store.manifest import Manifest
 from worker.engine_settings import EngineConfig
-from worker.pipeline import result_version
+from worker.result_files import result_version
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 FOR = "1.2.826.0.1.3680043.8.498.2"
