@@ -70,7 +70,7 @@ def sync_study_state(data_dir: Path, outbox_dir: Path, item_id: str) -> None:
     Never raises: the delivery itself is recorded in the outbox, and the next attempt or sweep syncs again.
     """
     try:
-        from worker.pipeline import sync_export_state
+        from worker.delivery import sync_export_state
 
         outbox = Outbox(outbox_dir)
         item = outbox.find(item_id)

@@ -53,7 +53,8 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     from service.ops.reconcile import Heartbeat, ReconcilePolicy
     from service.store.outbox import RetryPolicy
     from worker.engine_settings import engine_config, get_segmenter
-    from worker.pipeline import PipelineError, process_study
+    from worker.pipeline import process_study
+    from worker.stages import PipelineError
 
     settings = _settings()
     task_id = self.request.id

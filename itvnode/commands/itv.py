@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from itvnode.commands.train import read_roi_map
     from service.dicomio.rtstruct_read import split_rtstructs
     from service.settings import load_settings
+    from worker.contours import process_contours
     from worker.engine_settings import engine_config
-    from worker.pipeline import PipelineError, process_contours
+    from worker.stages import PipelineError
 
     src = Path(args.dicom_dir)
     if not src.is_dir():

@@ -28,7 +28,10 @@ def run(args: argparse.Namespace) -> int:
     from itvnode.commands.offline import intake, publish, qa_summary_lines, target_dir, work_dir
     from service.settings import load_settings
     from worker.engine_settings import engine_config, load_segmenter
-    from worker.pipeline import QA_FILE, RUNNABLE_STATES, PipelineError, process_study, results_dir
+    from worker.pipeline import process_study
+    from worker.result_files import QA_FILE, results_dir
+    from worker.stages import PipelineError
+    from worker.study_inputs import RUNNABLE_STATES
 
     src = Path(args.dicom_dir)
     if not src.is_dir():

@@ -377,7 +377,8 @@ def result_content_key(
     revisions: Mapping[str, int] | None = None,
 ) -> str:
     """The content key (service.dicomio.uids) of the outputs built from these phases and the usable
-    references; ``revisions``: inputs re-sent with changed content (service.store.spool.read_revisions)."""
+    references; ``revisions``: inputs re-sent with changed content
+    (service.store.spool_index.SpoolIndexReader.revisions)."""
     used = [*geometries, *usable_references(geometries, references or {}, warn=False).values()]
     return _content_key(
         study_key=study_key,

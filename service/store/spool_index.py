@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.store.instance_meta import InstanceMeta
-from service.store.layout import SPOOL_INDEX
 
 LOG = logging.getLogger(__name__)
 
@@ -173,9 +172,3 @@ class SpoolIndexReader:
             return None
         with self._connect() as con:
             return count(con)
-
-
-def read_revisions(spool_dir: Path, study_uid: str) -> dict[str, int]:
-    """:meth:`SpoolIndexReader.revisions` of the spool at ``spool_dir``: SOP Instance UID -> revision of
-    instances re-sent with changed content. Empty when there is no index."""
-    return SpoolIndexReader(Path(spool_dir) / SPOOL_INDEX).revisions(study_uid)

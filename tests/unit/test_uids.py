@@ -19,7 +19,7 @@ from service.dicomio.uids import content_key, settings_digest
 from service.settings import load_settings
 from service.store.manifest import Manifest
 from worker.engine_settings import EngineConfig, engine_config
-from worker.pipeline import result_version
+from worker.result_files import result_version
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 FOR = "1.2.826.0.1.3680043.8.498.2"

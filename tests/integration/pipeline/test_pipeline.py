@@ -22,8 +22,11 @@ from service.settings import load_settings
 from service.store.manifest import load_manifest, manifest_path, save_manifest
 from service.store.outbox import Outbox, RetryPolicy
 from tests.support.net import free_port
+from worker.delivery import sync_export_state
 from worker.engine_settings import EngineConfig, LoadedSegmenter, engine_config, roi_styles
-from worker.pipeline import PipelineError, process_study, results_dir, sync_export_state
+from worker.pipeline import process_study
+from worker.result_files import results_dir
+from worker.stages import PipelineError
 
 NO_SAM3 = LoadedSegmenter(None, "SAM 3 unavailable: no SAM 3 model directory configured")
 
