@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from service.setting_values import Destination
+from service.store.layout import DataLayout
 from service.store.manifest import Manifest, load_manifest, manifest_path, set_state
 from service.store.outbox import Outbox
 from service.store.state import StudyState
@@ -66,7 +67,7 @@ def sync_export_state(data_dir: Path, study_key: str, outbox: Outbox | None = No
     path = manifest_path(Path(data_dir), study_key)
     if not path.is_file():
         return None
-    outbox = outbox or Outbox(Path(data_dir) / "outbox")
+    outbox = outbox or Outbox(DataLayout(data_dir).outbox)
     m = load_manifest(path)
     item_ids = list(m.results.get("items") or [])
     if not item_ids or m.state not in DELIVERY_STATES:

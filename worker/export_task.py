@@ -22,6 +22,7 @@ from typing import Any
 from celery import shared_task
 
 from service.net.scu import Timeouts, deliver_item
+from service.store.layout import DataLayout
 from service.store.outbox import Outbox, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def run_export(
 
     Returns ``{destination: status}`` for the destinations attempted (empty for a duplicate / stale message).
     """
-    outbox = Outbox(Path(data_dir) / "outbox", policy)
+    outbox = Outbox(DataLayout(data_dir).outbox, policy)
     states = deliver_item(outbox, item_id, calling_ae, destination=destination, timeouts=timeouts)
     item = outbox.find(item_id)
     if schedule is not None and item is not None and not item.finished:
@@ -83,7 +84,7 @@ def sync_study_state(data_dir: Path, outbox_dir: Path, item_id: str) -> None:
 def run_sweep(data_dir: Path, policy: RetryPolicy, enqueue: Callable[[str], Any], grace: float = 300.0
               ) -> list[str]:
     """Re-enqueue outbox items whose retry is due (after a restart, or a lost countdown)."""
-    return Outbox(Path(data_dir) / "outbox", policy).sweep(enqueue, grace=grace)
+    return Outbox(DataLayout(data_dir).outbox, policy).sweep(enqueue, grace=grace)
 
 
 def _settings() -> Any:

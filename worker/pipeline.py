@@ -103,7 +103,7 @@ def process_study(
             study_key, m.state, "duplicate delivery", item_ids=list(m.results.get("items", []))
         )
 
-    outbox = Outbox(data_dir / "outbox", retry_policy or RetryPolicy())
+    outbox = Outbox(DataLayout(data_dir).outbox, retry_policy or RetryPolicy())
     kept = _kept_files(data_dir, m)
     export_failed = m.state == StudyState.FAILED and bool(m.results.get("items"))
     if kept and (m.state in HANDED_OUT or export_failed):

@@ -25,7 +25,6 @@ from worker.study_inputs import phases_note
 
 log = logging.getLogger(__name__)
 
-RESULTS_DIR = "results"  # data_dir/studies/<key>/results: the RTSTRUCT(s) and qa.json of the last run
 QA_FILE = "qa.json"
 
 
@@ -93,9 +92,9 @@ def write_results(
             phases_note=phases_note(m),
         )
         out_dir = results_dir(data_dir, study_key)
-        for stale in out_dir.parent.glob(f".{RESULTS_DIR}.*"):  # left by a worker killed while writing
+        for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # left by a worker killed while writing
             shutil.rmtree(stale, ignore_errors=True)
-        staging = out_dir.with_name(f".{RESULTS_DIR}.{uuid.uuid4().hex}")
+        staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}")
         staging.mkdir(DIR_MODE, parents=True)
         try:
             files = [write_rtstruct(ds, staging) for ds in datasets]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from service.store.durable import private_dir
+from service.store.layout import DataLayout
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class EnqueueError(RuntimeError):
 
 
 def embedded_broker_path(data_dir: Path) -> Path:
-    return Path(data_dir).resolve() / "broker" / "broker.sqlite"
+    return DataLayout(Path(data_dir).resolve()).broker / "broker.sqlite"
 
 
 def is_embedded(broker_url: str | None) -> bool:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from service.store.layout import DataLayout
 from service.store.state import StudyState
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Dashboard:
     def __init__(self, data_dir: Path, token: str | None = None, destinations: Sequence[Any] = (),
                  action: Callable[..., list[Any]] = run_action) -> None:
         self.data_dir = Path(data_dir)
+        self.layout = DataLayout(self.data_dir)
         self.token = token or None
         self.destinations = tuple(destinations)  # where "resend" sends (the node's ITVNODE_DESTINATIONS)
         self._action = action
@@ -266,9 +268,8 @@ form.action {{ display: inline-block; margin-right: 1em; }}
         return Response(code, doc.encode("utf-8"), headers=headers)
 
     def _manifests(self) -> list[dict[str, Any]]:
-        root = self.data_dir / "studies"
         out = []
-        for path in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
+        for path in self.layout.manifest_paths():
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -285,7 +286,7 @@ form.action {{ display: inline-block; margin-right: 1em; }}
         items = list(res.get("items") or [])
         if not items:
             return []
-        outbox = Outbox(self.data_dir / "outbox")
+        outbox = Outbox(self.layout.outbox)
         doc_items = set((res.get("report") or {}).get("items") or [])
         out = []
         for item_id in items:
@@ -334,7 +335,7 @@ form.action {{ display: inline-block; margin-right: 1em; }}
         return self._page("studies", f"<h2>Studies ({len(rows)})</h2>{table}", session)
 
     def _study(self, key: str, session: _Session | None, message: str, code: int = 200) -> Response:
-        path = self.data_dir / "studies" / key / "manifest.json"
+        path = self.layout.manifest(key)
         if not path.is_file():
             return self._text(404, "no such study")
         m = json.loads(path.read_text())
@@ -428,7 +429,7 @@ form.action {{ display: inline-block; margin-right: 1em; }}
     def _report_file(self, key: str, name: str) -> Response:
         if not REPORT_FILE_RE.fullmatch(name):
             return self._text(404, "not found")
-        path = self.data_dir / "studies" / key / "manifest.json"
+        path = self.layout.manifest(key)
         if not path.is_file():
             return self._text(404, "no such study")
         report = (json.loads(path.read_text()).get("results") or {}).get("report") or {}
