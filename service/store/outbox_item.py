@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydicom.filereader import read_file_meta_info
 
-from service.settings import Destination
+from service.setting_values import Destination
 
 SCHEMA = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -1,4 +1,4 @@
-"""The README's state table is the code's (service.store.manifest.TRANSITIONS): one table, printed once."""
+"""The state table in the README and in docs/architecture.md is the code's (service.store.state)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,17 @@ from pathlib import Path
 
 from service.store.state import STATES, TRANSITIONS, state_table_markdown
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
 def test_readme_state_table_is_the_code_table() -> None:
     assert state_table_markdown() in README.read_text()
+
+
+def test_architecture_state_table_is_the_code_table() -> None:
+    assert state_table_markdown() in ARCHITECTURE.read_text()
 
 
 def test_every_state_has_an_owner_and_a_way_out() -> None:
