@@ -45,9 +45,9 @@ from models.metrics import dice as metric_dice
 from models.phantom import Phantom, make_phantom
 from models.phantom_spec import PhantomSpec
 from models.structures import default_structures
+from service.dicomio.output import Algorithm
 from service.dicomio.phantom_dicom import write_phantom_dicom
 from service.dicomio.rtstruct import (
-    Algorithm,
     build_rtstructs,
     roi_name,
     write_rtstruct,

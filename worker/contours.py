@@ -55,7 +55,8 @@ def process_contours(
     import hashlib
 
     from models.engine import output_structures, postprocess_volume
-    from service.dicomio.rtstruct import Algorithm, roi_name
+    from service.dicomio.output import Algorithm
+    from service.dicomio.rtstruct import roi_name
     from service.dicomio.rtstruct_read import RTStructReadError, read_phase_contours
 
     data_dir = Path(data_dir)

@@ -127,7 +127,7 @@ def roi_styles(cfg: EngineConfig) -> dict[str, Any]:
     (``models.engine.output_structures``: split sides ``Lung_L``, envelopes ``ITV`` / ``<name>^ENV``, a split
     structure's envelope per side ``ITV_L``); production, tests and bench/rtstruct.py all style ROIs here."""
     from models.engine import output_structures
-    from service.dicomio.rtstruct import RoiStyle
+    from service.dicomio.output import RoiStyle
 
     styles: dict[str, Any] = {}
     for out in output_structures(list(cfg.structures)):

@@ -93,7 +93,7 @@ def run_engine(
 
 def rtstruct_algorithm(seg: LoadedSegmenter) -> Any:
     """The model and adapter as the RTSTRUCT names them (service.dicomio.rtstruct.Algorithm)."""
-    from service.dicomio.rtstruct import Algorithm
+    from service.dicomio.output import Algorithm
 
     info = seg.version_info
     if seg.segmenter is None:

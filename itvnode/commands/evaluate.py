@@ -13,6 +13,9 @@ dice, hd95, msd``, …), median [IQR] tables (CSV, Markdown, printed), volumes a
 (``volumes.csv``), motion amplitude (``motion.csv``) and figures: box plots with the infinite values counted,
 the worst slice per structure, volume curves, motion, envelope. Volumes whose hashes are in the adapter's
 ``training.json`` are flagged and left out of the summary unless ``--include-training``.
+
+Long (~430 lines) because it is the command's orchestration: the scoring, shapes and figures are
+models.evaluation's; the study readers lean on the CLI's own (``train.phantom_arrays``, ``read_roi_map``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ Every function returns per-sample values (B,) so that the sampler can be fed per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -158,3 +160,41 @@ def sam3_loss(
         "presence": float(pres_l.detach().mean()),
     }
     return LossOutput(total=per.mean(), per_sample=per.detach(), parts=parts, matched=matched)
+
+
+def grouped_loss(
+    outputs: Any,
+    targets: Sequence[torch.Tensor],
+    present: torch.Tensor,
+    candidates: Sequence[torch.Tensor],
+    weights: LossWeights,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """:func:`sam3_loss` of a batch whose slices may lie on different grids: each grid's samples go
+    separately, weighted by their share. Returns the batch loss (mean), per-sample losses and term means."""
+    n = len(targets)
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(targets):
+        shapes.setdefault(tuple(t.shape), []).append(i)
+    per = torch.zeros(n, device=device)
+    total = torch.zeros((), device=device)
+    parts: dict[str, float] = {}
+    for idx in shapes.values():
+        sel = torch.as_tensor(idx, device=device)
+        sub = SimpleNamespace(
+            pred_masks=outputs.pred_masks[sel],
+            pred_logits=outputs.pred_logits[sel],
+            presence_logits=None if outputs.presence_logits is None else outputs.presence_logits[sel],
+        )
+        out = sam3_loss(
+            sub,
+            torch.stack([targets[i] for i in idx]),
+            present[sel],
+            torch.stack([candidates[i] for i in idx]),
+            weights,
+        )
+        total = total + out.total * (len(idx) / n)
+        per[sel] = out.per_sample
+        for k, v in out.parts.items():
+            parts[k] = parts.get(k, 0.0) + v * len(idx) / n
+    return total, per, parts

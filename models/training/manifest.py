@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from models.training.dataset import AnnotatedVolume, SliceSample, Target
+
 MANIFEST_NAME = "training.json"
 SCHEMA = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -127,3 +129,34 @@ def training_hashes(manifest: Mapping[str, Any] | None) -> dict[str, str]:
                 if v.get(key):
                     out[str(v[key])] = split
     return out
+
+
+def data_record(
+    volumes: Sequence[AnnotatedVolume],
+    targets: Sequence[Target],
+    samples: Sequence[SliceSample],
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    sources: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The manifest's ``data``: sources, targets, the train and validation volumes (with digests), samples."""
+
+    def vol(i: int) -> dict[str, Any]:
+        v = volumes[i]
+        return {
+            "name": v.name,
+            "group": v.group,
+            "shape": list(v.hu.shape),
+            "spacing": list(v.spacing),
+            "sha256": v.digest(),
+            "image_sha256": v.image_digest(),
+        }
+
+    n_pos = sum(s.positive for s in samples)
+    return {
+        "sources": sources,
+        "targets": [{"name": t.name, "prompt": t.prompt, "masks": list(t.masks)} for t in targets],
+        "train": [vol(i) for i in train_idx],
+        "validation": [vol(i) for i in val_idx],
+        "train_samples": {"positive": n_pos, "negative": len(samples) - n_pos},
+    }

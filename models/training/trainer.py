@@ -1,31 +1,29 @@
 """The LoRA training loop: weighted hard-negative sampling, gradient accumulation, bf16 autocast on CUDA,
-checkpoint + resume, per-epoch validation Dice, adapter + ``training.json`` output (docs/training.md).
+checkpoint + resume (models.training.checkpoint), per-epoch validation Dice (models.training.validation),
+adapter + ``training.json`` output (docs/training.md).
 
 The base model is frozen; peft adds LoRA matrices to the chosen Linear layers (models/sam3/lora.py targets)
-and,
-optionally, trains whole small modules (``train_modules``, peft ``modules_to_save``: e.g. the mask embedder).
+and, optionally, trains whole small modules (``train_modules``, peft ``modules_to_save``: e.g. the mask
+embedder).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.sam3.inference import PAD_BOX_LABEL, Sam3Segmenter
+from models.sam3.inference import PAD_BOX_LABEL
 from models.sam3.windowing import (
     DEFAULT_WINDOWS,
     PixelNormalisation,
@@ -33,16 +31,16 @@ from models.sam3.windowing import (
     to_pixel_values,
     window_channels,
 )
+from models.training.checkpoint import CHECKPOINT_DIR, fingerprint, read_checkpoint, write_checkpoint
 from models.training.config import TrainConfig, apply_training_lora, resolve_train_modules
 from models.training.dataset import AnnotatedVolume, SliceSample, Target, build_samples
 from models.training.hard_negatives import MiningReport, mine, pixel_candidates
-from models.training.losses import sam3_loss
-from models.training.manifest import build_manifest, write_manifest
+from models.training.losses import grouped_loss
+from models.training.manifest import build_manifest, data_record, write_manifest
 from models.training.sampler import HardNegativeSampler
+from models.training.validation import validation_dice
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -187,33 +185,10 @@ class Trainer:
             )
 
     def loss(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Batch loss (mean), per-sample losses and term means; samples of different grids go separately."""
-        n = len(batch.targets)
-        shapes: dict[tuple[int, ...], list[int]] = {}
-        for i, t in enumerate(batch.targets):
-            shapes.setdefault(tuple(t.shape), []).append(i)
-        per = torch.zeros(n, device=self.device)
-        total = torch.zeros((), device=self.device)
-        parts: dict[str, float] = {}
-        for idx in shapes.values():
-            sel = torch.as_tensor(idx, device=self.device)
-            sub = SimpleNamespace(
-                pred_masks=outputs.pred_masks[sel],
-                pred_logits=outputs.pred_logits[sel],
-                presence_logits=None if outputs.presence_logits is None else outputs.presence_logits[sel],
-            )
-            out = sam3_loss(
-                sub,
-                torch.stack([batch.targets[i] for i in idx]),
-                batch.present[sel],
-                torch.stack([batch.candidates[i] for i in idx]),
-                self.config.loss,
-            )
-            total = total + out.total * (len(idx) / n)
-            per[sel] = out.per_sample
-            for k, v in out.parts.items():
-                parts[k] = parts.get(k, 0.0) + v * len(idx) / n
-        return total, per, parts
+        """Batch loss (mean), per-sample losses and term means."""
+        return grouped_loss(
+            outputs, batch.targets, batch.present, batch.candidates, self.config.loss, self.device
+        )
 
     @torch.no_grad()
     def score(self, indices: Sequence[int]) -> np.ndarray:
@@ -230,48 +205,16 @@ class Trainer:
     # -- validation ------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """3D Dice per target (mean over validation volumes) at the inference rule; ``mean`` over targets."""
-        from models.metrics import dice
-
-        if not self.val_idx:
-            return {}
-        seg = Sam3Segmenter(
-            self.model,
-            self.processor,
-            device=self.device,
-            dtype=torch.bfloat16 if self.config.amp and self.device.type == "cuda" else torch.float32,
-            batch_size=self.config.batch_size,
-            windows=self.windows,
-            score_threshold=self.config.score_threshold,
-            identity=self.base_identity,
+        return validation_dice(
+            self.model, self.processor, [self.volumes[v] for v in self.val_idx], self.targets,
+            device=self.device, config=self.config, windows=self.windows, identity=self.base_identity,
         )
-        try:
-            scores: dict[str, list[float]] = {t.name: [] for t in self.targets}
-            for v in self.val_idx:
-                vol = self.volumes[v]
-                probs = seg.predict(np.asarray(vol.hu), [t.prompt for t in self.targets])
-                for t in self.targets:
-                    scores[t.name].append(dice(probs[t.prompt] >= 0.5, t.mask_of(vol)))
-        finally:
-            self.model.train()
-        out = {k: float(np.mean(v)) for k, v in scores.items()}
-        out["mean"] = float(np.mean(list(out.values())))
-        return out
 
     # -- checkpoints -----------------------------------------------------------------------------------------
-    def _fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
-        for v in self.volumes:
-            h.update(v.digest().encode())
-        return h.hexdigest()
-
     def save_checkpoint(self) -> Path:
-        ck = self.out_dir / CHECKPOINT_DIR
-        tmp = self.out_dir / (CHECKPOINT_DIR + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(tmp / "adapter", safe_serialization=True)
         state = {
             "step": self.step,
-            "fingerprint": self._fingerprint(),
+            "fingerprint": fingerprint(self.config, self.volumes),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -282,31 +225,15 @@ class Trainer:
             "mining": json.dumps([dataclasses.asdict(m) for m in self.mining]),
             "epoch_losses": json.dumps(self.epoch_losses),
         }
-        torch.save(state, tmp / "state.pt")
-        if ck.exists():
-            old = self.out_dir / (CHECKPOINT_DIR + ".old")
-            ck.replace(old)
-            tmp.replace(ck)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.replace(ck)
+        ck = write_checkpoint(self.out_dir, self.model, state)
         log.info("checkpoint at step %d -> %s", self.step, ck)
         return ck
 
     def load_checkpoint(self) -> bool:
         """Resume from ``out_dir/checkpoint`` when present; the configuration and data must be the same."""
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-        ck = self.out_dir / CHECKPOINT_DIR
-        if not (ck / "state.pt").is_file():
+        state = read_checkpoint(self.out_dir, fingerprint(self.config, self.volumes), self.model, self.device)
+        if state is None:
             return False
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self._fingerprint():
-            raise ValueError(
-                f"checkpoint {ck} was made with other data or hyper-parameters; use a new output "
-                "directory or delete the checkpoint"
-            )
-        set_peft_model_state_dict(self.model, load_peft_weights(str(ck / "adapter"), device=str(self.device)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -317,7 +244,7 @@ class Trainer:
         self.baseline = json.loads(state["baseline"])
         self.mining = [MiningReport(**m) for m in json.loads(state["mining"])]
         self.epoch_losses = json.loads(state["epoch_losses"])
-        log.info("resumed from %s at step %d", ck, self.step)
+        log.info("resumed from %s at step %d", self.out_dir / CHECKPOINT_DIR, self.step)
         return True
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -422,7 +349,8 @@ class Trainer:
         save_adapter(self.model, self.out_dir)
         manifest = build_manifest(
             base_model=self.base_identity,
-            data=self._data_record(),
+            data=data_record(self.volumes, self.targets, self.samples, self.train_idx, self.val_idx,
+                             self.data_sources),
             hyperparameters=cfg.as_dict(),
             epochs=self.history,
             lora={
@@ -450,28 +378,6 @@ class Trainer:
             "adapter written to %s (validation Dice %s -> %s)", self.out_dir, _fmt(self.baseline), _fmt(final)
         )
         return TrainResult(self.out_dir, manifest, self.history, self.baseline, final, self.model)
-
-    def _data_record(self) -> dict[str, Any]:
-        def vol(i: int) -> dict[str, Any]:
-            v = self.volumes[i]
-            return {
-                "name": v.name,
-                "group": v.group,
-                "shape": list(v.hu.shape),
-                "spacing": list(v.spacing),
-                "sha256": v.digest(),
-                "image_sha256": v.image_digest(),
-            }
-
-        n_pos = sum(s.positive for s in self.samples)
-        return {
-            "sources": self.data_sources,
-            "targets": [{"name": t.name, "prompt": t.prompt, "masks": list(t.masks)} for t in self.targets],
-            "train": [vol(i) for i in self.train_idx],
-            "validation": [vol(i) for i in self.val_idx],
-            "train_samples": {"positive": n_pos, "negative": len(self.samples) - n_pos},
-        }
-
 
 def _fmt(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in d.items()) or "(no validation volumes)"

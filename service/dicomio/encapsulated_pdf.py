@@ -20,7 +20,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from itvnode_version import __version__
-from service.dicomio.rtstruct import MANUFACTURER, write_dataset
+from service.dicomio.output import MANUFACTURER, write_dataset
 from service.dicomio.uids import output_uid
 
 SERIES_NUMBER = 990  # + 100 per result version, like the RTSTRUCT's series numbers

@@ -8,107 +8,38 @@ Layouts (docs/rtstruct.md):
   reference series (AVG/MIP) holding the envelopes only.
 
 Output UIDs derive from the content key of :mod:`service.dicomio.uids` (study key, every input instance
-actually
-used, algorithm, layout, settings) and the object's referenced series: a re-run of the same content replaces
-the previous objects at the receiver, new content (a late phase, a late AVG, a new adapter) gets new UIDs.
-Contours trace voxel edges (:mod:`service.dicomio.contours`). ContourData values are written as DS strings of
-at most 12 characters (0.1 um).
+actually used, algorithm, layout, settings) and the object's referenced series: a re-run of the same content
+replaces the previous objects at the receiver, new content (a late phase, a late AVG, a new adapter) gets new
+UIDs. Contours trace voxel edges (:mod:`service.dicomio.contours`). ContourData values are written as DS
+strings of at most 12 characters (0.1 um).
+
+This module chooses what goes into each object (layout, ROI names, UIDs); :mod:`service.dicomio.structure_set`
+assembles one, :mod:`service.dicomio.contour_sequence` encodes its contours.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import BaseTag, Tag
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    RTStructureSetStorage,
-)
+from pydicom.dataset import Dataset
 
-from itvnode_version import __version__
-from service.dicomio.contours import Loops, loop_points, trace_mask
 from service.dicomio.geometry import Geometry
+from service.dicomio.output import Algorithm, RoiStyle, write_dataset
+from service.dicomio.structure_set import Plan, Roi, description, structure_set
 from service.dicomio.uids import content_key as _content_key
 from service.dicomio.uids import output_uid
-from service.store.durable import private_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["combined", "per-series"]
 LAYOUTS: tuple[str, ...] = ("combined", "per-series")
 HOLE_MODES: tuple[str, ...] = ("keyhole", "xor")
-MANUFACTURER = "itvnode"
-REVIEW_NOTE = "AUTOMATIC CONTOURS - review before clinical use"
-# RT Referenced Study: Detached Study Management (retired); the value RT writers commonly use (rt-utils too).
-_STUDY_REF_CLASS = "1.2.840.10008.3.1.2.3.1"
-_CONTOUR_DATA = Tag(0x3006, 0x0050)
-_CONTOURS = Tag(0x3006, 0x0040)
-_CONTOUR_IMAGES = Tag(0x3006, 0x0016)
-_GEOMETRIC_TYPE = Tag(0x3006, 0x0042)
-_N_POINTS = Tag(0x3006, 0x0046)
-_CONTOUR_NUMBER = Tag(0x3006, 0x0048)
-_REF_CLASS = Tag(0x0008, 0x1150)
-_REF_INSTANCE = Tag(0x0008, 0x1155)
-_REF_FRAME = Tag(0x0008, 0x1160)
-_MAX_EXPLICIT_LEN = 0xFFFE  # 16-bit length of DS in explicit VR
-
-
-@dataclass(frozen=True)
-class RoiStyle:
-    """Display colour and RT ROI Interpreted Type ('' = no claim, a Type 2 empty value)."""
-
-    color: tuple[int, int, int] = (255, 0, 0)
-    interpreted_type: str = ""
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What produced the masks; goes into ROIGenerationDescription, SoftwareVersions and the UIDs."""
-
-    model: str = "SAM 3"
-    model_version: str = "unknown"
-    adapter_version: str = "none"
-    generation: str = "AUTOMATIC"  # ROIGenerationAlgorithm; SEMIAUTOMATIC: input contours, cleaned
-
-    @property
-    def description(self) -> str:
-        return f"itvnode {__version__}; {self.model} {self.model_version}; LoRA {self.adapter_version}"
-
-    @property
-    def identity(self) -> tuple[str, ...]:
-        """What goes into the output content key (service.dicomio.uids)."""
-        return (self.model, self.model_version, self.adapter_version, f"itvnode {__version__}")
-
-
-@dataclass(frozen=True)
-class _Roi:
-    name: str
-    style: RoiStyle
-    mask: np.ndarray  # (Z, Y, X) bool
-    geometry: Geometry  # series whose slices the contours reference
-
-
-@dataclass
-class _Plan:
-    key: str  # referenced-series part of the UID entropy
-    label_suffix: str
-    series: list[Geometry] = field(default_factory=list)
-    rois: list[_Roi] = field(default_factory=list)
 
 
 def phase_label(percent: float, label: str = "") -> str:
@@ -134,183 +65,6 @@ def parse_roi_name(name: str) -> tuple[str, float | None]:
     if m is None:
         return name.strip(), None
     return base.strip(), float(m.group(1))
-
-
-def _ds(v: float) -> str:
-    s = f"{v:.4f}".rstrip("0").rstrip(".")
-    return "0" if s == "-0" else s
-
-
-def _ds_contour_data(loops: Loops, geometry: Geometry) -> list[bytes]:
-    """ContourData of each loop (patient coordinates, see service.dicomio.contours.loop_points) as DS text: 4
-    decimals (0.1 um), trailing zeros dropped, <= 16 characters.
-
-    Vertices lie on a half-pixel lattice, so an ROI has few distinct coordinates: each is formatted once and
-    the texts are laid out with array operations. With rows and columns along the axes, a coordinate
-    ``position[a] + (col * dx) * row_cos[a] + (row * dy) * col_cos[a]`` has one product +-0, so it depends on
-    the slice's position and on the column (or the row) alone: the distinct values come from that small table,
-    computed by the same expression, without computing or sorting every vertex.
-    """
-    if not len(loops):
-        return []
-    g = geometry
-    ipp = np.asarray(g.positions, dtype=np.float64).reshape(-1, 3)
-    iop = np.asarray(g.orientation, dtype=np.float64)
-    row_cos, col_cos = iop[:3], iop[3:]
-    dy, dx = float(g.pixel_spacing[0]), float(g.pixel_spacing[1])
-    z = np.repeat(loops.slices, np.diff(loops.offsets))
-    texts: list[str] = []
-    ids = np.empty((z.size, 3), dtype=np.int64)
-    points = None
-    for a in range(3):
-        if row_cos[a] != 0 and col_cos[a] != 0:  # oblique: every vertex, sorted
-            if points is None:
-                points = loop_points(loops, ipp, g.pixel_spacing, g.orientation)
-            uniq, inverse = np.unique(np.round(points[:, a], 4), return_inverse=True)
-            ids[:, a] = inverse.reshape(-1) + len(texts)
-        else:
-            origins, group = np.unique(ipp[:, a], return_inverse=True)  # equal positions: equal values
-            if row_cos[a] != 0:
-                lat = (loops.cols + 0.5).astype(np.int64)
-            elif col_cos[a] != 0:
-                lat = (loops.rows + 0.5).astype(np.int64)
-            else:
-                lat = np.zeros(z.size, dtype=np.int64)
-            lo, span = int(lat.min()), int(lat.max() - lat.min()) + 1
-            key = group.reshape(-1)[z] * span + (lat - lo)
-            used = np.zeros(origins.size * span, dtype=bool)
-            used[key] = True
-            cells = np.flatnonzero(used)
-            cg, cl = np.divmod(cells, span)
-            half = (cl + lo) - 0.5  # the cell's column (row), the other index any: its product is +-0
-            col = half if row_cos[a] != 0 else np.full(cells.size, -0.5)
-            row = half if col_cos[a] != 0 else np.full(cells.size, -0.5)
-            values = origins[cg] + (col * dx) * row_cos[a] + (row * dy) * col_cos[a]
-            uniq, inverse = np.unique(np.round(values, 4), return_inverse=True)
-            tid = np.zeros(used.size, dtype=np.int64)
-            tid[cells] = inverse.reshape(-1)
-            ids[:, a] = tid[key] + len(texts)
-        texts += [_ds(x) for x in uniq.tolist()]
-    # every value followed by a backslash: fixed-width texts gathered, then the padding deleted
-    with_sep = [(t + "\\").encode("ascii") for t in texts]
-    table = np.array(with_sep, dtype=f"S{max(len(t) for t in with_sep)}")
-    chars = table[ids.reshape(-1)].tobytes().translate(None, b"\0")
-    n_chars = np.array([len(t) for t in with_sep], dtype=np.int64)[ids.reshape(-1)]
-    ends = np.concatenate([[0], np.cumsum(n_chars)])[3 * loops.offsets].tolist()
-    out = []
-    for s, e in zip(ends[:-1], ends[1:], strict=True):
-        b = chars[s : e - 1]  # without the last backslash
-        out.append(b + b" " if len(b) % 2 else b)
-    return out
-
-
-def _raw(tag: BaseTag, vr: str, text: str, pad: bytes = b" ") -> RawDataElement:
-    """An element given as its encoded value: pydicom copies the bytes instead of validating and converting.
-
-    Contours are the bulk of a structure set (10^4 items, 10^6 coordinates): building them as regular
-    elements (and ContourData as DSfloat objects) would dominate the run time. The values are ASCII, so
-    their bytes are the same in explicit and implicit VR; :func:`_encoded_as_raw` tells the writer so.
-    """
-    b = text.encode("ascii")
-    if len(b) % 2:
-        b += pad
-    return RawDataElement(tag, vr, len(b), b, 0, False, True)
-
-
-def _image_ref(geom: Geometry, k: int) -> Dataset:
-    item = Dataset()
-    item[_REF_CLASS] = _raw(_REF_CLASS, "UI", geom.sop_class_uids[k], b"\0")
-    item[_REF_INSTANCE] = _raw(_REF_INSTANCE, "UI", geom.sop_instance_uids[k], b"\0")
-    frame = geom.frame_numbers[k]
-    if frame is not None:
-        item[_REF_FRAME] = _raw(_REF_FRAME, "IS", str(frame))
-    return item
-
-
-@dataclass(frozen=True)
-class _Traced:
-    """One ROI's contours before encoding: slice, number of points and ContourData bytes of each."""
-
-    geometry: Geometry
-    slices: list[int]
-    n_points: list[int]
-    data: list[bytes]
-
-    @property
-    def longest(self) -> int:
-        return max((len(d) for d in self.data), default=0)
-
-
-def _trace(roi: _Roi, keyhole: bool) -> _Traced:
-    g = roi.geometry
-    loops = trace_mask(roi.mask, keyhole=keyhole)
-    data = _ds_contour_data(loops, g)
-    return _Traced(g, loops.slices.tolist(), np.diff(loops.offsets).tolist(), data)
-
-
-def _element(tag: int, vr: bytes, value: bytes, implicit: bool) -> bytes:
-    """One data element, little endian, its value already padded to an even length."""
-    group, elem = tag >> 16, tag & 0xFFFF
-    if implicit:
-        return struct.pack("<HHI", group, elem, len(value)) + value
-    if vr == b"SQ":
-        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _item(body: bytes) -> bytes:
-    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
-
-
-def _text(value: str, pad: bytes = b" ") -> bytes:
-    b = value.encode("ascii")
-    return b + pad if len(b) % 2 else b
-
-
-def _contour_sequence(traced: _Traced, implicit: bool) -> RawDataElement:
-    """ContourSequence encoded as pydicom would write the equivalent datasets (defined lengths, tags in
-    order), given to pydicom as bytes: 10^4 items would otherwise cost more than tracing them."""
-    g = traced.geometry
-    refs: dict[int, bytes] = {}
-    closed = _element(int(_GEOMETRIC_TYPE), b"CS", _text("CLOSED_PLANAR"), implicit)
-    items = []
-    for n, (k, n_points, data) in enumerate(
-        zip(traced.slices, traced.n_points, traced.data, strict=True), start=1
-    ):
-        ref = refs.get(k)
-        if ref is None:
-            body = _element(int(_REF_CLASS), b"UI", _text(g.sop_class_uids[k], b"\0"), implicit)
-            body += _element(int(_REF_INSTANCE), b"UI", _text(g.sop_instance_uids[k], b"\0"), implicit)
-            frame = g.frame_numbers[k]
-            if frame is not None:
-                body += _element(int(_REF_FRAME), b"IS", _text(str(frame)), implicit)
-            ref = refs[k] = _element(int(_CONTOUR_IMAGES), b"SQ", _item(body), implicit)
-        items.append(
-            _item(
-                b"".join(
-                    (
-                        ref,
-                        closed,
-                        _element(int(_N_POINTS), b"IS", _text(str(n_points)), implicit),
-                        _element(int(_CONTOUR_NUMBER), b"IS", _text(str(n)), implicit),
-                        _element(int(_CONTOUR_DATA), b"DS", data, implicit),
-                    )
-                )
-            )
-        )
-    value = b"".join(items)
-    return RawDataElement(_CONTOURS, "SQ", len(value), value, 0, implicit, True)
-
-
-def _encoded_as_raw(ds: Dataset, implicit: bool) -> None:
-    """Mark every nested item as already encoded in the output syntax, so its raw elements are copied."""
-    for tag in ds.keys():
-        elem = ds.get_item(tag)
-        if elem is None or elem.is_raw or elem.VR != "SQ":
-            continue
-        for item in elem.value:
-            item.set_original_encoding(implicit, True, item._character_set)
-            _encoded_as_raw(item, implicit)
 
 
 def _check_inputs(
@@ -411,42 +165,42 @@ def _plans(
     styles: Mapping[str, RoiStyle],
     references: Mapping[str, Geometry],
     tags: Sequence[str],
-) -> list[_Plan]:
+) -> list[Plan]:
     g0 = geometries[0]
     refs = usable_references(geometries, references)
 
     def style(name: str) -> RoiStyle:
         return styles.get(name, RoiStyle())
 
-    def phase_rois(p: int) -> list[_Roi]:
-        return [_Roi(roi_name(n, phase_percents[p], tags[p]), style(n), m[p], geometries[p])
+    def phase_rois(p: int) -> list[Roi]:
+        return [Roi(roi_name(n, phase_percents[p], tags[p]), style(n), m[p], geometries[p])
                 for n, m in masks.items()]
 
     if layout == "combined":
         env_geom = next(iter(refs.values()), g0)
-        plan = _Plan("combined", "4D", series=list(geometries) + list(refs.values()))
+        plan = Plan("combined", "4D", series=list(geometries) + list(refs.values()))
         for n, m in masks.items():  # structure-major: GTVp^P0 .. GTVp^P90, then the next structure
             plan.rois.extend(
-                _Roi(roi_name(n, pct, tags[p]), style(n), m[p], geometries[p])
+                Roi(roi_name(n, pct, tags[p]), style(n), m[p], geometries[p])
                 for p, pct in enumerate(phase_percents)
             )
-        plan.rois.extend(_Roi(n, style(n), e, env_geom) for n, e in envelopes.items())
+        plan.rois.extend(Roi(n, style(n), e, env_geom) for n, e in envelopes.items())
         return [plan]
     if layout == "per-series":
         plans = []
         for p, g in enumerate(geometries):
-            plan = _Plan(
+            plan = Plan(
                 g.series_instance_uid, phase_label(phase_percents[p], tags[p]), series=[g], rois=phase_rois(p)
             )
-            plan.rois.extend(_Roi(n, style(n), e, g) for n, e in envelopes.items())
+            plan.rois.extend(Roi(n, style(n), e, g) for n, e in envelopes.items())
             plans.append(plan)
         for kind, g in refs.items() if envelopes else ():
             plans.append(
-                _Plan(
+                Plan(
                     g.series_instance_uid,
                     kind,
                     series=[g],
-                    rois=[_Roi(n, style(n), e, g) for n, e in envelopes.items()],
+                    rois=[Roi(n, style(n), e, g) for n, e in envelopes.items()],
                 )
             )
         return plans
@@ -522,11 +276,11 @@ def build_rtstructs(
     for i, plan in enumerate(plans):
         series_uid = output_uid(uid_prefix, key, plan.key, "series")
         sop_uid = output_uid(uid_prefix, key, plan.key, "instance")
-        ds, n_contours = _dataset(
+        ds, n_contours = structure_set(
             plan,
             identifiers,
             algorithm,
-            _description(algorithm, skipped, version, used, phases_note, qa_notes),
+            description(algorithm, skipped, version, used, phases_note, qa_notes),
             series_uid,
             sop_uid,
             series_number + 100 * (version - 1) + i,
@@ -545,173 +299,6 @@ def build_rtstructs(
             n_contours,
         )
     return out
-
-
-DESCRIPTION_MAX = 1024  # StructureSetDescription (3006,0006) is ST: at most 1024 characters
-
-
-def _description(algorithm: Algorithm, skipped: Mapping[str, str], version: int, used: str,
-                 phases_note: str | None = None, qa_notes: Sequence[str] = ()) -> str:
-    """Review note, the result version and its inputs, what the ITV is built from, QA warnings (as many as
-    fit, then a count), what was skipped, and the generator; the essentials first so that truncation at 1024
-    characters only loses detail."""
-    head = f"{REVIEW_NOTE}. Version {version}, from {used}."
-    if phases_note:
-        head += f" {phases_note}."
-    tail = f" Generated by {algorithm.description}."
-    if skipped:
-        tail = " Not contoured: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "." + tail
-    notes = list(qa_notes)
-    qa = ""
-    for shown in range(len(notes), -1, -1):  # as many warnings as fit
-        if not notes:
-            break
-        more = len(notes) - shown
-        qa = " QA: " + "; ".join([*notes[:shown], *([f"+{more} more in qa.json"] if more else [])]) + "."
-        if len(head) + len(qa) + len(tail) <= DESCRIPTION_MAX:
-            break
-    return (head + qa + tail)[:DESCRIPTION_MAX]
-
-
-def _dataset(
-    plan: _Plan,
-    identifiers: Mapping[str, str],
-    algorithm: Algorithm,
-    description: str,
-    series_uid: UID,
-    sop_uid: UID,
-    series_number: int,
-    now: datetime,
-    keyhole: bool,
-    inputs: tuple[int, str, str],
-) -> tuple[Dataset, int]:
-    """The structure set of one plan and its number of contours."""
-    version, used, short = inputs
-    g0 = plan.series[0]
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds = Dataset()
-    texts = [str(v) for v in identifiers.values()]
-    if any(not t.isascii() for t in texts):
-        ds.SpecificCharacterSet = "ISO_IR 192"
-    # SOP Common
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # Patient, General Study (Type 2 attributes present even when empty)
-    for key in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-    ):
-        setattr(ds, key, str(identifiers.get(key, "") or ""))
-    if identifiers.get("StudyDescription"):
-        ds.StudyDescription = str(identifiers["StudyDescription"])
-    ds.StudyInstanceUID = g0.study_instance_uid
-    # RT Series
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDate, ds.SeriesTime = date, time
-    ds.SeriesDescription = f"itvnode {plan.label_suffix} {short} - review before clinical use"[:64]
-    ds.OperatorsName = ""
-    # General Equipment
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "itvnode 4DCT auto-contouring"
-    ds.SoftwareVersions = [
-        f"itvnode {__version__}",
-        f"{algorithm.model} {algorithm.model_version}"[:64],
-        f"LoRA {algorithm.adapter_version}"[:64],
-    ]
-    # Frame of Reference
-    ds.FrameOfReferenceUID = g0.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    # Structure Set
-    ds.StructureSetLabel = f"AUTO {plan.label_suffix}"[:16]
-    ds.StructureSetName = f"itvnode {plan.label_suffix}"[:64]
-    ds.StructureSetDescription = description
-    ds.InstanceNumber = 1
-    ds.StructureSetDate, ds.StructureSetTime = date, time
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_of_reference(plan)])
-    # Approval: machine output is never approved
-    ds.ApprovalStatus = "UNAPPROVED"
-
-    traced = [_trace(roi, keyhole) for roi in plan.rois]
-    # DS lengths are 16-bit in explicit VR; a very long contour needs the implicit syntax.
-    implicit = max((t.longest for t in traced), default=0) > _MAX_EXPLICIT_LEN
-    ssroi, roic, obs = [], [], []
-    for number, (roi, t) in enumerate(zip(plan.rois, traced, strict=True), start=1):
-        s = Dataset()
-        s.ROINumber = number
-        s.ReferencedFrameOfReferenceUID = g0.frame_of_reference_uid
-        s.ROIName = roi.name
-        s.ROIGenerationAlgorithm = algorithm.generation
-        s.ROIGenerationDescription = algorithm.description[:64]
-        ssroi.append(s)
-        c = Dataset()
-        c.ReferencedROINumber = number
-        c.ROIDisplayColor = list(roi.style.color)
-        if t.data:  # Type 3: an empty structure keeps its ROI without contours
-            c[_CONTOURS] = _contour_sequence(t, implicit)
-        roic.append(c)
-        o = Dataset()
-        o.ObservationNumber = number
-        o.ReferencedROINumber = number
-        o.ROIObservationLabel = roi.name
-        o.RTROIInterpretedType = roi.style.interpreted_type
-        o.ROIInterpreter = ""
-        obs.append(o)
-    ds.StructureSetROISequence = DicomSequence(ssroi)
-    ds.ROIContourSequence = DicomSequence(roic)
-    ds.RTROIObservationsSequence = DicomSequence(obs)
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"ITVNODE_{__version__}"[:16]
-    ds.file_meta = meta
-    _encoded_as_raw(ds, implicit)
-    # Written in that syntax, pydicom then copies the raw contours instead of decoding the whole tree to look
-    # for ambiguous VRs (an RTSTRUCT has none); another syntax still converts everything, slowly but right.
-    ds.set_original_encoding(implicit, True, ds._character_set)
-    return ds, sum(len(t.data) for t in traced)
-
-
-def _frame_of_reference(plan: _Plan) -> Dataset:
-    series_items = []
-    for g in plan.series:
-        s = Dataset()
-        s.SeriesInstanceUID = g.series_instance_uid
-        s.ContourImageSequence = DicomSequence([_image_ref(g, k) for k in range(len(g.sop_instance_uids))])
-        series_items.append(s)
-    study = Dataset()
-    study.ReferencedSOPClassUID = _STUDY_REF_CLASS
-    study.ReferencedSOPInstanceUID = plan.series[0].study_instance_uid
-    study.RTReferencedSeriesSequence = DicomSequence(series_items)
-    f = Dataset()
-    f.FrameOfReferenceUID = plan.series[0].frame_of_reference_uid
-    f.RTReferencedStudySequence = DicomSequence([study])
-    return f
-
-
-def write_dataset(ds: Dataset, out_dir: str | Path, prefix: str) -> Path:
-    """Write ``<prefix>.<SOPInstanceUID>.dcm`` under ``out_dir`` durably and atomically, in the transfer
-    syntax of its file meta; a re-run overwrites the same name (deterministic UIDs)."""
-    out = Path(out_dir)
-    private_dir(out)
-    path = out / f"{prefix}.{ds.SOPInstanceUID}.dcm"
-    buf = BytesIO()
-    implicit = ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
-    ds.save_as(buf, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
-    write_atomic(path, buf.getvalue())
-    return path
 
 
 def write_rtstruct(ds: Dataset, out_dir: str | Path) -> Path:

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from itvnode_version import __version__
 from service.dicomio.geometry import Geometry
-from service.dicomio.rtstruct import Algorithm, RoiStyle, write_dataset
+from service.dicomio.output import Algorithm, RoiStyle, write_dataset
 from service.dicomio.uids import output_uid
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,9 @@ Concurrency: ``item.json`` is read-modify-written under an exclusive ``flock`` o
 delivery to one destination holds ``.lock-<destination>`` for its whole duration (non-blocking: a second
 worker skips it). Both work across processes on a local filesystem (and NFSv4, where Linux maps flock to
 POSIX locks).
+
+Kept whole (~420 lines): every :class:`Outbox` method is one step of an item's life under the same locks and
+item.json; split, the locking rule would live in several modules.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 from pydicom import Dataset
 from test_spool import ct, encode
 
-from service.dicomio.rtstruct import write_dataset
+from service.dicomio.output import write_dataset
 from service.store.durable import DIR_MODE, FILE_MODE, private_dir, secure_data_dir, write_atomic
 from service.store.header_scan import meta_from_bytes
 from service.store.manifest import Manifest, manifest_path, save_manifest

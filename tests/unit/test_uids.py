@@ -14,7 +14,8 @@ from pydicom.uid import CTImageStorage
 
 from models.structures import StructureSpec
 from service.dicomio.geometry import Geometry
-from service.dicomio.rtstruct import Algorithm, build_rtstructs
+from service.dicomio.output import Algorithm
+from service.dicomio.rtstruct import build_rtstructs
 from service.dicomio.uids import content_key, settings_digest
 from service.settings import load_settings
 from service.store.manifest import Manifest

@@ -51,8 +51,10 @@ def test_a_tree_that_was_never_installed_says_so() -> None:
 
 def test_library_code_writes_that_version() -> None:
     import service.dicomio.encapsulated_pdf
-    import service.dicomio.rtstruct
+    import service.dicomio.output
     import service.dicomio.seg
+    import service.dicomio.structure_set
 
-    for module in (service.dicomio.rtstruct, service.dicomio.seg, service.dicomio.encapsulated_pdf):
+    for module in (service.dicomio.output, service.dicomio.structure_set, service.dicomio.seg,
+                   service.dicomio.encapsulated_pdf):
         assert module.__version__ is itvnode_version.__version__, module.__name__

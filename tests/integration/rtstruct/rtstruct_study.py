@@ -33,7 +33,8 @@ def identifiers_of(path: Path) -> dict[str, str]:
 
 def build(study: Study, layout: str, **kw: Any) -> list[Any]:
     from models.structures import default_structures
-    from service.dicomio.rtstruct import Algorithm, build_rtstructs
+    from service.dicomio.output import Algorithm
+    from service.dicomio.rtstruct import build_rtstructs
     from worker.engine_settings import EngineConfig, roi_styles
 
     args: dict[str, Any] = dict(

@@ -10,7 +10,8 @@ import pydicom
 import pytest
 from rtstruct_study import Study, build
 
-from service.dicomio.rtstruct import Algorithm, RoiStyle, roi_name, write_rtstruct
+from service.dicomio.output import Algorithm, RoiStyle
+from service.dicomio.rtstruct import roi_name, write_rtstruct
 from tests.support.rtstruct_peers import DS_RE, dciodvfy, dice, ds_values, plastimatch_masks
 
 STRUCTURES = ("External", "Lung_L", "Lung_R", "Heart", "GTVp")

@@ -11,7 +11,7 @@ import pytest
 from rtstruct_study import Study
 
 from models.structures import default_structures
-from service.dicomio.rtstruct import Algorithm
+from service.dicomio.output import Algorithm
 from tests.support.rtstruct_peers import dciodvfy
 from worker.engine_settings import EngineConfig, roi_styles
 

@@ -13,6 +13,7 @@ import torch
 from models.phantom import make_phantom
 from models.phantom_spec import PhantomSpec
 from models.structures import default_structures
+from models.training.checkpoint import CHECKPOINT_DIR
 from models.training.config import TrainConfig
 from models.training.dataset import (
     AnnotatedVolume,
@@ -22,7 +23,7 @@ from models.training.dataset import (
     split_by_group,
     targets_from_specs,
 )
-from models.training.trainer import CHECKPOINT_DIR, Trainer
+from models.training.trainer import Trainer
 
 IMAGE = 28
 
