@@ -4,7 +4,7 @@
 TCIA 4D-Lung layout) or one referencing every phase with per-phase ROI names (our combined layout,
 ``GTVp^P40``). ROI names map to structures through the ``roi_map`` setting (``--roi-map YAML`` replaces it).
 The phases are detected exactly as ``itvnode segment`` does (:mod:`itvnode.commands.offline`); then
-:func:`worker.pipeline.process_contours` places the contours on their phases and runs the engine's
+:func:`worker.contours.process_contours` places the contours on their phases and runs the engine's
 post-processing (temporal filter, connectivity, envelopes: the GTV's is ``ITV``, QA) and writes the
 RTSTRUCT(s) (``--layout`` or the setting), ``qa.json`` and the QA report (``report/``, ``DOC.<uid>.dcm``:
 as ``itvnode segment``) into ``DIR``.
