@@ -99,6 +99,10 @@ class StorageSettings(BaseModel):
     # fsync each received file and its directory before answering success. Turn off only on storage with
     # power-loss protection (battery/flash-backed write cache): a power cut could then lose acknowledged data.
     spool_fsync: bool = True
+    # with spool_fsync: durable through the spool's journal (one fdatasync per instance, docs/conformance.md);
+    # the received files are fsynced in the background this many seconds after the last one (or sooner)
+    spool_journal: bool = True
+    spool_journal_checkpoint: float = Field(0.5, gt=0)
     # the spool's own quota (bytes of received instances); free space is the smaller of the file system's and
     # what the quota leaves. null: the file system only
     spool_max_bytes: int | None = Field(None, gt=0)

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
 
     spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_bytes, fsync=settings.spool_fsync,
-                  max_bytes=settings.spool_max_bytes)
+                  max_bytes=settings.spool_max_bytes, journal=settings.spool_journal,
+                  journal_checkpoint_s=settings.spool_journal_checkpoint)
     spool.reconcile()  # the index is derived from the durable files: catch up after a power cut
     _start_retention(settings, spool, stop_event)
     if not settings.spool_fsync:

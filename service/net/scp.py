@@ -180,7 +180,8 @@ def serve(settings: Settings, stop_event: threading.Event | None = None,
     stop_event = stop_event or threading.Event()
     own_spool = spool is None
     if spool is None:
-        spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_bytes, fsync=settings.spool_fsync)
+        spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_bytes, fsync=settings.spool_fsync,
+                      journal=settings.spool_journal, journal_checkpoint_s=settings.spool_journal_checkpoint)
         spool.reconcile()
     scp = build_scp(settings, spool, on_stored)
     scp.start()

@@ -2,7 +2,9 @@
 
 One primitive for the spool, the manifests and the outbox: write a temp file in the target directory,
 fsync it, rename it over the target (readers see the old or the new content, never a torn file), fsync the
-directory so that the rename itself is on disk.
+directory so that the rename itself is on disk. The spool's received instances are made durable instead
+by its write-ahead journal (:mod:`service.store.journal`, one ``fdatasync`` each), which checkpoints them
+into files written here.
 
 It also owns the permission rule for everything under the data directory, which holds patient data
 (instances, manifests with names, IDs, birth dates, accession numbers, RTSTRUCTs, outbox copies): owner-only,

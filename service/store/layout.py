@@ -4,6 +4,7 @@
 
     <data_dir>/
         spool/                      received instances, <study uid>/<series uid>/<sop uid>.dcm + index.sqlite
+                                    + journal/ (service.store.journal)
         studies/<study key>/        manifest.json (+ manifest.lock), heartbeat, results/ (RTSTRUCT, qa.json)
         outbox/                     items/, done/, dead/, tmp/ (service.store.outbox)
         broker/                     the embedded broker (service.intake.queue), when no broker URL is set
@@ -20,6 +21,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = "manifest.lock"  # next to the manifest (service.store.manifest.manifest_lock)
 SPOOL_INDEX = "index.sqlite"  # inside a spool directory (also a scratch spool outside data_dir)
+SPOOL_JOURNAL = "journal"  # inside a spool directory: the write-ahead journal of itvnode serve
 RESULTS = "results"
 HEARTBEAT = "heartbeat"
 
@@ -38,6 +40,10 @@ class DataLayout:
     @property
     def spool_index(self) -> Path:
         return self.spool / SPOOL_INDEX
+
+    @property
+    def spool_journal(self) -> Path:
+        return self.spool / SPOOL_JOURNAL
 
     @property
     def studies(self) -> Path:

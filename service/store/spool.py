@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.store import spool_index
-from service.store.durable import DIR_MODE, fsync_dir, private_dir, write_atomic
+from service.store.durable import DIR_MODE, fsync_dir, fsync_file, private_dir, write_atomic
 from service.store.header_scan import meta_from_bytes
 from service.store.ingest_errors import (
     ConflictingDuplicate,
@@ -32,7 +32,8 @@ from service.store.ingest_errors import (
     SpoolUnavailable,
 )
 from service.store.instance_meta import PATH_SAFE_UID_RE, InstanceMeta
-from service.store.layout import SPOOL_INDEX
+from service.store.journal import IDLE_CHECKPOINT_S, Journal
+from service.store.layout import SPOOL_INDEX, SPOOL_JOURNAL
 
 LOG = logging.getLogger(__name__)
 
@@ -44,11 +45,14 @@ class Spool:
     """Local-directory spool; every method is thread-safe (one SQLite connection behind a lock).
 
     ``min_free_bytes``: :meth:`store` refuses with :class:`SpoolFull` when the file would leave less than this
-    free on the spool's file system. ``fsync=False`` is for tests and benchmarks only.
+    free on the spool's file system. ``fsync=False`` is for tests and benchmarks only. ``journal=True`` (the
+    one process receiving: ``itvnode serve``) makes a store durable through :class:`Journal` (one
+    ``fdatasync``) instead of fsyncing the new file and its directory; call :meth:`reconcile` at start-up.
     """
 
     def __init__(self, root: Path, *, min_free_bytes: int = 0, fsync: bool = True,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, journal: bool = False,
+                 journal_checkpoint_s: float = IDLE_CHECKPOINT_S) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
@@ -63,6 +67,8 @@ class Spool:
         self._known_dirs: set[Path] = set()
         self._db = spool_index.open_index(self.root / SPOOL_INDEX, fsync=fsync)
         self._remove_stale_parts()
+        self._journal = (Journal(self.root / SPOOL_JOURNAL, self.root, journal_checkpoint_s)
+                         if journal and fsync else None)
 
     # -- writing
 
@@ -131,7 +137,16 @@ class Spool:
             return False
 
     def _write_durably(self, tmp: Path, final: Path, encoded: bytes) -> None:
-        write_atomic(final, encoded, tmp=tmp, fsync=self.fsync)
+        if self._journal is None or not self._journal.fits(len(encoded)):
+            write_atomic(final, encoded, tmp=tmp, fsync=self.fsync)
+            return
+        write_atomic(final, encoded, tmp=tmp, fsync=False)  # in place now; durable through the journal
+        try:
+            self._journal.append(final.relative_to(self.root).as_posix(), encoded)
+        except OSError:
+            LOG.exception("spool journal append failed; fsyncing %s in place", final.name)
+            fsync_file(final)
+            fsync_dir(final.parent)
 
     def _ensure_dir(self, series_dir: Path) -> None:
         if series_dir in self._known_dirs:
@@ -177,6 +192,7 @@ class Spool:
         reference when given): index rows first, in one transaction, then their files. Returns (instances,
         bytes). Instances received later (a new arrival or an identical re-send during the purge) stay, and
         a file rewritten after ``received_before`` is never unlinked."""
+        self._checkpoint()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -223,6 +239,7 @@ class Spool:
 
     def remove_study(self, study_uid: str) -> int:
         """Delete a study's files and index rows (after export); returns the number of instances removed."""
+        self._checkpoint()
         with self._lock:
             rows = self._db.execute("SELECT path FROM instances WHERE study_instance_uid = ?",
                                     (study_uid,)).fetchall()
@@ -264,8 +281,15 @@ class Spool:
         return free
 
     def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
         with self._lock:
             self._db.close()
+
+    def _checkpoint(self) -> None:
+        """Before a delete: journalled files durable in place, so that no replay brings them back."""
+        if self._journal is not None:
+            self._journal.checkpoint()
 
     # -- recovery
 
@@ -273,7 +297,9 @@ class Spool:
         """Make the index match the files: index durable files it lacks, drop rows whose file is gone.
 
         Returns ``(indexed, dropped)``. Files that fail today's header rules are left alone and logged.
+        First, journal records a crashed writer left are written to the spool durably (:meth:`_replay`).
         """
+        self._replay()
         with self._lock:
             rows = dict(self._db.execute("SELECT path, sop_instance_uid FROM instances").fetchall())
         on_disk = {p.relative_to(self.root).as_posix(): p for p in self.root.glob("*/*/*.dcm")}
@@ -302,6 +328,39 @@ class Spool:
             LOG.warning("spool index reconciled: %d file(s) re-indexed, %d missing file(s) dropped", indexed,
                         dropped)
         return indexed, dropped
+
+    def _replay(self) -> None:
+        """Write every orphan journal record durably where it belongs (the last record of a path wins), index
+        it, then drop the dead writers' journals."""
+        if self._journal is None:
+            return
+        latest: dict[str, bytes] = {}
+        for rel, data in self._journal.orphans():
+            latest[rel] = data
+        for rel, data in latest.items():
+            try:
+                meta = meta_from_bytes(data)
+            except IngestError as exc:
+                LOG.warning("journal record %s not replayed: %s", rel, exc)
+                continue
+            final = self.root / meta.study_instance_uid / meta.series_instance_uid / \
+                f"{meta.sop_instance_uid}.dcm"
+            if final.relative_to(self.root).as_posix() != rel:
+                LOG.warning("journal record %s does not match its header UIDs; not replayed", rel)
+                continue
+            with self._lock:
+                row = self._db.execute("SELECT revision FROM instances WHERE path = ?", (rel,)).fetchone()
+            self._ensure_dir(final.parent)
+            if self._same_bytes(final, data):
+                fsync_file(final)
+                fsync_dir(final.parent)
+            else:
+                write_atomic(final, data)
+            self._index(meta, final, len(data), revision=int(row[0]) if row else 0)
+        if latest:
+            LOG.warning("spool journal replayed: %d instance(s) made durable after an unclean stop",
+                        len(latest))
+        self._journal.release_orphans()
 
     def _remove_stale_parts(self) -> None:
         """Drop temp files left by a crash mid-write (old enough not to belong to a live writer)."""
