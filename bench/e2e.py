@@ -36,6 +36,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
 STAGES = ("receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "export")
+#: results.timings inside the worker's processing of the study (read .. RTSTRUCT written): busy seconds of
+#: stages that overlap per phase (load, phase_cpu, segmenter), the overlapped section's wall time and the
+#: segmenter's idle time in it
+WORK_STAGES = ("load", "phase_cpu", "segmenter", "filter", "rtstruct", "overlap_wall", "segmenter_idle",
+               "processing")
+
+
+def naive_read(files: list[Path]) -> float:
+    """Seconds to read and decode every file with plain pydicom, one after the other: the overhead's unit."""
+    import pydicom
+
+    t0 = time.perf_counter()
+    for f in files:
+        pydicom.dcmread(f).pixel_array  # noqa: B018 - decode
+    return time.perf_counter() - t0
+
+
+def overhead_ratio(timings: dict[str, Any], naive_s: float) -> float:
+    """Everything but the model (the worker's processing wall time minus the segmenter's busy time) over
+    a naive pydicom read + decode of the same files."""
+    return (float(timings["processing"]) - float(timings.get("segmenter", 0.0))) / naive_s
 
 
 def wait_port(port: int, timeout: float) -> None:
@@ -271,8 +292,22 @@ def main() -> int:
         print(f"{'stage':<12}{'seconds':>10}{'share':>8}")
         for s, v in rows:
             print(f"{s:<12}{v:>10.2f}{v / total:>8.0%}")
-        accounted = sum(v for _, v in rows)
+        if "processing" in timings:  # load, inference and filter overlap inside processing
+            accounted = sum(float(timings.get(k, 0.0)) for k in ("receive", "quiet", "model", "processing",
+                                                                  "outbox", "export"))
+        else:
+            accounted = sum(v for _, v in rows)
         print(f"{'(queue etc.)':<12}{max(0.0, total - accounted):>10.2f}")
+        print("\nworker, read .. RTSTRUCT written (busy seconds; load, phase_cpu, segmenter overlap):")
+        for s in WORK_STAGES:
+            if s in timings:
+                print(f"  {s:<16}{float(timings[s]):>10.2f}")
+        naive = naive_read(series.all_files())
+        ratio = overhead_ratio(timings, naive) if "processing" in timings else float("nan")
+        print(f"naive pydicom read + decode of the {n_files} files: {naive:.2f} s (this process, one thread)")
+        print(f"overhead ratio (processing - segmenter) / naive read: {ratio:.2f}  (goal <= 3)")
+        load_avg = os.getloadavg()
+        print(f"load average: {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}, {os.cpu_count()} cores")
         receive = float(timings.get("receive", sent))
         print(f"\nreceive ratio vs dcmtk storescp: {receive / peer:.2f}x ({receive:.2f} s vs {peer:.2f} s)")
         print("peak RSS per process tree:")
@@ -291,6 +326,10 @@ def main() -> int:
             "peer_receive_s": round(peer, 3),
             "receive_ratio_vs_peer": round(receive / peer, 3),
             "stages_s": dict(rows),
+            "worker_s": {k: float(timings[k]) for k in WORK_STAGES if k in timings},
+            "naive_read_s": round(naive, 3),
+            "overhead_ratio": round(ratio, 3),
+            "load_average": list(load_avg),
             "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in sampler.peak.items()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
