@@ -9,6 +9,27 @@ The default model is the random-initialised tiny SAM 3 (written to a temporary f
 node's overhead around inference, not SAM 3's speed (see bench/gpu_infer.py for that). ``--sam3 DIR`` uses
 real weights; ``--sam3 none`` runs threshold structures only.
 
+Inside the worker (read .. RTSTRUCT written, ``results.timings``) it prints busy seconds per stage: ``load``
+(headers, pixel reads, references), ``phase_cpu`` (thresholds, slice choice, side split), ``segmenter`` (its
+``predict`` calls only), ``filter`` (cross-phase post-processing), ``rtstruct``; the overlapped section's
+wall time, the segmenter's idle time in it (``segmenter_idle``, "GPU idle") and ``processing``. The
+**overhead ratio** is everything but the model, ``processing - segmenter``, over a naive one-thread pydicom
+read + decode of the same files measured by this process in the same run (goal <= 3 for 1,200 slices of 512^2
+on 2 cores).
+
+Measured 2026-11-30 on the shared 2-core machine (load average 4-6 from other engineers' work):
+
+* ``--rows 512 --slices 120`` (tiny SAM 3 on the CPU): processing 351.4 s, segmenter 338.8 s, segmenter idle
+  6.9 s of 345.7 s overlapped (read 3.8 s and phase CPU 47.2 s hidden behind it), filter 1.2 s, RTSTRUCT
+  1.2 s; naive read 5.36 s; overhead ratio 2.36. Caveat: here the "GPU" is the same two cores, so node work
+  that overlaps slows ``predict`` down and part of it hides in the segmenter's busy time.
+* ``--rows 512 --slices 150 --sam3 none`` (the model excluded: no SAM 3 loaded, SAM 3 structures skipped;
+  the External by threshold still runs): peak RSS of the inference worker 2,178 MiB (the int16 volume is
+  750 MiB); processing 9.47 s, overlap wall 6.14 s ~= phase CPU 6.05 s (the thresholds are the slowest stage
+  without a model; the reads, 1.56 s, hide behind them), filter 0.33 s, RTSTRUCT 0.63 s; naive read 2.89 s;
+  overhead ratio 3.28. Two settling threads gave the same wall time (9.90 s, ratio 3.24): the two cores are
+  already busy.
+
     .venv/bin/python -m bench.e2e [--rows 256] [--slices 100] [--phases 10] [--sam3 tiny|none|DIR]
 """
 
@@ -298,6 +319,8 @@ def main() -> int:
         else:
             accounted = sum(v for _, v in rows)
         print(f"{'(queue etc.)':<12}{max(0.0, total - accounted):>10.2f}")
+        if "processing" in timings:
+            print("(load, inference, filter: busy seconds inside processing; load and inference overlap)")
         print("\nworker, read .. RTSTRUCT written (busy seconds; load, phase_cpu, segmenter overlap):")
         for s in WORK_STAGES:
             if s in timings:
