@@ -1,14 +1,14 @@
 """The segmentation engine: a 4D HU volume in, cleaned per-phase masks, envelopes (ITV) and QA numbers out.
 
-Order of work (docs/postprocessing.md):
+Order of work (docs/postprocessing.md), per phase in :mod:`models.phase_segmentation` (whose phases overlap,
+:mod:`models.phase_overlap`), then across phases here:
 
-1. Threshold structures (``method="threshold"``, e.g. External) per phase with
-   :func:`models.threshold.threshold_body`.
-2. SAM 3 structures: every slice of every phase goes through ``segmenter.predict`` with all prompts at once
-   (the vision features of a slice are computed once and reused for every prompt), phase by phase and in
-   slice chunks so that only one chunk of probabilities is ever in memory; probabilities are binarised at
+1. SAM 3 structures: the slices of a phase that :func:`prompt_slices` keeps go through ``segmenter.predict``
+   with all prompts at once (the vision features of a slice are computed once and reused for every prompt),
+   in slice chunks so that only one chunk of probabilities is ever in memory; probabilities are binarised at
    0.5 (the segmenter applies each structure's ``score_threshold`` to instance scores, see
    models/sam3/inference.py).
+2. Threshold structures (``method="threshold"``, e.g. External) with :func:`models.threshold.threshold_body`.
 3. Laterality split (``split_laterality``): voxel columns with x index >= the body midline are patient Left
    (x grows towards patient Left, docs/internal-api.md), the rest Right. The midline of each phase is the x
    centroid of the External (threshold) structure, or of :func:`threshold_body` when none is configured.
@@ -19,7 +19,6 @@ Order of work (docs/postprocessing.md):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,6 @@ from models.post.envelope import envelope
 from models.post.qa import QAParams, study_qa
 from models.post.temporal import TemporalParams
 from models.structures import MAX_NAME_LEN, StructureSpec
-from models.threshold import threshold_body
 
 log = logging.getLogger(__name__)
 
@@ -212,64 +210,29 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], structures: Sequenc
                    segmenter: Segmenter | None, temporal: TemporalParams | None = None, *,
                    keep_raw: bool = False, workers: int = 2, qa_params: QAParams | None = None,
                    phase_percents: Sequence[float] | None = None, slices_per_call: int = 32,
-                   study_key: str = "", skip: SkipParams | None = SkipParams()) -> EngineResult:
-    """Segment a 4DCT: HU (P, Z, Y, X) or one phase (Z, Y, X); spacing (dz, dy, dx) in mm.
+                   study_key: str = "", skip: SkipParams | None = SkipParams(),
+                   overlap: bool = True) -> EngineResult:
+    """Segment a 4DCT already in memory: HU (P, Z, Y, X) or one phase (Z, Y, X); spacing (dz, dy, dx) in mm.
 
+    The per-phase steps of :class:`models.phase_segmentation.PhaseSegmentation` (SAM 3 of a phase overlaps
+    the CPU work of the phase before unless ``overlap=False``), then the cross-phase post-processing.
     ``skip``: SAM 3 runs only on the slices :func:`prompt_slices` keeps (``None``: every slice); the QA's
     ``sam3_slices`` says how many were skipped per prompt.
     """
+    from models.phase_overlap import array_phases, run_phases
+    from models.phase_segmentation import PhaseSegmentation
+
     vol = np.asarray(hu)
     if vol.ndim == 3:
         vol = vol[None]
-    if vol.ndim != 4 or min(vol.shape) < 1:
+    if vol.ndim != 4:
         raise ValueError(f"hu must be (phases, z, y, x), got shape {np.shape(hu)}")
-    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
-        raise ValueError(f"spacing must be three positive values (dz, dy, dx), got {tuple(spacing)}")
-    if slices_per_call < 1:
-        raise ValueError("slices_per_call must be >= 1")
-    sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
-    n_ph = vol.shape[0]
-    outputs = output_structures(structures)
-    t_start = time.perf_counter()
-    masks: dict[str, np.ndarray] = {}
-    skipped: dict[str, str] = {}
-
-    for spec in structures:
-        if spec.method == "threshold":
-            assert spec.hu_range is not None
-            masks[spec.name] = np.asarray(threshold_body(vol, sp, spec.hu_range), dtype=bool)
-    split_thresholds = [s for s in structures if s.method == "threshold" and s.split_laterality]
-    if split_thresholds:  # midlines from the unsplit body, then each side under its output name
-        midlines = _midlines(vol, sp, structures, masks)
-        for spec in split_thresholds:
-            whole = masks.pop(spec.name)
-            left, right = np.zeros_like(whole), np.zeros_like(whole)
-            for p in range(n_ph):
-                left[p], right[p] = split_sides(whole[p], float(midlines[p]))
-            masks[f"{spec.name}_L"], masks[f"{spec.name}_R"] = left, right
-
-    sam_specs = [s for s in structures if s.method == "sam3"]
-    if sam_specs and segmenter is None:
-        for o in outputs:
-            if o.spec.method == "sam3":
-                skipped[o.name] = SAM3_NOT_CONFIGURED
-                if o.envelope_name:
-                    skipped[o.envelope_name] = SAM3_NOT_CONFIGURED
-        log.warning("study %s: %d SAM 3 structure(s) skipped: %s", study_key or "-", len(sam_specs),
-                    SAM3_NOT_CONFIGURED)
-    slice_report: dict[str, Any] | None = None
-    if sam_specs and segmenter is not None:
-        slice_report = _run_sam3(vol, sp, structures, sam_specs, segmenter, masks, slices_per_call, study_key,
-                                 skip)
-
-    raw = {k: v.copy() for k, v in masks.items()} if keep_raw else None
-    result = postprocess_volume(masks, vol, sp, structures, temporal, skipped=skipped, workers=workers,
-                                qa_params=qa_params, phase_percents=phase_percents, study_key=study_key)
-    result.qa["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    if slice_report is not None:
-        result.qa["sam3_slices"] = slice_report
-    result.raw_masks = raw
-    return result
+    seg = PhaseSegmentation((vol.shape[0], vol.shape[1], vol.shape[2], vol.shape[3]), spacing,
+                            structures, segmenter, slices_per_call=slices_per_call, skip=skip,
+                            study_key=study_key)
+    run_phases(seg, array_phases(vol), overlap=overlap)
+    return seg.finish(vol, temporal, keep_raw=keep_raw, workers=workers, qa_params=qa_params,
+                      phase_percents=phase_percents)
 
 
 def postprocess_volume(masks: dict[str, np.ndarray], hu: np.ndarray, spacing: Sequence[float],
@@ -304,71 +267,6 @@ def postprocess_volume(masks: dict[str, np.ndarray], hu: np.ndarray, spacing: Se
     qa["temporal"] = _temporal_dict(temporal or TemporalParams())
     ordered = {o.name: masks[o.name] for o in outputs if o.name in masks}
     return EngineResult(ordered, envelopes, qa, skipped)
-
-
-def _run_sam3(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],
-              sam_specs: Sequence[StructureSpec], segmenter: Segmenter, masks: dict[str, np.ndarray],
-              slices_per_call: int, study_key: str, skip: SkipParams | None = None) -> dict[str, Any]:
-    """Fill ``masks`` with the binarised SAM 3 output of every spec, phase by phase, chunk by chunk.
-
-    Only the slices :func:`prompt_slices` keeps go to the segmenter (all with ``skip=None``); the others stay
-    empty. Returns the QA report of slices run and skipped per prompt.
-    """
-    thresholds: dict[str, float] = {}
-    for s in sam_specs:
-        if s.prompt in thresholds and thresholds[s.prompt] != s.score_threshold:
-            raise ValueError(f"prompt {s.prompt!r} is used with two score thresholds; give each one value")
-        thresholds[s.prompt] = s.score_threshold
-    prompts = list(thresholds)
-    n_ph, n_z = vol.shape[:2]
-    for s in sam_specs:
-        for name in s.output_names:
-            masks[name] = np.zeros(vol.shape, dtype=bool)
-
-    midlines: np.ndarray | None = None
-    if any(s.split_laterality for s in sam_specs):
-        midlines = _midlines(vol, sp, structures, masks)
-
-    t0 = time.perf_counter()
-    skipped_per_phase: list[int] = []
-    for p in range(n_ph):
-        keep = prompt_slices(vol[p], sp, skip) if skip is not None else np.ones(n_z, dtype=bool)
-        zs = np.flatnonzero(keep)
-        skipped_per_phase.append(int(n_z - zs.size))
-        for c0 in range(0, zs.size, slices_per_call):
-            idx = zs[c0 : c0 + slices_per_call]
-            z0, z1 = int(idx[0]), int(idx[-1]) + 1
-            contiguous = idx.size == z1 - z0
-            probs = segmenter.predict(vol[p, z0:z1] if contiguous else vol[p, idx], prompts,
-                                      score_threshold=dict(thresholds))
-            rows = slice(z0, z1) if contiguous else idx
-            for s in sam_specs:
-                m = np.asarray(probs[s.prompt]) >= PROBABILITY_CUT
-                if s.split_laterality:
-                    assert midlines is not None
-                    left, right = split_sides(m, float(midlines[p]))
-                    masks[f"{s.name}_L"][p, rows] = left
-                    masks[f"{s.name}_R"][p, rows] = right
-                else:
-                    masks[s.name][p, rows] = m
-            del probs
-        log.info("study %s: SAM 3 phase %d/%d done (%.1f s, %d of %d slices skipped)", study_key or "-",
-                 p + 1, n_ph, time.perf_counter() - t0, skipped_per_phase[-1], n_z)
-    total = n_ph * n_z
-    skipped = sum(skipped_per_phase)
-    per_prompt = {"slices": total, "run": total - skipped, "skipped": skipped,
-                  "skipped_per_phase": skipped_per_phase}
-    return {"rule": None if skip is None else dataclasses.asdict(skip),
-            "prompts": {prompt: dict(per_prompt) for prompt in prompts}}
-
-
-def _midlines(vol: np.ndarray, sp: tuple[float, float, float], structures: Sequence[StructureSpec],
-              masks: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per-phase body midline (x index): the External (threshold) structure, else :func:`threshold_body`."""
-    externals = [s.name for s in structures
-                 if s.method == "threshold" and s.interpreted_type == "EXTERNAL" and s.name in masks]
-    body = masks[externals[0]] if externals else np.asarray(threshold_body(vol, sp), dtype=bool)
-    return body_midlines(body)
 
 
 def _temporal_dict(t: TemporalParams) -> dict[str, Any]:

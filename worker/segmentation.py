@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.report_output import report_data
 from worker.result_files import qa_summary, write_results
 from worker.stages import Stages
-from worker.study_inputs import add_cycle_qa, load_phases
+from worker.study_inputs import add_cycle_qa, load_phases, open_phases, read_phase, read_references
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,15 @@ def run_engine(
     segmenter: LoadedSegmenter,
     stages: Stages,
     uid_prefix: str | None,
+    *,
+    overlap: bool = True,
 ) -> StudyOutcome:
-    """Load the phases, run the engine, take the QA report's slices and write the result files; the
-    outcome is still ``processing`` (the caller hands it to the outbox)."""
-    from models.engine import segment_volume
-
-    hu, geoms, references, ref_volume = load_phases(study_key, data_dir, m, stages)
-    with stages.stage("engine"):
-        result = segment_volume(
-            hu,
-            geoms[0].spacing,
-            list(config.structures),
-            segmenter.segmenter,
-            temporal=config.temporal,
-            phase_percents=[p.percent for p in m.phases],
-            study_key=study_key,
-            qa_params=config.qa,
-        )
+    """Read the phases and run the engine on them, overlapped per phase (:func:`segment_overlapped`), take
+    the QA report's slices and write the result files; the outcome is still ``processing`` (the caller hands
+    it to the outbox). ``overlap=False``: read everything, then segment (the reference the overlap equals)."""
+    t0 = time.perf_counter()
+    run = segment_overlapped if overlap else segment_sequential
+    result, hu, geoms, references, ref_volume = run(study_key, data_dir, m, config, segmenter, stages)
     add_cycle_qa(result.qa, m)
     skipped = dict(result.skipped)
     if segmenter.segmenter is None and segmenter.unavailable_reason:
@@ -72,11 +65,6 @@ def run_engine(
     report = report_data(study_key, hu, geoms, m, result, ref_volume, skipped, algorithm_record(segmenter),
                          config)
     del hu, ref_volume
-    engine_total = stages.timings.pop("engine")
-    timing = result.qa.get("timing_s") if isinstance(result.qa, dict) else None
-    post = float(timing.get("postprocess", 0.0)) if isinstance(timing, dict) else 0.0
-    stages.timings["inference"] = round(max(0.0, engine_total - post), 4)  # SAM 3 + threshold structures
-    stages.timings["filter"] = round(post, 4)  # temporal filter, connectivity, envelopes, QA
 
     if skipped:
         log.warning(
@@ -86,9 +74,80 @@ def run_engine(
         study_key, data_dir, m, geoms, references, result, skipped, config, rtstruct_algorithm(segmenter),
         {"algorithm": algorithm_record(segmenter)}, stages, uid_prefix,
     )
+    stages.timings["processing"] = round(time.perf_counter() - t0, 4)  # read .. RTSTRUCT written
     return StudyOutcome(study_key, StudyState.PROCESSING, files=files, skipped=skipped, computed=True,
                         content_key=record["content_key"], version_record=record, qa=qa_summary(result.qa),
                         report=report)
+
+
+Inputs = tuple[Any, Any, list[Any], dict[str, Any], tuple[str, Any] | None]
+
+
+def segment_overlapped(study_key: str, data_dir: Path, m: Manifest, config: EngineConfig,
+                       segmenter: LoadedSegmenter, stages: Stages) -> Inputs:
+    """Phase k+1 read while the segmenter works on phase k and phase k-1's CPU work runs
+    (:func:`models.phase_overlap.run_phases`); the references are read after the last phase, still beside
+    the segmenter; then the cross-phase post-processing. ``(result, hu, geometries, references, the QA
+    report's reference volume)``; busy times into ``stages.timings`` (:func:`record_busy`)."""
+    reader = open_phases(m, data_dir, stages)
+    geoms = reader.geoms
+    log.info("study %s: volume %s, spacing %s mm", study_key, reader.hu.shape, geoms[0].spacing)
+    refs: list[tuple[dict[str, Any], tuple[str, Any] | None]] = []
+
+    def phases() -> Iterator[tuple[int, Any]]:
+        for p in range(reader.n_phases):
+            yield p, read_phase(reader, p)
+        refs.append(read_references(study_key, data_dir, m, geoms[0]))
+
+    result, feed = _segment(study_key, reader.hu, geoms[0].spacing, phases(), config, segmenter, m, stages,
+                            overlap=True)
+    stages.timings["load"] = round(stages.timings.get("load", 0.0) + feed, 4)
+    references, ref_volume = refs[0]
+    return result, reader.hu, geoms, references, ref_volume
+
+
+def segment_sequential(study_key: str, data_dir: Path, m: Manifest, config: EngineConfig,
+                       segmenter: LoadedSegmenter, stages: Stages) -> Inputs:
+    """Every phase read, then segmented phase after phase without overlap (the same result)."""
+    from models.phase_overlap import array_phases
+
+    hu, geoms, references, ref_volume = load_phases(study_key, data_dir, m, stages)
+    result, _ = _segment(study_key, hu, geoms[0].spacing, array_phases(hu), config, segmenter, m, stages,
+                         overlap=False)
+    return result, hu, geoms, references, ref_volume
+
+
+def _segment(study_key: str, hu: Any, spacing: Any, phases: Iterator[tuple[int, Any]], config: EngineConfig,
+             segmenter: LoadedSegmenter, m: Manifest, stages: Stages, *, overlap: bool) -> tuple[Any, float]:
+    """The engine over ``phases`` (they fill ``hu``), then across phases: ``(EngineResult, seconds spent
+    waiting for ``phases``)``."""
+    from models.phase_overlap import run_phases
+    from models.phase_segmentation import PhaseSegmentation
+
+    seg = PhaseSegmentation(hu.shape, spacing, list(config.structures), segmenter.segmenter,
+                            study_key=study_key)
+    with stages.stage("segment"):
+        times = run_phases(seg, phases, overlap=overlap)
+    with stages.stage("filter"):
+        result = seg.finish(hu, config.temporal, qa_params=config.qa,
+                            phase_percents=[p.percent for p in m.phases])
+    del stages.timings["segment"]
+    record_busy(stages, seg.busy, times.wall)
+    return result, times.feed
+
+
+def record_busy(stages: Stages, busy: dict[str, float], overlap_wall: float) -> None:
+    """``results.timings``: busy seconds per stage (``segmenter``: its predict calls; ``phase_cpu``:
+    thresholds, slice choice, side split; ``filter``: cross-phase post-processing), ``inference`` = segmenter
+    + phase_cpu (its meaning before the overlap), the overlapped section's wall time and the segmenter's idle
+    time in it (``segmenter_idle``: the GPU waiting for the node)."""
+    t = stages.timings
+    t["segmenter"] = round(busy["segmenter"], 4)
+    t["phase_cpu"] = round(busy["phase_cpu"], 4)
+    t["inference"] = round(busy["segmenter"] + busy["phase_cpu"], 4)
+    t["filter"] = round(busy["postprocess"], 4)
+    t["overlap_wall"] = round(overlap_wall, 4)
+    t["segmenter_idle"] = round(max(0.0, overlap_wall - busy["segmenter"]), 4)
 
 
 def rtstruct_algorithm(seg: LoadedSegmenter) -> Any:

@@ -46,52 +46,77 @@ def change_manifest(path: Path, fn: Callable[[Manifest], None]) -> Manifest:
     return update_manifest(path, apply)
 
 
-def load_phases(
-    study_key: str, data_dir: Path, m: Manifest, stages: Stages
-) -> tuple[Any, list[Any], dict[str, Any], tuple[str, Any] | None]:
-    """The ``load`` stage: ``(hu (P, Z, Y, X), phase geometries, reference geometries by kind, (kind, HU
-    volume) of the QA report's reference series (AVG, else MIP; None without one on the phases' grid))``."""
+def open_phases(m: Manifest, data_dir: Path, stages: Stages) -> Any:
+    """Part of the ``load`` stage: every phase's headers scanned, one grid checked, the 4D array allocated
+    (a :class:`service.dicomio.volume.PhaseReader`; :meth:`read_phase` fills it phase by phase)."""
     from service.dicomio.geometry import VolumeError
-    from service.dicomio.volume import read_geometry, read_phases, read_series
+    from service.dicomio.volume import PhaseReader
 
     if not m.phases:
         raise PipelineError("the manifest lists no phases")
     with stages.stage("load"):
         try:
-            hu, geoms = read_phases(m, data_dir)
+            return PhaseReader(m, data_dir)
         except VolumeError as exc:
             raise PipelineError(f"phases rejected: {exc}") from exc
-        references: dict[str, Any] = {}
-        ref_volume: tuple[str, Any] | None = None
-        for ref in m.references:
-            try:
-                g = read_geometry([data_dir / f for f in ref.files])  # referenced: geometry only
-            except VolumeError as exc:
-                log.warning(
-                    "study %s: reference series %s (%s) not used: %s",
-                    study_key,
-                    ref.kind,
-                    ref.series_instance_uid,
-                    exc,
-                )
-                continue
-            if g.same_grid(geoms[0]):
-                references[ref.kind] = g
-                if ref.kind == "AVG" or (ref.kind == "MIP" and ref_volume is None):
-                    ref_volume = (ref.kind, ref.files)
-            else:
-                log.warning(
-                    "study %s: reference series %s is on another grid: not referenced", study_key, ref.kind
-                )
-        if ref_volume is not None:  # the QA report draws on it: the one reference read in full
-            kind, files = ref_volume
-            try:
-                ref_volume = (kind, read_series([data_dir / f for f in files])[0])
-            except VolumeError as exc:
-                log.warning("study %s: %s not readable for the QA report: %s", study_key, kind, exc)
-                ref_volume = None
-    log.info("study %s: volume %s, spacing %s mm", study_key, hu.shape, geoms[0].spacing)
-    return hu, geoms, references, ref_volume
+
+
+def read_phase(reader: Any, p: int) -> Any:
+    """Phase ``p`` read into its slot of ``reader.hu``; :class:`PipelineError` for an unreadable file."""
+    from service.dicomio.geometry import VolumeError
+
+    try:
+        return reader.read(p)
+    except VolumeError as exc:
+        raise PipelineError(f"phases rejected: {exc}") from exc
+
+
+def read_references(
+    study_key: str, data_dir: Path, m: Manifest, grid: Any
+) -> tuple[dict[str, Any], tuple[str, Any] | None]:
+    """``(reference geometries by kind, (kind, HU volume) of the QA report's reference series (AVG, else MIP;
+    None without one on the phases' ``grid``))``."""
+    from service.dicomio.geometry import VolumeError
+    from service.dicomio.volume import read_geometry, read_series
+
+    references: dict[str, Any] = {}
+    ref_volume: tuple[str, Any] | None = None
+    for ref in m.references:
+        try:
+            g = read_geometry([data_dir / f for f in ref.files])  # referenced: geometry only
+        except VolumeError as exc:
+            log.warning("study %s: reference series %s (%s) not used: %s", study_key, ref.kind,
+                        ref.series_instance_uid, exc)
+            continue
+        if g.same_grid(grid):
+            references[ref.kind] = g
+            if ref.kind == "AVG" or (ref.kind == "MIP" and ref_volume is None):
+                ref_volume = (ref.kind, ref.files)
+        else:
+            log.warning("study %s: reference series %s is on another grid: not referenced", study_key,
+                        ref.kind)
+    if ref_volume is not None:  # the QA report draws on it: the one reference read in full
+        kind, files = ref_volume
+        try:
+            ref_volume = (kind, read_series([data_dir / f for f in files])[0])
+        except VolumeError as exc:
+            log.warning("study %s: %s not readable for the QA report: %s", study_key, kind, exc)
+            ref_volume = None
+    return references, ref_volume
+
+
+def load_phases(
+    study_key: str, data_dir: Path, m: Manifest, stages: Stages
+) -> tuple[Any, list[Any], dict[str, Any], tuple[str, Any] | None]:
+    """The whole ``load`` stage at once (no overlap): ``(hu (P, Z, Y, X), phase geometries, reference
+    geometries by kind, the QA report's reference volume or None)``."""
+    reader = open_phases(m, data_dir, stages)
+    with stages.stage("load"):
+        for p in range(reader.n_phases):
+            read_phase(reader, p)
+        references, ref_volume = read_references(study_key, data_dir, m, reader.geoms[0])
+    log.info("study %s: volume %s, spacing %s mm", study_key, reader.hu.shape, reader.geoms[0].spacing)
+    return reader.hu, reader.geoms, references, ref_volume
 
 
 def add_cycle_qa(qa: dict[str, Any], m: Manifest) -> None:

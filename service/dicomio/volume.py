@@ -31,13 +31,7 @@ def read_geometry(files: Sequence[str | Path]) -> Geometry:
     heads = scan_series(names)
     if heads is not None:
         return plan_series(heads, names)[0]
-    datasets = []
-    for f in names:
-        try:
-            datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise VolumeError(f"{f}: not a readable DICOM file: {exc}") from exc
-    return plan_series(datasets, names)[0]
+    return _plan_pydicom(names)[0]
 
 
 def _pixel_array(ds: Dataset, where: str) -> np.ndarray:
@@ -152,32 +146,82 @@ def read_phases(
     ``source`` is a list of file lists (one per phase, in phase order) or a study manifest, whose relative
     file paths are resolved against ``data_dir``. The output dtype follows phase 0 (see :func:`read_series`).
     Native 16-bit classic CT is read by ``workers`` threads (default :func:`default_workers`) without
-    pydicom; other series are decoded by pydicom.
+    pydicom; other series are decoded by pydicom. :class:`PhaseReader` reads the same one phase at a time.
     """
-    lists = [[str(f) for f in files] for files in _file_lists(source, data_dir)]
-    if not lists:
-        raise VolumeError("no phases to read")
-    heads = [scan_series(names) for names in lists]
-    plans = [plan_series(h, names) if h is not None else None for h, names in zip(heads, lists, strict=True)]
-    if any(plan is None for plan in plans):
-        return _read_phases_pydicom(lists, dtype)
-    g0, slices0 = plans[0]  # type: ignore[misc]
-    out_dtype = _out_dtype(slices0, dtype)
-    for p, plan in enumerate(plans[1:], start=1):
-        assert plan is not None
-        _check_same_grid(p, plan[0], g0)
-    out = np.empty((len(lists), *g0.shape), dtype=out_dtype)
-    jobs: list[Callable[[], None]] = []
-    for p, (plan, names, hdrs) in enumerate(zip(plans, lists, heads, strict=True)):
-        assert plan is not None and hdrs is not None
-        geom, slices = plan
-        for k, s in enumerate(slices):
-            f = s.file_index
-            jobs.append(functools.partial(read_native, names[f], hdrs[f], s, geom, out[p, k]))
-    _run_parallel(jobs, workers)
-    geoms = [plan[0] for plan in plans if plan is not None]
-    log.debug("read %d phase(s) of %s voxels, spacing %s", len(geoms), g0.shape, g0.spacing)
-    return out, geoms
+    reader = PhaseReader(source, data_dir, dtype, workers=workers)
+    for p in range(reader.n_phases):
+        reader.read(p)
+    log.debug("read %d phase(s) of %s voxels, spacing %s", reader.n_phases, reader.geoms[0].shape,
+              reader.geoms[0].spacing)
+    return reader.hu, reader.geoms
+
+
+class PhaseReader:
+    """The phases of a study read one at a time into their slot of one preallocated (P, Z, Y, X) array.
+
+    Building it scans every header, checks that all phases share one grid (:class:`VolumeError` otherwise)
+    and allocates :attr:`hu`; :meth:`read` then fills one phase, so that a caller can work on phase k while
+    phase k+1 is read. Arguments as :func:`read_phases`.
+    """
+
+    def __init__(self, source: Sequence[Sequence[str | Path]] | Any, data_dir: str | Path | None = None,
+                 dtype: type | None = None, *, workers: int | None = None) -> None:
+        self.lists = [[str(f) for f in files] for files in _file_lists(source, data_dir)]
+        if not self.lists:
+            raise VolumeError("no phases to read")
+        self.workers = workers
+        heads = [scan_series(names) for names in self.lists]
+        self.native = all(h is not None for h in heads)
+        self._plans: list[tuple[Geometry, list[SliceRef]]] = []
+        self._heads = heads
+        if self.native:
+            self._plans = [plan_series(h, names) for h, names in zip(heads, self.lists, strict=True)
+                           if h is not None]
+            self.geoms = [plan[0] for plan in self._plans]
+            out_dtype = _out_dtype(self._plans[0][1], dtype)
+        else:  # headers by pydicom; the first phase sets the dtype for all (as the native reader does)
+            self.geoms = []
+            out_dtype = np.dtype(np.float32)
+            for p, names in enumerate(self.lists):
+                geom, slices = _plan_pydicom(names)
+                self.geoms.append(geom)
+                if p == 0:
+                    out_dtype = _out_dtype(slices, dtype)
+        g0 = self.geoms[0]
+        for p, g in enumerate(self.geoms[1:], start=1):
+            _check_same_grid(p, g, g0)
+        self.hu = np.empty((len(self.lists), *g0.shape), dtype=out_dtype)
+
+    @property
+    def n_phases(self) -> int:
+        return len(self.lists)
+
+    def read(self, p: int) -> np.ndarray:
+        """Read phase ``p`` into ``hu[p]`` and return that view."""
+        names = self.lists[p]
+        if not self.native:
+            _read_series_pydicom(names, self.hu.dtype.type, out=self.hu[p])
+            return self.hu[p]
+        geom, slices = self._plans[p]
+        hdrs = self._heads[p]
+        assert hdrs is not None
+        jobs: list[Callable[[], None]] = [
+            functools.partial(read_native, names[s.file_index], hdrs[s.file_index], s, geom, self.hu[p, k])
+            for k, s in enumerate(slices)
+        ]
+        _run_parallel(jobs, self.workers)
+        return self.hu[p]
+
+
+def _plan_pydicom(names: Sequence[str]) -> tuple[Geometry, list[SliceRef]]:
+    datasets = []
+    for f in names:
+        try:
+            datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise VolumeError(f"{f}: not a readable DICOM file: {exc}") from exc
+    geom, slices = plan_series(datasets, names)
+    return geom, list(slices)
 
 
 def _check_same_grid(p: int, g: Geometry, g0: Geometry) -> None:

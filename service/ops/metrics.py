@@ -37,8 +37,11 @@ from service.store.state import STATES, StudyState
 
 log = logging.getLogger(__name__)
 
+#: results.timings keys observed; load, segmenter, phase_cpu (and inference, their sum) overlap in time: busy
+#: seconds; overlap_wall is that section's wall time, segmenter_idle the segmenter's (GPU's) wait in it
 STAGES = (
     "receive", "quiet", "model", "load", "inference", "filter", "rtstruct", "outbox", "report", "export",
+    "segmenter", "phase_cpu", "overlap_wall", "segmenter_idle", "processing",
 )
 _BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
 
@@ -194,7 +197,8 @@ class NodeCollector(Collector):
         )
 
         h = HistogramMetricFamily(
-            "itvnode_stage_duration_seconds", "Wall time per pipeline stage, per study", labels=["stage"]
+            "itvnode_stage_duration_seconds",
+            "Seconds per pipeline stage, per study (busy time for the stages that overlap)", labels=["stage"]
         )
         for stage, values in stage_obs.items():
             buckets = [(str(b), sum(1 for v in values if v <= b)) for b in _BUCKETS]

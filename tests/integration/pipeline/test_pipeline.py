@@ -49,7 +49,9 @@ def test_no_destination_keeps_result_done_with_skipped_reason(assembled: tuple[P
     assert set(m.results["skipped"]) == {"Lung_L", "Lung_R", "Heart", "GTVp", "ITV"}
     assert all(v.startswith("SAM 3 unavailable") for v in m.results["skipped"].values())
     assert [h.state for h in m.history][-2:] == ["processing", "done"]
-    assert set(m.results["timings"]) >= {"model", "load", "inference", "filter", "rtstruct", "outbox"}
+    assert set(m.results["timings"]) >= {"model", "load", "inference", "filter", "rtstruct", "outbox",
+                                         "segmenter", "phase_cpu", "overlap_wall", "segmenter_idle",
+                                         "processing"}
     (rs,) = out.files
     assert rs.parent == results_dir(data_dir, key) and rs.is_file()
     ds = pydicom.dcmread(rs)
