@@ -17,17 +17,11 @@ from service.store.ingest_errors import IngestError, UndecodableDataset
 from service.store.instance_meta import CT_IMAGE_STORAGE, InstanceMeta, instance_meta
 
 
-def parse_header(encoded: bytes) -> Dataset:
-    """Decode everything but the pixel data of a Part 10 byte string (``event.encoded_dataset()``).
-
-    pydicom stops silently at a truncated element, so completeness is checked separately: the header must
-    end at a Pixel Data element whose value fits in what was received.
-    """
-    return _parse_header(encoded)[0]
-
-
 def _parse_header(encoded: bytes) -> tuple[Dataset, int | None]:
-    """:func:`parse_header` plus the native Pixel Data length (None: encapsulated, or not known)."""
+    """Everything but the pixel data of a Part 10 byte string (``event.encoded_dataset()``), and the native
+    Pixel Data length (None: encapsulated, or not known). pydicom stops silently at a truncated element, so
+    completeness is checked separately: the header must end at a Pixel Data element whose value fits in what
+    was received."""
     fp = BytesIO(encoded)
     try:
         ds = dcmread(fp, stop_before_pixels=True)
@@ -141,7 +135,7 @@ def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str, int | None] | Non
     """Header fields of a classic CT instance in Explicit/Implicit VR Little Endian, or None.
 
     Scans element headers with ``struct`` instead of building a pydicom Dataset (the largest per-instance
-    CPU cost of ingest), checks that Pixel Data is complete like :func:`parse_header`, and gives up (None)
+    CPU cost of ingest), checks that Pixel Data is complete like :func:`_parse_header`, and gives up (None)
     on anything unusual: other transfer syntaxes or SOP classes, unexpected VRs, character sets other
     than ASCII / Latin-1 / UTF-8, out-of-order tags, malformed values.
     """

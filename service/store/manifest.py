@@ -249,6 +249,3 @@ def iter_manifest_dicts(data_dir: Path) -> Iterator[dict[str, Any]]:
         if isinstance(data, dict):
             yield data
 
-
-def manifest_dict(m: Manifest) -> dict[str, Any]:
-    return json.loads(m.to_json())  # type: ignore[no-any-return]
