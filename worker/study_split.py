@@ -41,7 +41,7 @@ from worker.phase_masks import PhaseMaskStore, masks_key, remove_phase_masks
 from worker.pipeline import Run, compute_and_hand_out, record_failure
 from worker.segmentation import Inputs, StudyOutcome, record_busy, rtstruct_algorithm, run_engine
 from worker.stages import Stages
-from worker.study_inputs import open_phases, open_study, read_phase, read_references
+from worker.study_inputs import change_manifest, open_phases, open_study, read_phase, read_references
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,12 @@ def finish_study(study_key: str, data_dir: Path, config: EngineConfig,
         log.info("study %s: finishing task of run %s is superseded (%s): nothing to do", study_key, run_id,
                  m.state)
         return StudyOutcome(study_key, m.state, SUPERSEDED)
+    done = [{k: g.get(k) for k in ("phases", "computed", "wall", "worker", "skipped")} for g in groups]
+
+    def record_groups(mm: Manifest) -> None:  # which worker did what: the dashboard and status show it
+        mm.results["split"] = {**(mm.results.get("split") or {}), "done": done}
+
+    change_manifest(path, record_groups)
     stages = Stages(study_key)
     stages.timings.update({k: v for k, v in (m.results.get("timings") or {}).items()
                            if k in ("receive", "quiet", "dispatch")})
