@@ -149,27 +149,34 @@ def finish_study(study_key: str, data_dir: Path, config: EngineConfig,
     run = Run(data_dir, study_key, path, handled, outbox, destinations, task_id, enqueue_export, uid_prefix,
               retry)
 
+    computed_here: list[int] = []
+
     def engine(key: str, dd: Path, mm: Manifest, cfg: EngineConfig, seg: LoadedSegmenter, st: Stages,
                prefix: str | None) -> StudyOutcome:
         return run_engine(key, dd, mm, cfg, seg, st, prefix,
-                          inputs=lambda *a: _from_phase_files(*a, groups=groups))
+                          inputs=lambda *a: _from_phase_files(*a, groups=groups, missing=computed_here))
 
     outcome = compute_and_hand_out(run, m, stages, config, segmenter, engine=engine)
+
+    def record_here(mm: Manifest) -> None:
+        mm.results["split"] = {**(mm.results.get("split") or {}), "computed_here": computed_here}
+
+    change_manifest(path, record_here)
     remove_phase_masks(data_dir, study_key)
     return outcome
 
 
 def _from_phase_files(study_key: str, data_dir: Path, m: Manifest, config: EngineConfig,
                       segmenter: LoadedSegmenter, stages: Stages, *,
-                      groups: Sequence[dict[str, Any]]) -> Inputs:
-    """Every phase read; its masks from its file, or segmented here when the file is missing; then the
-    cross-phase post-processing. Timings: the groups' busy times summed with this task's own."""
+                      groups: Sequence[dict[str, Any]], missing: list[int]) -> Inputs:
+    """Every phase read; its masks from its file, or segmented here when the file is missing (those phases
+    are appended to ``missing``); then the cross-phase post-processing. Timings: the groups' busy times summed
+    with this task's own."""
     reader = open_phases(m, data_dir, stages)
     geoms = reader.geoms
     store = mask_store(data_dir, m, geoms, config, segmenter)
     seg = _phase_segmentation(study_key, reader.hu.shape, geoms[0].spacing, config, segmenter)
     names = sorted(seg.masks)
-    missing: list[int] = []
     t0 = time.perf_counter()
     with stages.stage("load"):
         for p in range(reader.n_phases):
@@ -200,6 +207,4 @@ def _from_phase_files(study_key: str, data_dir: Path, m: Manifest, config: Engin
             if k in busy:
                 busy[k] += float(v)
     record_busy(stages, busy, max([*walls, 0.0]) + (time.perf_counter() - t0))
-    stages.timings["phase_groups"] = len(groups)
-    stages.timings["computed_here"] = len(missing)
     return result, reader.hu, geoms, references, ref_volume

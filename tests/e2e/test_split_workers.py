@@ -100,8 +100,7 @@ def test_two_workers_split_a_study_into_the_same_rtstruct(
         assert split["groups"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], broker
         assert sorted(g["phases"] == g["computed"] for g in split["done"]) == [True, True], split
         assert len({g["worker"] for g in split["done"]}) == 2, split  # one group on each worker
-        assert m2["results"]["timings"]["phase_groups"] == 2
-        assert m2["results"]["timings"]["computed_here"] == 0
+        assert split["computed_here"] == []
         _same_rtstruct(e2e_phantom, one, two)
 
 

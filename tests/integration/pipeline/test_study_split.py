@@ -110,7 +110,7 @@ def test_split_equals_unsplit_in_any_order_and_redelivery_is_free(
     assert out.state == "done"
     assert _results(data_dir, key) == expected  # byte-identical RTSTRUCT
     m = load_manifest(manifest_path(data_dir, key))
-    assert m.results["timings"]["phase_groups"] == 2 and m.results["timings"]["computed_here"] == 0
+    assert len(m.results["split"]["done"]) == 2 and m.results["split"]["computed_here"] == []
     assert m.results["timings"]["segmenter"] == pytest.approx(sum(r["busy"]["segmenter"] for r in records),
                                                               abs=1e-3)
     assert "finish-1" in m.results["task_ids"]
@@ -133,4 +133,4 @@ def test_finish_computes_lost_groups_and_damaged_files(
     out = finish_study(key, data_dir, config, tiny, [], run, records)
     assert out.state == "done"
     assert _results(data_dir, key) == expected
-    assert load_manifest(manifest_path(data_dir, key)).results["timings"]["computed_here"] == 2
+    assert load_manifest(manifest_path(data_dir, key)).results["split"]["computed_here"] == [1, 3]
