@@ -264,7 +264,7 @@ def record_failure(path: Path, study_key: str, stages: Stages, exc: BaseExceptio
     transient failure with a retry policy, ``queued`` with backoff (``failed`` at the limit)."""
     reason = f"{stages.current or 'setup'}: {type(exc).__name__}: {exc}"
     if isinstance(exc, PipelineError | ValueError):
-        reason = f"{stages.current}: {exc}"
+        reason = f"{stages.current or 'setup'}: {exc}"
     transient = retry is not None and is_transient(exc, stages.current)
 
     def failed(mm: Manifest) -> None:

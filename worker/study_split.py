@@ -38,9 +38,9 @@ from service.store.state import StudyState
 from worker.delivery import EnqueueExport
 from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.phase_masks import PhaseMaskStore, masks_key, remove_phase_masks
-from worker.pipeline import Run, compute_and_hand_out, record_failure
+from worker.pipeline import MAX_INTERRUPTED, Run, compute_and_hand_out, record_failure
 from worker.segmentation import Inputs, StudyOutcome, record_busy, rtstruct_algorithm, run_engine
-from worker.stages import Stages
+from worker.stages import PipelineError, Stages
 from worker.study_inputs import change_manifest, open_phases, open_study, read_phase, read_references
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ def segment_group(study_key: str, data_dir: Path, config: EngineConfig,
                  list(phases), run_id, m.state)
         return {**record, "skipped": SUPERSEDED}
     stages = Stages(study_key)
+    if (started := count_start(path, run_id, f"phases {phases[0]}-{phases[-1]}")) > MAX_INTERRUPTED:
+        reason = (f"phase group {list(phases)} was started {started} times without finishing (the "
+                  "worker process died: out of memory?); not retried automatically")
+        record_failure(path, study_key, stages, PipelineError(reason), None)
+        return {**record, "skipped": reason}
     try:
         with stages.stage("model"):
             loaded = segmenter()
@@ -99,6 +104,24 @@ def segment_group(study_key: str, data_dir: Path, config: EngineConfig,
     log.info("study %s: phase group %s done in %.1f s (%d computed, %d found done)", study_key, list(phases),
              record["wall"], len(todo), len(phases) - len(todo))
     return record
+
+
+def count_start(path: Path, run_id: str, task: str) -> int:
+    """Count one more start of ``task`` of the split run ``run_id`` (``results.split.starts``); how many so
+    far. A task whose process dies is re-delivered (acks_late): this bounds the loop, as
+    ``worker.pipeline.MAX_INTERRUPTED`` does for an unsplit study."""
+    n = [0]
+
+    def count(mm: Manifest) -> None:
+        if current_run(mm) != run_id:
+            return
+        split = dict(mm.results.get("split") or {})
+        starts = dict(split.get("starts") or {})
+        n[0] = starts[task] = int(starts.get(task, 0)) + 1
+        mm.results["split"] = {**split, "starts": starts}
+
+    change_manifest(path, count)
+    return n[0]
 
 
 def _phase_segmentation(study_key: str, shape: Any, spacing: Any, config: EngineConfig,
@@ -135,6 +158,11 @@ def finish_study(study_key: str, data_dir: Path, config: EngineConfig,
         log.info("study %s: finishing task of run %s is superseded (%s): nothing to do", study_key, run_id,
                  m.state)
         return StudyOutcome(study_key, m.state, SUPERSEDED)
+    if (started := count_start(path, run_id, "finish")) > MAX_INTERRUPTED:
+        reason = (f"the finishing task was started {started} times without finishing (the worker process "
+                  "died: out of memory?); not retried automatically")
+        record_failure(path, study_key, Stages(study_key), PipelineError(reason), None)
+        raise PipelineError(reason)
     done = [{k: g.get(k) for k in ("phases", "computed", "wall", "worker", "skipped")} for g in groups]
 
     def record_groups(mm: Manifest) -> None:  # which worker did what: the dashboard and status show it
@@ -151,17 +179,19 @@ def finish_study(study_key: str, data_dir: Path, config: EngineConfig,
 
     computed_here: list[int] = []
 
-    def engine(key: str, dd: Path, mm: Manifest, cfg: EngineConfig, seg: LoadedSegmenter, st: Stages,
-               prefix: str | None) -> StudyOutcome:
-        return run_engine(key, dd, mm, cfg, seg, st, prefix,
-                          inputs=lambda *a: _from_phase_files(*a, groups=groups, missing=computed_here))
-
-    outcome = compute_and_hand_out(run, m, stages, config, segmenter, engine=engine)
-
     def record_here(mm: Manifest) -> None:
         mm.results["split"] = {**(mm.results.get("split") or {}), "computed_here": computed_here}
 
-    change_manifest(path, record_here)
+    def inputs(*args: Any) -> Inputs:
+        out = _from_phase_files(*args, groups=groups, missing=computed_here)
+        change_manifest(path, record_here)  # before the result is handed out (and the study may be done)
+        return out
+
+    def engine(key: str, dd: Path, mm: Manifest, cfg: EngineConfig, seg: LoadedSegmenter, st: Stages,
+               prefix: str | None) -> StudyOutcome:
+        return run_engine(key, dd, mm, cfg, seg, st, prefix, inputs=inputs)
+
+    outcome = compute_and_hand_out(run, m, stages, config, segmenter, engine=engine)
     remove_phase_masks(data_dir, study_key)
     return outcome
 

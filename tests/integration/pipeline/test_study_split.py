@@ -134,3 +134,22 @@ def test_finish_computes_lost_groups_and_damaged_files(
     assert out.state == "done"
     assert _results(data_dir, key) == expected
     assert load_manifest(manifest_path(data_dir, key)).results["split"]["computed_here"] == [1, 3]
+
+
+def test_a_group_that_keeps_dying_fails_the_study_instead_of_looping(
+        unsplit: tuple[Path, str, dict[str, bytes]], tiny: LoadedSegmenter) -> None:
+    """A re-delivered task (its process died, acks_late) starts again; after MAX_INTERRUPTED starts of one
+    group in one run the study is failed with the reason, as an unsplit study is."""
+    from worker.pipeline import MAX_INTERRUPTED
+
+    data_dir, key, _ = unsplit
+    config = _config()
+    run, groups = _start_split(data_dir, key, config, tiny, 2)
+    for _ in range(MAX_INTERRUPTED):
+        assert "skipped" not in segment_group(key, data_dir, config, lambda: tiny, run, groups[0])
+    last = segment_group(key, data_dir, config, lambda: tiny, run, groups[0])
+    assert "started 4 times" in last["skipped"]
+    m = load_manifest(manifest_path(data_dir, key))
+    assert m.state == "failed" and "phase group [0, 1] was started 4 times" in (m.reason or "")
+    assert m.results["split"]["starts"] == {"phases 0-1": 4}
+    assert segment_group(key, data_dir, config, lambda: tiny, run, groups[1])["skipped"] == SUPERSEDED
