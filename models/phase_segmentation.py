@@ -181,6 +181,25 @@ class PhaseSegmentation:
                     self.masks[spec.name][p] = m
         self._add("phase_cpu", time.perf_counter() - t0)
 
+    def phase_masks(self, p: int) -> dict[str, np.ndarray]:
+        """Every settled mask of phase ``p``: views into the study's arrays."""
+        return {name: m[p] for name, m in self.masks.items()}
+
+    def skipped_slices(self, p: int) -> int:
+        """Slices of phase ``p`` that SAM 3 did not see (:func:`prompt_slices`)."""
+        return self._skipped_per_phase[p]
+
+    def put_phase(self, p: int, masks: dict[str, np.ndarray], skipped_slices: int = 0) -> None:
+        """Phase ``p`` segmented and settled elsewhere (another worker of a split study): its masks, as
+        :meth:`phase_masks` gave them there, in their place."""
+        if set(masks) != set(self.masks):
+            raise ValueError(f"phase {p}: masks {sorted(masks)} are not the study's {sorted(self.masks)}")
+        for name, m in masks.items():
+            if m.shape != self.shape[1:]:
+                raise ValueError(f"phase {p}: mask {name} has shape {m.shape}, expected {self.shape[1:]}")
+            self.masks[name][p] = m
+        self._skipped_per_phase[p] = int(skipped_slices)
+
     def finish(self, hu: np.ndarray, temporal: TemporalParams | None = None, *, keep_raw: bool = False,
                workers: int = 2, qa_params: QAParams | None = None,
                phase_percents: Sequence[float] | None = None) -> EngineResult:

@@ -153,6 +153,9 @@ class QueueSettings(BaseModel):
     # reason; each waits reconcile_backoff s, doubled per earlier retry
     reconcile_max_attempts: int = Field(2, ge=0)
     reconcile_backoff: float = Field(60.0, ge=0)  # seconds before a re-queue, doubled per earlier re-queue
+    # split each study into this many phase groups segmented by separate inference tasks (a Celery chord,
+    # worker.study_split); set it to the number of GPU workers. 1: one task segments the whole study.
+    phase_groups: int = Field(1, ge=1, le=32)
 
 
 class EngineSettings(BaseModel):

@@ -59,12 +59,13 @@ def create_app(
     main: str = "itvnode",
     broker_transport_options: dict[str, Any] | None = None,
     time_limit_grace: float | None = None,
+    phase_groups: int = 1,
 ) -> Celery:
     """A configured app. ``include``: task modules imported by the worker (default: ``worker.tasks``)."""
     conf = _app_config(
         broker_url, data_dir, result_backend=result_backend,
         inference_soft_time_limit=inference_soft_time_limit, export_soft_time_limit=export_soft_time_limit,
-        broker_transport_options=broker_transport_options,
+        broker_transport_options=broker_transport_options, phase_groups=phase_groups,
         **({} if time_limit_grace is None else {"time_limit_grace": time_limit_grace}),
     )
     app = Celery(main, include=_available(TASK_MODULES) if include is None else include)
@@ -84,7 +85,7 @@ def app_from_settings(settings: Settings, *, include: list[str] | None = None) -
         settings.broker_url, settings.data_dir, result_backend=settings.result_backend,
         inference_soft_time_limit=settings.inference_soft_time_limit,
         export_soft_time_limit=settings.export_soft_time_limit, include=include,
-        time_limit_grace=settings.time_limit_grace,
+        time_limit_grace=settings.time_limit_grace, phase_groups=settings.phase_groups,
     )
 
 
@@ -111,7 +112,7 @@ def _settings_config() -> dict[str, Any]:
     return _app_config(s.broker_url, s.data_dir, result_backend=s.result_backend,
                        inference_soft_time_limit=s.inference_soft_time_limit,
                        export_soft_time_limit=s.export_soft_time_limit,
-                       time_limit_grace=s.time_limit_grace)
+                       time_limit_grace=s.time_limit_grace, phase_groups=s.phase_groups)
 
 
 #: The node's app. Its configuration is read from settings lazily (on first use, not at import), so importing

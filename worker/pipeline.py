@@ -32,6 +32,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,14 @@ from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.report_output import write_report
 from worker.result_files import outcome_uids, results_dir
 from worker.segmentation import StudyOutcome, algorithm_record, model_record, run_engine
+from worker.split_plan import Split
 from worker.stages import PipelineError, Stages, is_transient
 from worker.study_inputs import change_manifest, not_runnable, open_study
 
 log = logging.getLogger(__name__)
+
+#: what computes a study's result (worker.segmentation.run_engine's signature)
+Engine = Callable[[str, Path, Manifest, EngineConfig, LoadedSegmenter, Stages, "str | None"], StudyOutcome]
 
 # Attempts that died mid-processing (pool process killed: OOM, segfault) before a study is failed instead of
 # being re-delivered forever (acks_late + reject_on_worker_lost re-queue the message of a lost worker).
@@ -75,6 +80,7 @@ def process_study(
     uid_prefix: str | None = None,
     worker_info: dict[str, Any] | None = None,
     retry: ReconcilePolicy | None = None,
+    split: Split | None = None,
 ) -> StudyOutcome:
     """Segment the study ``study_key`` under ``data_dir`` and hand its RTSTRUCT(s) to the outbox.
 
@@ -83,7 +89,9 @@ def process_study(
     skipped with its ``unavailable_reason``). ``destinations``: where the export sends the result (none: the
     result is kept with the study and the study is ``done`` with a note). ``enqueue_export(item_id)`` queues
     the delivery; None leaves that to the outbox sweep. Failures are recorded in the manifest (state
-    ``failed`` with the stage and reason) and re-raised.
+    ``failed`` with the stage and reason) and re-raised. ``split``: when it splits this study
+    (worker.study_split), the phase groups are dispatched and the study stays ``processing`` until the
+    finishing task (:func:`compute_and_hand_out` with the split's engine) ends it.
     """
     data_dir = Path(data_dir)
     path, m = open_study(data_dir, study_key)
@@ -131,6 +139,8 @@ def process_study(
     stages = Stages(study_key)
     stages.timings.update(_receive_timings(data_dir, m))
 
+    groups = split.groups(len(m.phases)) if split is not None and task_id else None
+
     def start(mm: Manifest) -> None:
         set_state(mm, StudyState.PROCESSING, None)
         mm.task_id = task_id
@@ -141,34 +151,59 @@ def process_study(
             "started_at": time.time(),
             "versions": list(mm.results.get("versions") or []),  # every result this study has had
         }
+        if groups is not None:  # the chord's tasks act only while this run is the study's current one
+            mm.results["split"] = {"run": task_id, "groups": groups}
 
     change_manifest(path, start)
     log.info("study %s: processing (task %s, %d phases)", study_key, task_id, len(m.phases))
+    if split is not None and groups is not None:
+        try:
+            with stages.stage("dispatch"):
+                split.dispatch(study_key, str(task_id), groups)
+        except BaseException as exc:
+            record_failure(path, study_key, stages, exc, retry)
+            raise
+        log.info("study %s: split into %d phase groups %s (chord run %s)", study_key, len(groups), groups,
+                 task_id)
+        return StudyOutcome(study_key, StudyState.PROCESSING, f"split into {len(groups)} phase groups")
+    run = Run(data_dir, study_key, path, handled, outbox, destinations, task_id, enqueue_export, uid_prefix,
+              retry)
+    return compute_and_hand_out(run, m, stages, config, segmenter)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One computation of a study, from ``processing`` to its result handed out."""
+
+    data_dir: Path
+    study_key: str
+    path: Path  # the manifest
+    handled: list[str]  # task ids that already finished this study
+    outbox: Outbox
+    destinations: Sequence[Destination]
+    task_id: str | None
+    enqueue_export: EnqueueExport | None
+    uid_prefix: str | None
+    retry: ReconcilePolicy | None
+
+
+def compute_and_hand_out(run: Run, m: Manifest, stages: Stages, config: EngineConfig,
+                         segmenter: LoadedSegmenter | Callable[[], LoadedSegmenter], *,
+                         engine: Engine | None = None) -> StudyOutcome:
+    """The study (already ``processing``) computed by ``engine`` (default :func:`run_engine`; a split
+    study's finishing task passes its own), its result handed to the outbox, the manifest finished, the
+    exports queued and the QA report rendered. Failures are recorded (``failed``, or ``queued`` for a retry)
+    and re-raised."""
+    path, task_id, handled = run.path, run.task_id, run.handled
+    data_dir, study_key = run.data_dir, run.study_key
     try:
         with stages.stage("model"):
             segmenter = segmenter() if callable(segmenter) else segmenter
-        outcome = run_engine(study_key, data_dir, m, config, segmenter, stages, uid_prefix)
+        outcome = (engine or run_engine)(study_key, data_dir, m, config, segmenter, stages, run.uid_prefix)
         with stages.stage("outbox"):
-            item_ids = to_outbox(outbox, outcome.files, destinations, study_key)
+            item_ids = to_outbox(run.outbox, outcome.files, run.destinations, study_key)
     except BaseException as exc:  # SoftTimeLimitExceeded is a BaseException in some Celery versions
-        reason = f"{stages.current or 'setup'}: {type(exc).__name__}: {exc}"
-        if isinstance(exc, PipelineError | ValueError):
-            reason = f"{stages.current}: {exc}"
-
-        transient = retry is not None and is_transient(exc, stages.current)
-
-        def failed(mm: Manifest) -> None:
-            if transient and retry is not None and mm.state == StudyState.PROCESSING:
-                schedule_retry(mm, reason, retry, time.time())  # queued with backoff, or failed at the limit
-            else:
-                set_state(mm, StudyState.FAILED, reason[:2000])
-            mm.results["timings"] = dict(stages.timings)
-
-        try:
-            change_manifest(path, failed)
-        except Exception:  # never hide the original error behind a manifest problem
-            log.exception("study %s: could not record the failure", study_key)
-        log.error("study %s FAILED at %s: %s", study_key, stages.current, reason)
+        record_failure(path, study_key, stages, exc, run.retry)
         raise
 
     outcome.item_ids = item_ids
@@ -211,16 +246,39 @@ def process_study(
 
     change_manifest(path, finished)
     outcome.state, outcome.reason = state, note
-    enqueue_exports(study_key, item_ids, enqueue_export)
+    enqueue_exports(study_key, item_ids, run.enqueue_export)
     # the QA report after the RTSTRUCT is on its way: rendering never delays it, and a failure is logged only
     report, outcome.report = outcome.report, None
     outcome.report_files = write_report(
-        study_key, data_dir, report, config, destinations=destinations, outbox=outbox,
-        enqueue_export=enqueue_export, uid_prefix=uid_prefix,
+        study_key, data_dir, report, config, destinations=run.destinations, outbox=run.outbox,
+        enqueue_export=run.enqueue_export, uid_prefix=run.uid_prefix,
     )
-    if outcome.report_files and destinations:  # the report's own item, after the RTSTRUCT's
+    if outcome.report_files and run.destinations:  # the report's own item, after the RTSTRUCT's
         outcome.item_ids = list(load_manifest(path).results.get("items") or item_ids)
     return outcome
+
+
+def record_failure(path: Path, study_key: str, stages: Stages, exc: BaseException,
+                   retry: ReconcilePolicy | None) -> None:
+    """``exc`` ended the study's computation at ``stages.current``: ``failed`` with the reason, or, for a
+    transient failure with a retry policy, ``queued`` with backoff (``failed`` at the limit)."""
+    reason = f"{stages.current or 'setup'}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, PipelineError | ValueError):
+        reason = f"{stages.current or 'setup'}: {exc}"
+    transient = retry is not None and is_transient(exc, stages.current)
+
+    def failed(mm: Manifest) -> None:
+        if transient and retry is not None and mm.state == StudyState.PROCESSING:
+            schedule_retry(mm, reason, retry, time.time())  # queued with backoff, or failed at the limit
+        else:
+            set_state(mm, StudyState.FAILED, reason[:2000])
+        mm.results["timings"] = dict(stages.timings)
+
+    try:
+        change_manifest(path, failed)
+    except Exception:  # never hide the original error behind a manifest problem
+        log.exception("study %s: could not record the failure", study_key)
+    log.error("study %s FAILED at %s: %s", study_key, stages.current, reason)
 
 
 def interrupted_attempts(m: Manifest) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +50,14 @@ def run_engine(
     uid_prefix: str | None,
     *,
     overlap: bool = True,
+    inputs: Callable[..., Inputs] | None = None,
 ) -> StudyOutcome:
     """Read the phases and run the engine on them, overlapped per phase (:func:`segment_overlapped`), take
     the QA report's slices and write the result files; the outcome is still ``processing`` (the caller hands
-    it to the outbox). ``overlap=False``: read everything, then segment (the reference the overlap equals)."""
+    it to the outbox). ``overlap=False``: read everything, then segment (the reference the overlap equals).
+    ``inputs``: what reads and segments instead (a split study's finishing task: worker.study_split)."""
     t0 = time.perf_counter()
-    run = segment_overlapped if overlap else segment_sequential
+    run = inputs or (segment_overlapped if overlap else segment_sequential)
     result, hu, geoms, references, ref_volume = run(study_key, data_dir, m, config, segmenter, stages)
     add_cycle_qa(result.qa, m)
     skipped = dict(result.skipped)

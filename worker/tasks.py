@@ -32,7 +32,14 @@ from celery import shared_task
 from celery.signals import worker_init, worker_process_init, worker_ready
 
 import worker.export_task  # noqa: F401 - registers itvnode.export_item on the app that includes this module
-from service.intake.queue import QUEUE_EXPORT, QUEUE_INFERENCE, TASK_EXPORT, TASK_SEGMENT
+from service.intake.queue import (
+    QUEUE_EXPORT,
+    QUEUE_INFERENCE,
+    TASK_EXPORT,
+    TASK_FINISH_STUDY,
+    TASK_SEGMENT,
+    TASK_SEGMENT_PHASES,
+)
 from service.store.state import StudyState
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     from service.store.outbox import RetryPolicy
     from worker.engine_settings import engine_config, get_segmenter
     from worker.pipeline import process_study
+    from worker.split_plan import Split
     from worker.stages import PipelineError
 
     settings = _settings()
@@ -74,6 +82,7 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
                 study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), settings.destinations,
                 enqueue_export=enqueue_export, retry_policy=RetryPolicy.from_settings(settings),
                 task_id=task_id, worker_info=worker_info, retry=ReconcilePolicy.from_settings(settings),
+                split=Split(settings.phase_groups, lambda *a: send_chord(self.app, *a)),
             )
     except PipelineError as exc:
         # deterministic (bad input): recorded in the manifest; retrying cannot help
@@ -81,6 +90,67 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
         return {"study_key": study_key, "state": StudyState.FAILED, "reason": str(exc)}
     return {"study_key": study_key, "state": outcome.state, "items": outcome.item_ids,
             "skipped": outcome.skipped, "timings": outcome.timings}
+
+
+def send_chord(app: Any, study_key: str, run_id: str, groups: list[list[int]]) -> None:
+    """A split study's chord: ``itvnode.segment_phases`` per group, then ``itvnode.finish_study`` with their
+    records (worker.study_split)."""
+    from celery import chord
+
+    header = [app.signature(TASK_SEGMENT_PHASES, args=[study_key, run_id, g], queue=QUEUE_INFERENCE,
+                            serializer="json") for g in groups]
+    body = app.signature(TASK_FINISH_STUDY, args=[study_key, run_id], queue=QUEUE_INFERENCE,
+                         serializer="json")
+    chord(header)(body)
+
+
+@shared_task(name=TASK_SEGMENT_PHASES, bind=True, acks_late=True, reject_on_worker_lost=True,
+             ignore_result=False)
+def segment_phases(self: Any, study_key: str, run_id: str, phases: list[int]) -> dict[str, Any]:
+    """``itvnode.segment_phases(study_key, run_id, phases)``: one phase group of a split study."""
+    from service.ops.reconcile import Heartbeat, ReconcilePolicy
+    from worker.engine_settings import engine_config, get_segmenter
+    from worker.study_split import segment_group
+
+    settings = _settings()
+    cfg = engine_config(settings)
+    log.info("task %s: study %s phases %s (run %s)", self.request.id, study_key, phases, run_id)
+    with Heartbeat(settings.data_dir, study_key, settings.heartbeat_interval):
+        record = segment_group(study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), run_id, phases,
+                               retry=ReconcilePolicy.from_settings(settings))
+    return {**record, "worker": self.request.hostname or "", "task_id": self.request.id}
+
+
+@shared_task(name=TASK_FINISH_STUDY, bind=True, acks_late=True, reject_on_worker_lost=True,
+             ignore_result=True)
+def finish_study(self: Any, groups: list[dict[str, Any]], study_key: str, run_id: str) -> dict[str, Any]:
+    """``itvnode.finish_study(group records, study_key, run_id)``: the chord body of a split study."""
+    from service.ops.reconcile import Heartbeat, ReconcilePolicy
+    from service.store.outbox import RetryPolicy
+    from worker.engine_settings import engine_config, get_segmenter
+    from worker.stages import PipelineError
+    from worker.study_split import finish_study as finish
+
+    settings = _settings()
+    cfg = engine_config(settings)
+    task_id = self.request.id
+
+    def enqueue_export(item_id: str) -> None:
+        self.app.send_task(TASK_EXPORT, args=[item_id], queue=QUEUE_EXPORT, serializer="json")
+
+    log.info("task %s: finish study %s (run %s, %d groups)", task_id, study_key, run_id, len(groups))
+    try:
+        with Heartbeat(settings.data_dir, study_key, settings.heartbeat_interval):
+            outcome = finish(
+                study_key, settings.data_dir, cfg, lambda: get_segmenter(cfg), settings.destinations, run_id,
+                [g for g in groups if isinstance(g, dict)], enqueue_export=enqueue_export,
+                retry_policy=RetryPolicy.from_settings(settings), task_id=task_id,
+                retry=ReconcilePolicy.from_settings(settings))
+    except PipelineError as exc:
+        log.error("task %s: study %s failed: %s", task_id, study_key, exc)
+        return {"study_key": study_key, "state": StudyState.FAILED, "reason": str(exc)}
+    return {"study_key": study_key, "state": outcome.state, "items": outcome.item_ids,
+            "timings": outcome.timings}
 
 
 def recover_orphans(data_dir: Path, node: str, boot: str, enqueue: Any) -> list[str]:

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 TASK_SEGMENT = "itvnode.segment_study"
 TASK_EXPORT = "itvnode.export_item"
+TASK_SEGMENT_PHASES = "itvnode.segment_phases"  # one phase group of a split study (worker.study_split)
+TASK_FINISH_STUDY = "itvnode.finish_study"  # the split study's chord body: post-processing and RTSTRUCT
+#: tasks that carry a study key, and its position in their arguments (the reconciler looks for them in the
+#: broker); a chord body gets the header tasks' results first
+STUDY_TASKS: dict[str, int] = {TASK_SEGMENT: 0, TASK_SEGMENT_PHASES: 0, TASK_FINISH_STUDY: 1}
 QUEUE_INFERENCE = "inference"
 QUEUE_EXPORT = "export"
 QUEUES: tuple[str, ...] = (QUEUE_INFERENCE, QUEUE_EXPORT)
@@ -65,13 +70,20 @@ def celery_config(
     export_soft_time_limit: float = DEFAULT_EXPORT_SOFT_LIMIT,
     broker_transport_options: dict[str, Any] | None = None,
     time_limit_grace: float = HARD_LIMIT_GRACE,
+    phase_groups: int = 1,
 ) -> dict[str, Any]:
     """Celery configuration (new-style lowercase keys) shared by producers and workers.
+
+    ``phase_groups`` > 1 (studies split into a chord, worker.study_split) needs a result backend; without
+    ``result_backend`` it is :func:`chord_backend`.
 
     ``broker_transport_options`` are merged over the defaults (e.g. ``{"global_keyprefix": "site-a:"}`` to
     share one Redis database between nodes or test runs).
     """
     inference_hard = inference_soft_time_limit + time_limit_grace
+    if result_backend is None and phase_groups > 1:
+        result_backend = chord_backend(broker_url, data_dir)
+    inference_limits = {"soft_time_limit": inference_soft_time_limit, "time_limit": inference_hard}
     export_hard = export_soft_time_limit + time_limit_grace
     conf: dict[str, Any] = {
         "task_serializer": "json",
@@ -80,6 +92,8 @@ def celery_config(
         "result_accept_content": ["json"],
         "task_routes": {
             TASK_SEGMENT: {"queue": QUEUE_INFERENCE},
+            TASK_SEGMENT_PHASES: {"queue": QUEUE_INFERENCE},
+            TASK_FINISH_STUDY: {"queue": QUEUE_INFERENCE},
             TASK_EXPORT: {"queue": QUEUE_EXPORT},
         },
         "task_default_queue": QUEUE_INFERENCE,
@@ -87,7 +101,9 @@ def celery_config(
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_annotations": {
-            TASK_SEGMENT: {"soft_time_limit": inference_soft_time_limit, "time_limit": inference_hard},
+            TASK_SEGMENT: inference_limits,
+            TASK_SEGMENT_PHASES: inference_limits,
+            TASK_FINISH_STUDY: inference_limits,
             TASK_EXPORT: {"soft_time_limit": export_soft_time_limit, "time_limit": export_hard},
         },
         "task_ignore_result": result_backend is None,
@@ -115,6 +131,19 @@ def celery_config(
         conf["broker_transport_options"] = {**conf.get("broker_transport_options", {}),
                                             **broker_transport_options}
     return conf
+
+
+def chord_backend(broker_url: str | None, data_dir: Path) -> str:
+    """The result backend a split study's chord counts its finished groups in: the Redis broker itself, or
+    SQLite next to the embedded broker (Celery's database backend; the chord body is then released by
+    ``celery.chord_unlock`` polling once a second on the ``inference`` queue)."""
+    if broker_url is None or is_embedded(broker_url):
+        path = DataLayout(Path(data_dir).resolve()).broker / "results.sqlite"
+        private_dir(path.parent)
+        return f"db+sqlite:///{path}"
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return broker_url
+    raise ValueError(f"phase_groups > 1 needs result_backend for broker {broker_url!r}")
 
 
 def _producer_app(conf: dict[str, Any]) -> Any:
@@ -194,20 +223,22 @@ def _study_key_of(payload: str | bytes) -> str | None:
             env = env[0]
             env = json.loads(env) if isinstance(env, str | bytes) else env
         headers = env.get("headers") or {}
-        if headers.get("task") != TASK_SEGMENT:
+        position = STUDY_TASKS.get(str(headers.get("task")))
+        if position is None:
             return None
         body = env.get("body")
         if (env.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        return str(args[0]) if args else None
+        return str(args[position]) if len(args) > position else None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
 
 
 def queued_study_keys(broker_url: str | None, data_dir: Path, *, key_prefix: str = "",
                       timeout: float = 3.0) -> set[str]:
-    """Study keys that have an ``itvnode.segment_study`` message in the broker: waiting in ``inference`` or,
+    """Study keys that have a message in the broker (``itvnode.segment_study``, or a split study's
+    ``itvnode.segment_phases`` / ``itvnode.finish_study``): waiting in ``inference`` or,
     on Redis, delivered but not yet acknowledged. Raises when the broker cannot be read.
 
     The embedded broker cannot tell a message a worker holds from one it finished (both are invisible rows):

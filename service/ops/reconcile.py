@@ -12,7 +12,9 @@ Rules (:func:`assess`, pure; thresholds in :class:`ReconcilePolicy`, from settin
 
 * ``processing`` and no heartbeat for ``heartbeat_timeout`` s: the running segment task touches
   ``studies/<key>/heartbeat`` every ``heartbeat_interval`` s (:class:`Heartbeat`, in ``worker.tasks``), from a
-  thread of the process doing the work, so a killed process stops it;
+  thread of the process doing the work, so a killed process stops it. A split study (worker.study_split)
+  has no running task while its groups wait for a free worker: it is not stuck while the broker holds one
+  of its tasks;
 * ``processing`` for longer than the hard time limit + ``heartbeat_timeout``: no task can still own it;
 * ``queued`` for ``queued_lost_after`` s while the broker holds no ``itvnode.segment_study`` message for it
   (:func:`service.intake.queue.queued_study_keys`); the reconciler acts only when two checks in a row agree,
@@ -172,6 +174,8 @@ def assess(m: Manifest, now: float, policy: ReconcilePolicy, heartbeat: float | 
                          f"processing for {now - started:.0f} s, past the hard time limit "
                          f"({policy.hard_time_limit:.0f} s): the task was killed")
         last_sign = max(started, heartbeat or started)
+        if m.results.get("split") and broker_keys is not None and m.study_key in broker_keys:
+            return None  # a split study whose group or finishing tasks wait in the queue for a free worker
         if now - last_sign > policy.heartbeat_timeout:
             seen = "since it started" if heartbeat is None or heartbeat < started else (
                 f"for {now - heartbeat:.0f} s")

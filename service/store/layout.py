@@ -5,7 +5,8 @@
     <data_dir>/
         spool/                      received instances, <study uid>/<series uid>/<sop uid>.dcm + index.sqlite
                                     + journal/ (service.store.journal)
-        studies/<study key>/        manifest.json (+ manifest.lock), heartbeat, results/ (RTSTRUCT, qa.json)
+        studies/<study key>/        manifest.json (+ manifest.lock), heartbeat, results/ (RTSTRUCT, qa.json),
+                                    phase_masks/ (a split study's per-phase masks, worker.phase_masks)
         outbox/                     items/, done/, dead/, tmp/ (service.store.outbox)
         broker/                     the embedded broker (service.intake.queue), when no broker URL is set
         retention.json              totals of what retention and the admin commands purged (for /metrics)
@@ -24,6 +25,7 @@ SPOOL_INDEX = "index.sqlite"  # inside a spool directory (also a scratch spool o
 SPOOL_JOURNAL = "journal"  # inside a spool directory: the write-ahead journal of itvnode serve
 RESULTS = "results"
 HEARTBEAT = "heartbeat"
+PHASE_MASKS = "phase_masks"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class DataLayout:
 
     def heartbeat(self, key: str) -> Path:
         return self.study_dir(key) / HEARTBEAT
+
+    def phase_masks(self, key: str) -> Path:
+        return self.study_dir(key) / PHASE_MASKS
 
     @property
     def outbox(self) -> Path:

@@ -57,6 +57,21 @@ def test_processing_without_heartbeat_is_stuck_after_the_timeout() -> None:
     assert assess(m, now, POLICY, now - 11, None) is not None  # it stopped beating
 
 
+def test_split_study_waiting_in_the_queue_is_not_stuck_until_its_tasks_are_gone() -> None:
+    now = 1_000_000.0
+    split = {"run": "task-1", "groups": [[0, 1], [2, 3]]}
+    m = _manifest("processing", now - 50, started_at=now - 50, split=split)
+    key = m.study_key
+    assert assess(m, now, POLICY, now - 40, {key}) is None  # its groups wait for a free worker
+    found = assess(m, now, POLICY, now - 40, set())  # no task of it left anywhere: stuck
+    assert found is not None and "no heartbeat" in found.reason
+    assert assess(m, now, POLICY, now - 40, None) is not None  # broker unreadable: the heartbeat rule holds
+    unsplit = _manifest("processing", now - 50, started_at=now - 50)
+    assert assess(unsplit, now, POLICY, now - 40, {key}) is not None  # only a split study waits so
+    late = _manifest("processing", now - 200, started_at=now - 200, split=split)
+    assert "hard time limit" in assess(late, now, POLICY, now - 1, {key}).reason  # type: ignore[union-attr]
+
+
 def test_processing_past_the_hard_time_limit_is_stuck_even_with_a_heartbeat() -> None:
     now = 1_000_000.0
     m = _manifest("processing", now - 200, started_at=now - 200)

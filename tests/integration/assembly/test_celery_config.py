@@ -13,10 +13,13 @@ from service.intake.queue import (
     QUEUE_EXPORT,
     QUEUE_INFERENCE,
     TASK_EXPORT,
+    TASK_FINISH_STUDY,
     TASK_SEGMENT,
+    TASK_SEGMENT_PHASES,
     celery_config,
     embedded_broker_path,
     prune_embedded_broker,
+    queued_study_keys,
 )
 from worker.celery_app import create_app, worker_argv
 
@@ -37,6 +40,36 @@ def test_embedded_config(tmp_path: Path) -> None:
     assert conf["task_annotations"][TASK_EXPORT] == {"soft_time_limit": 10, "time_limit": 310}
     assert conf["worker_enable_remote_control"] is False
     assert conf["task_ignore_result"] is True
+
+
+def test_split_studies_get_a_result_backend_for_their_chord(tmp_path: Path) -> None:
+    """phase_groups > 1: the chord needs a result backend; the explicit setting wins."""
+    assert celery_config(None, tmp_path)["result_backend"] is None
+    conf = celery_config(None, tmp_path, phase_groups=2, inference_soft_time_limit=100)
+    results = embedded_broker_path(tmp_path).parent / "results.sqlite"
+    assert conf["result_backend"] == f"db+sqlite:///{results}"
+    for task in (TASK_SEGMENT_PHASES, TASK_FINISH_STUDY):
+        assert conf["task_routes"][task] == {"queue": QUEUE_INFERENCE}
+        assert conf["task_annotations"][task] == {"soft_time_limit": 100, "time_limit": 400}
+    redis = "redis://127.0.0.1:6379/5"
+    assert celery_config(redis, tmp_path, phase_groups=2)["result_backend"] == redis
+    assert celery_config(redis, tmp_path, phase_groups=2, result_backend="redis://x/1")["result_backend"] == \
+        "redis://x/1"
+    with pytest.raises(ValueError, match="result_backend"):
+        celery_config("amqp://guest@127.0.0.1//", tmp_path, phase_groups=2)
+
+
+def test_the_broker_knows_a_split_studys_waiting_tasks(tmp_path: Path) -> None:
+    """The reconciler leaves a split study alone while its tasks wait: it finds their study keys (a chord
+    body carries the groups' results first)."""
+    app = create_app(None, tmp_path, include=[], main="itvnode-keys-test")
+    try:
+        app.send_task(TASK_SEGMENT_PHASES, args=["k-group", "run-1", [0, 1]], queue=QUEUE_INFERENCE)
+        app.send_task(TASK_FINISH_STUDY, args=[[{"phases": [0]}], "k-finish", "run-1"], queue=QUEUE_INFERENCE)
+        app.send_task(TASK_EXPORT, args=["item-1"], queue=QUEUE_EXPORT)
+        assert queued_study_keys(None, tmp_path) == {"k-group", "k-finish"}
+    finally:
+        app.close()
 
 
 def test_redis_config(tmp_path: Path) -> None:
