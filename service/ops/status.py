@@ -178,6 +178,7 @@ def study_detail(data_dir: Path, study: str, quiet_period: float = 60.0) -> list
         row = dict(rows.get(m.study_key) or {"study_key": m.study_key, "state": m.state})
         row["history"] = [h.model_dump() for h in m.history]
         row["timings"] = dict(m.results.get("timings") or {})
+        row["split"] = m.results.get("split")
         row["deliveries"] = deliveries(Path(data_dir), m.study_key)
         out.append(row)
     return out
@@ -197,6 +198,7 @@ def format_detail(rows: list[dict[str, Any]]) -> str:
         if r["timings"]:
             lines.append("  timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()
                                                        if isinstance(v, int | float)))
+        lines.extend(split_lines(r.get("split")))
         for w in r.get("warnings") or []:
             lines.append(f"  QA warning: {w}")
         for n in r.get("notes") or []:
@@ -208,3 +210,27 @@ def format_detail(rows: list[dict[str, Any]]) -> str:
             lines.append(f"    {d['destination']:<30} {d['status']:<9} attempts {d['attempts']}  {when}  "
                          f"{why}".rstrip())
     return "\n".join(lines)
+
+
+def split_lines(split: dict[str, Any] | None) -> list[str]:
+    """A split study (worker.study_split): its phase groups, which worker ran each, and what the finishing
+    task had to compute itself."""
+    if not split:
+        return []
+    groups = split.get("groups") or []
+    lines = [f"  split into {len(groups)} phase groups (run {split.get('run')}):"]
+    done = {tuple(g.get("phases") or []): g for g in split.get("done") or []}
+    for g in groups:
+        d = done.get(tuple(g))
+        if d is None:
+            lines.append(f"    phases {g}: not finished")
+            continue
+        found = len(g) - len(d.get("computed") or [])
+        line = f"    phases {g}: {d.get('worker') or '?'} {float(d.get('wall') or 0):.1f} s"
+        line += f", {found} already done" if found else ""
+        line += f" ({d['skipped']})" if d.get("skipped") else ""
+        lines.append(line)
+    if split.get("computed_here"):
+        lines.append(f"    computed by the finishing task (no mask file from its group): "
+                     f"{split['computed_here']}")
+    return lines

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from service.dicomio import rtstruct
+from service.ops.status import format_detail, study_detail
 from service.settings import load_settings
 from service.store.layout import DataLayout
 from service.store.manifest import load_manifest, manifest_path
@@ -114,6 +115,8 @@ def test_split_equals_unsplit_in_any_order_and_redelivery_is_free(
     assert m.results["timings"]["segmenter"] == pytest.approx(sum(r["busy"]["segmenter"] for r in records),
                                                               abs=1e-3)
     assert "finish-1" in m.results["task_ids"]
+    text = format_detail(study_detail(data_dir, key))  # itvnode status KEY
+    assert "split into 2 phase groups" in text and "phases [0, 1]: ? " in text
     assert not DataLayout(data_dir).phase_masks(key).exists()  # intermediate files removed
     # the finishing task delivered twice: the study is no longer in that run, nothing happens
     assert finish_study(key, data_dir, config, tiny, [], run, records).reason == SUPERSEDED
