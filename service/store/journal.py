@@ -24,6 +24,7 @@ no block allocation) up to :data:`SEGMENT_BYTES`; larger instances bypass the jo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -32,7 +33,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,21 +150,28 @@ class Journal:
 
     def append(self, rel: str, data: bytes | memoryview) -> None:
         """Durably record that spool file ``rel`` (already written, not fsynced) holds ``data``."""
+        self._append(rel, len(data), zlib.crc32(data), lambda fd, offset: _pwrite_all(fd, data, offset))
+
+    def append_file(self, rel: str, src_fd: int, nbytes: int, crc: int) -> None:
+        """:meth:`append` for the first ``nbytes`` of an open file (CRC-32 ``crc``), copied by the kernel."""
+        self._append(rel, nbytes, crc, lambda fd, offset: _copy_range(src_fd, fd, nbytes, offset))
+
+    def _append(self, rel: str, nbytes: int, crc: int, write_payload: Callable[[int, int], None]) -> None:
         path = rel.encode()
-        crc = zlib.crc32(data)
         with self._cond:
             if self._closed:
                 raise OSError("journal closed")
             seg = self._segs[self._active]
-            need = _REC_HEAD + len(path) + len(data)
+            need = _REC_HEAD + len(path) + nbytes
             if seg.offset + need > max(SEGMENT_BYTES, seg.size) and seg.offset > _HEADER_BLOCK:
                 seg = self._rotate()
             self._seq += 1
-            head = _REC.pack(_REC_MAGIC, seg.generation, self._seq, len(path), len(data), crc)
+            head = _REC.pack(_REC_MAGIC, seg.generation, self._seq, len(path), nbytes, crc)
             offset = seg.offset
             if offset + need > seg.size:
                 seg.grow(offset + need)
-            os.pwritev(seg.fd, [head, _REC_CRC.pack(zlib.crc32(head)), path, data], offset)
+            os.pwritev(seg.fd, [head, _REC_CRC.pack(zlib.crc32(head)), path], offset)
+            write_payload(seg.fd, offset + _REC_HEAD + len(path))
             seg.offset = offset + need
             seg.inflight += 1
             seg.pending.add(rel)
@@ -268,6 +276,35 @@ class Journal:
             os.close(self._orphan_locks.pop(slot))
         self._orphan_slots = []
         fsync_dir(self.directory)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(src: int, dst: int, nbytes: int, offset: int) -> None:
+    """Copy ``nbytes`` from the start of ``src`` to ``dst`` at ``offset``: in the kernel where it can
+    (``copy_file_range``), else through a bounded buffer."""
+    pos = 0
+    try:
+        while pos < nbytes:
+            n = os.copy_file_range(src, dst, nbytes - pos, pos, offset + pos)
+            if not n:
+                raise OSError(errno.EIO, "source file shorter than recorded")
+            pos += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while pos < nbytes:
+        chunk = os.pread(src, min(nbytes - pos, 1 << 20), pos)
+        if not chunk:
+            raise OSError(errno.EIO, "source file shorter than recorded")
+        _pwrite_all(dst, chunk, offset + pos)
+        pos += len(chunk)
 
 
 def read_segment(path: Path) -> list[tuple[int, str, bytes]]:

@@ -10,6 +10,7 @@ from typing import cast
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from service.net._pynetdicom_fast.dimse import FastDIMSE
 from service.net._pynetdicom_fast.dul import FastDUL
 from service.net._pynetdicom_fast.handlers import unbind_standard_log_handlers
 
@@ -21,6 +22,7 @@ class FastAssociation(Association):
         super().__init__(ae, mode)
         unbind_standard_log_handlers(self)
         self.dul = FastDUL(self)
+        self.dimse = FastDIMSE(self)
         # the timeout setters push values into the DUL's timers: apply them to the new one
         self.acse_timeout = self.ae.acse_timeout
         self.connection_timeout = self.ae.connection_timeout

@@ -1,11 +1,25 @@
-"""The requestor's guard around ``DIMSEServiceProvider.get_msg`` (pynetdicom 3.0's reactor race)."""
+"""Overrides of ``pynetdicom.dimse``: the acceptor's streaming C-STORE receive (:class:`FastDIMSE`) and the
+requestor's guard around ``DIMSEServiceProvider.get_msg`` (pynetdicom 3.0's reactor race)."""
 
 from __future__ import annotations
 
+import logging
+import struct
 import threading
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
+from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+
+from service.store.spool import Incoming
+
+LOG = logging.getLogger(__name__)
 
 
 def guard_reactor(assoc: Association) -> None:
@@ -27,3 +41,131 @@ def guard_reactor(assoc: Association) -> None:
         return original(block)
 
     dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
+class StreamedDataSet(BytesIO):
+    """A C-STORE request's *Data Set* that went to a spool temp file as it arrived (:class:`FastDIMSE`).
+
+    ``incoming`` holds it (file meta first); :meth:`getvalue` reads the data set back, so that the stock
+    ``Event.encoded_dataset()`` and ``Event.dataset`` still work for any handler.
+    """
+
+    def __init__(self, incoming: Incoming, head_len: int) -> None:
+        super().__init__()
+        self.incoming = incoming
+        self.head_len = head_len
+
+    def getvalue(self) -> bytes:  # type: ignore[override]
+        return self.incoming.read_all()[self.head_len:]
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class FastDIMSE(DIMSEServiceProvider):
+    """The acceptor's DIMSE provider: a C-STORE request's data set fragments go straight to a spool temp file.
+
+    :class:`service.net._pynetdicom_fast.dul.FastDUL` reads P-DATA-TF PDUs itself and hands each PDV here:
+    command fragments (and anything not streamed) go through pynetdicom's ``receive_primitive``, unchanged;
+    once a C-STORE-RQ's command set is complete, :meth:`stream_for` opens an :class:`Incoming` from the
+    server's ``incoming`` factory and its data set fragments are written to it as they arrive, from the
+    receive buffer, instead of being assembled in a ``BytesIO`` and copied out again. The completed request
+    reaches the association thread as pynetdicom's would, its ``DataSet`` a :class:`StreamedDataSet`.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._stream: Incoming | None = None
+        self._head_len = 0
+
+    def receive_fragment(self, context_id: int, pdv: bytes) -> None:
+        """One PDV (control header byte + fragment) that is not streamed, through the stock decoding."""
+        if self._stream is not None:  # a command before the data set ended: pynetdicom's muddle from here on
+            self.discard_stream()
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
+        self.receive_primitive(primitive)
+        if pdv[0] & 3 == 3:  # last command fragment
+            self._open_stream()
+
+    def stream_for(self, context_id: int, control: int) -> Incoming | None:
+        """Where a data set fragment with this context and control header goes (None: not streamed)."""
+        return None if control & 1 else self._stream
+
+    def stream_done(self) -> None:
+        """The last data set fragment was written: deliver the request (the association thread files it)."""
+        msg, stream = self.message, self._stream
+        assert msg is not None and stream is not None
+        self._stream = None
+        msg.data_set = StreamedDataSet(stream, self._head_len)
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": msg})
+        # the tail of the stock receive_primitive, for a C-STORE-RQ
+        primitive = msg.message_to_primitive()
+        self.msg_queue.put((cast(int, msg.context_id), cast(C_STORE, primitive)))
+        self.message = None
+
+    def discard_stream(self) -> None:
+        """The association ended mid-transfer: drop the temp file."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """pynetdicom's ``send_msg``; a successful C-STORE-RSP (one per received instance) has its command set
+        encoded here with ``struct``, byte for byte what pydicom would encode, unless someone listens for
+        sent DIMSE messages."""
+        command = _store_success_command(primitive)
+        max_pdu = self.maximum_pdu_size
+        if (command is None or (max_pdu and len(command) + 7 > max_pdu)
+                or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
+
+    def _open_stream(self) -> None:
+        msg = self.message
+        factory = getattr(getattr(self.assoc, "_server", None), "incoming", None)
+        if (factory is None or not isinstance(msg, C_STORE_RQ) or msg.context_id is None
+                or msg._data_set_file is not None):
+            return
+        try:
+            cs = msg.command_set
+            context = self.assoc._accepted_cx[msg.context_id]
+            meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
+                                    sop_instance_uid=cs.AffectedSOPInstanceUID,
+                                    transfer_syntax=context.transfer_syntax[0])
+            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+            self._stream = factory(head)
+        except Exception as exc:  # bad UIDs, no spool: the stock path assembles it and the handler refuses
+            LOG.debug("C-STORE data set not streamed: %s: %s", type(exc).__name__, exc)
+            return
+        self._head_len = len(head)
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    """One Implicit VR Little Endian element of group 0000 (even length: UIDs padded with a NUL)."""
+    if len(value) % 2:
+        value += b"\x00"
+    return struct.pack("<HHL", 0, tag, len(value)) + value
+
+
+def _store_success_command(rsp: Any) -> bytes | None:
+    """The encoded command set of a C-STORE-RSP with Success status and no optional fields, else None."""
+    if type(rsp) is not C_STORE or rsp.MessageIDBeingRespondedTo is None or rsp.Status != 0:
+        return None
+    if rsp.ErrorComment is not None or rsp.OffendingElement is not None:
+        return None
+    sop_class, sop_instance = rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID
+    if not sop_class or not sop_instance:
+        return None
+    body = b"".join((
+        _element(0x0002, str(sop_class).encode("ascii")),
+        _element(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+        _element(0x0120, struct.pack("<H", int(rsp.MessageIDBeingRespondedTo))),
+        _element(0x0800, struct.pack("<H", 0x0101)),  # no data set
+        _element(0x0900, struct.pack("<H", 0x0000)),
+        _element(0x1000, str(sop_instance).encode("ascii")),
+    ))
+    return _element(0x0000, struct.pack("<L", len(body))) + body
