@@ -339,9 +339,10 @@ def read_segment(path: Path) -> list[tuple[int, str, bytes]]:
 
 def sync_spool_files(root: Path, rels: list[str]) -> None:
     """fsync each file (gone ones were deleted since: nothing to keep) and then each of their directories."""
+    base = os.fspath(root)
     dirs = set()
-    for rel in rels:
-        path = root / rel
+    for rel in rels:  # plain strings: this runs in a thread beside the receiving ones, for every instance
+        path = f"{base}/{rel}"
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -350,7 +351,7 @@ def sync_spool_files(root: Path, rels: list[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dirs.add(path.parent)
+        dirs.add(path.rpartition("/")[0])
     for d in sorted(dirs):
         with contextlib.suppress(FileNotFoundError):
-            fsync_dir(d)
+            fsync_dir(Path(d))

@@ -4,12 +4,13 @@ requestor's guard around ``DIMSEServiceProvider.get_msg`` (pynetdicom 3.0's reac
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import threading
 from io import BytesIO
 from typing import Any, cast
 
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -132,11 +133,8 @@ class FastDIMSE(DIMSEServiceProvider):
             return
         try:
             cs = msg.command_set
-            context = self.assoc._accepted_cx[msg.context_id]
-            meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
-                                    sop_instance_uid=cs.AffectedSOPInstanceUID,
-                                    transfer_syntax=context.transfer_syntax[0])
-            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+            head = file_head(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID,
+                             self.assoc._accepted_cx[msg.context_id].transfer_syntax[0])
             self._stream = factory(head)
         except Exception as exc:  # bad UIDs, no spool: the stock path assembles it and the handler refuses
             LOG.debug("C-STORE data set not streamed: %s: %s", type(exc).__name__, exc)
@@ -169,3 +167,33 @@ def _store_success_command(rsp: Any) -> bytes | None:
         _element(0x1000, str(sop_instance).encode("ascii")),
     ))
     return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    """One Explicit VR Little Endian element of group 0002 with a 2-byte length."""
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
+
+
+def file_head(sop_class: Any, sop_instance: Any, transfer_syntax: Any) -> bytes:
+    """Preamble, prefix and File Meta Information, as ``Event.encoded_dataset()`` writes them before the data
+    set (pynetdicom's ``create_file_meta`` + ``encode_file_meta``): ``struct`` for plain UIDs, pydicom for
+    anything else."""
+    uids = [str(sop_class or ""), str(sop_instance or ""), str(transfer_syntax or "")]
+    if not all(_UID.fullmatch(u) for u in uids):
+        meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                                transfer_syntax=transfer_syntax)
+        return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+    body = b"".join((
+        struct.pack("<HH2s2sL", 2, 0x0001, b"OB", b"", 2) + b"\x00\x01",
+        _meta_element(0x0002, b"UI", uids[0].encode("ascii"), b"\x00"),
+        _meta_element(0x0003, b"UI", uids[1].encode("ascii"), b"\x00"),
+        _meta_element(0x0010, b"UI", uids[2].encode("ascii"), b"\x00"),
+        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\x00"),
+        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+    ))
+    return b"".join((b"\x00" * 128, b"DICM", struct.pack("<HH2sHL", 2, 0x0000, b"UL", 4, len(body)), body))
