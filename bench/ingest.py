@@ -134,6 +134,8 @@ def round_itvnode(folder: Path, work: Path, n_files: int, profile_out: Path | No
     data = Path(tempfile.mkdtemp(prefix="itv-", dir=work))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ITVNODE_")}
+    # this checkout's code, not whichever one the venv's editable install points at (a worktree shares it)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update({"ITVNODE_PORT": str(port), "ITVNODE_HOST": "127.0.0.1", "ITVNODE_DATA_DIR": str(data),
                 "ITVNODE_MIN_FREE_BYTES": "0", "ITVNODE_LOG_LEVEL": "WARNING",
                 "ITVNODE_SPOOL_FSYNC": "true" if fsync else "false"})

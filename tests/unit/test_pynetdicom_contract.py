@@ -49,6 +49,11 @@ MIRRORED: dict[str, tuple[str, str]] = {
         "ca3acbb824fbca27", "association.py FastAssociation._run_reactor (a copy blocking on DIMSE)"),
     "dimse.DIMSEServiceProvider.get_msg": (
         "c212cbcab6189184", "dimse.py guard_reactor (wraps it)"),
+    "association.Association._serve_request": (
+        "7718713783b27256", "dimse.py FastDIMSE._serve_here (which requests it may serve in the DUL thread: "
+        "its aborting branches wait for that thread)"),
+    "service_class.StorageServiceClass.SCP": (
+        "43ee94934c94e0df", "dimse.py FastDIMSE._serve_here (run in the DUL thread; must not block on it)"),
     "dimse.DIMSEServiceProvider.receive_primitive": (
         "ce54996cc62896fa", "dimse.py FastDIMSE.stream_done (a copy of its tail for a C-STORE-RQ)"),
     "dimse_messages.DIMSEMessage.decode_msg": (
@@ -113,15 +118,16 @@ NAMES: dict[str, str] = {
     "dsutils.encode_file_meta": "dimse.py FastDIMSE._open_stream",
     "pdu_primitives.P_DATA": "dimse.py FastDIMSE.receive_fragment",
     "association.Association.get_handlers": "dul.py FastDUL._fast_pdata",
+    "sop_class.uid_to_service_class": "dimse.py FastDIMSE._serve_here",
     "events.EVT_DATA_RECV": "dul.py FastDUL._fast_pdata (raw PDU listeners: the stock path)",
 }
 
 #: Instance attributes (set in ``__init__``, so not on the classes) that our overrides read or write.
 DUL_ATTRIBUTES = ("event_queue", "to_user_queue", "to_provider_queue", "_recv_pdu", "_kill_thread",
                   "_idle_timer", "artim_timer", "state_machine", "_run_loop_delay", "socket")
-ASSOCIATION_ATTRIBUTES = ("_accepted_cx", "_dul_ready", "_kill", "_reactor_checkpoint", "_is_paused",
-                          "_server", "dul", "dimse", "acse", "acceptor", "requestor", "is_established",
-                          "is_released", "is_aborted")
+ASSOCIATION_ATTRIBUTES = ("_accepted_cx", "_sent_release", "_dul_ready", "_kill", "_reactor_checkpoint",
+                          "_is_paused", "_server", "dul", "dimse", "acse", "acceptor", "requestor",
+                          "is_established", "is_released", "is_aborted")
 SERVER_ATTRIBUTES = ("_handlers", "contexts", "ae_title", "ae", "ssl_context", "active_associations")
 
 

@@ -17,6 +17,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from service.store.spool import Incoming
 
@@ -70,8 +72,9 @@ class FastDIMSE(DIMSEServiceProvider):
     command fragments (and anything not streamed) go through pynetdicom's ``receive_primitive``, unchanged;
     once a C-STORE-RQ's command set is complete, :meth:`stream_for` opens an :class:`Incoming` from the
     server's ``incoming`` factory and its data set fragments are written to it as they arrive, from the
-    receive buffer, instead of being assembled in a ``BytesIO`` and copied out again. The completed request
-    reaches the association thread as pynetdicom's would, its ``DataSet`` a :class:`StreamedDataSet`.
+    receive buffer, instead of being assembled in a ``BytesIO`` and copied out again. The completed request,
+    its ``DataSet`` a :class:`StreamedDataSet`, is served by pynetdicom's ``_serve_request`` in the DUL
+    thread (:meth:`_serve_here`), else queued for the association thread as pynetdicom would.
     """
 
     def __init__(self, assoc: Association) -> None:
@@ -101,9 +104,25 @@ class FastDIMSE(DIMSEServiceProvider):
         msg.data_set = StreamedDataSet(stream, self._head_len)
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": msg})
         # the tail of the stock receive_primitive, for a C-STORE-RQ
-        primitive = msg.message_to_primitive()
-        self.msg_queue.put((cast(int, msg.context_id), cast(C_STORE, primitive)))
+        primitive = cast(C_STORE, msg.message_to_primitive())
+        context_id = cast(int, msg.context_id)
         self.message = None
+        if self._serve_here(primitive, context_id):
+            # pynetdicom's own dispatch, in this (the DUL) thread: no hand-off to the association thread and
+            # back for every instance; the response is sent when this returns to the DUL loop
+            self.assoc._serve_request(primitive, context_id)
+        else:
+            self.msg_queue.put((context_id, primitive))
+
+    def _serve_here(self, primitive: C_STORE, context_id: int) -> bool:
+        """Whether ``_serve_request`` can run in the DUL thread: a valid request on an accepted context, for
+        the Storage Service Class, with no release under way (the branches that abort, which waits for the
+        DUL thread, stay in the association thread)."""
+        assoc = self.assoc
+        uid = primitive.AffectedSOPClassUID
+        return (primitive.is_valid_request and context_id in assoc._accepted_cx and not assoc._sent_release
+                and uid is not None and uid not in assoc.acceptor.accepted_common_extended
+                and uid_to_service_class(uid) is StorageServiceClass)
 
     def discard_stream(self) -> None:
         """The association ended mid-transfer: drop the temp file."""
