@@ -45,9 +45,22 @@ def _close_fds(*fds: int) -> None:
             pass
 
 
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's ``to_user_queue``: each primitive for the association thread also wakes it."""
+
+    def __init__(self, wake: Any) -> None:
+        super().__init__()
+        self._wake_user = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake_user()
+
+
 class FastDUL(DULServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self.to_user_queue = _WakingQueue(self._wake_association)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -62,6 +75,13 @@ class FastDUL(DULServiceProvider):
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):  # pipe full (a wake-up is pending anyway) or closed
             pass
+
+    def _wake_association(self) -> None:
+        """Wake the association thread blocked on the DIMSE queue (:class:`FastAssociation`): a primitive
+        for it, or this reactor ending. ``(None, None)`` is what an empty queue reads as anyway."""
+        dimse = getattr(self.assoc, "dimse", None)
+        if dimse is not None:
+            dimse.msg_queue.put((None, None))
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -270,6 +290,7 @@ class FastDUL(DULServiceProvider):
             if isinstance(self.assoc.dimse, FastDIMSE):
                 self.assoc.dimse.discard_stream()
             self._close_pipe()
+            self._wake_association()
 
     def _fail(self, exc: Exception) -> None:
         """Anything the state machine cannot handle ends the association: A-ABORT, close, end it."""
