@@ -43,6 +43,7 @@ LOG = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 64 * 1024 * 1024
 GROW_BYTES = 8 * 1024 * 1024
+GROW_AHEAD = 16 * 1024 * 1024  # the checkpointer zero-fills the active segment this far ahead of the appends
 IDLE_CHECKPOINT_S = 0.5  # default: checkpoint this long after the last append
 
 _SEG_MAGIC = b"ITVJSEG1"
@@ -64,6 +65,7 @@ class _Segment:
     inflight: int = 0  # appends reserved but not yet durable
     pending: set[str] = field(default_factory=set)  # spool paths written since the last reset
     busy: bool = False  # a checkpoint is syncing its files
+    growing: bool = False  # the checkpointer is zero-filling past ``size``
 
     def reset(self) -> None:
         """A new generation: every record in the file is stale from now on (durable before returning)."""
@@ -77,13 +79,22 @@ class _Segment:
 
     def grow(self, need: int) -> None:
         """Zero-fill (really write: no unwritten extents to convert at fdatasync time) up to ``need``."""
+        target = self.grow_target(need)
+        self.zero_fill(self.size, target)
+        self.size = target
+
+    def grow_target(self, need: int) -> int:
+        return min(max(need, self.size + GROW_BYTES), max(SEGMENT_BYTES, need))
+
+    def zero_fill(self, pos: int, target: int) -> None:
         zeros = bytes(1024 * 1024)
-        target = min(max(need, self.size + GROW_BYTES), max(SEGMENT_BYTES, need))
-        pos = self.size
         while pos < target:
             pos += os.pwrite(self.fd, zeros[: target - pos], pos)
         os.fsync(self.fd)  # the file size is metadata
-        self.size = target
+
+    def wants_growth(self) -> bool:
+        """Less than :data:`GROW_AHEAD` zero-filled bytes left ahead of the appends."""
+        return not self.growing and self.size < SEGMENT_BYTES and self.size - self.offset < GROW_AHEAD
 
 
 class Journal:
@@ -159,13 +170,17 @@ class Journal:
 
     def _append(self, rel: str, nbytes: int, crc: int, write_payload: Callable[[int, int], None]) -> None:
         path = rel.encode()
+        need = _REC_HEAD + len(path) + nbytes
         with self._cond:
-            if self._closed:
-                raise OSError("journal closed")
-            seg = self._segs[self._active]
-            need = _REC_HEAD + len(path) + nbytes
-            if seg.offset + need > max(SEGMENT_BYTES, seg.size) and seg.offset > _HEADER_BLOCK:
-                seg = self._rotate()
+            while True:
+                if self._closed:
+                    raise OSError("journal closed")
+                seg = self._segs[self._active]
+                if seg.offset + need > max(SEGMENT_BYTES, seg.size) and seg.offset > _HEADER_BLOCK:
+                    seg = self._rotate()
+                if not (seg.growing and seg.offset + need > seg.size):
+                    break
+                self._cond.wait(1.0)  # the checkpointer is zero-filling what this record needs
             self._seq += 1
             head = _REC.pack(_REC_MAGIC, seg.generation, self._seq, len(path), nbytes, crc)
             offset = seg.offset
@@ -177,6 +192,8 @@ class Journal:
             seg.inflight += 1
             seg.pending.add(rel)
             self._last_append = time.monotonic()
+            if seg.wants_growth():
+                self._cond.notify_all()  # zero-filling is the checkpointer's, off the acknowledgement path
         try:
             os.fdatasync(seg.fd)  # also covers every record written before this one
         finally:
@@ -212,7 +229,7 @@ class Journal:
         """fsync the spool files of an inactive segment, then reset it (the caller holds the condition)."""
         self._draining += 1
         try:
-            while seg.inflight or seg.busy:
+            while seg.inflight or seg.busy or seg.growing:
                 self._cond.wait(1.0)
         finally:
             self._draining -= 1
@@ -241,11 +258,31 @@ class Journal:
                         LOG.exception("journal checkpoint failed; retrying")
                         self._cond.wait(5.0)
                     continue
+                if active.wants_growth():
+                    try:
+                        self._grow_ahead(active)
+                    except OSError:
+                        LOG.exception("journal segment growth failed; appends grow it themselves")
+                        self._cond.wait(5.0)
+                    continue
                 idle = time.monotonic() - self._last_append
                 if active.pending and not active.inflight and idle >= self.idle_s:
                     self._rotate()
                     continue
                 self._cond.wait(max(self.idle_s - idle, 0.05) if active.pending else 5.0)
+
+    def _grow_ahead(self, seg: _Segment) -> None:
+        """Zero-fill the next stretch of ``seg`` without holding the condition; appends that need it wait."""
+        start, target = seg.size, seg.grow_target(seg.size)
+        seg.growing = True
+        self._cond.release()
+        try:
+            seg.zero_fill(start, target)
+        finally:
+            self._cond.acquire()
+            seg.growing = False
+            self._cond.notify_all()
+        seg.size = max(seg.size, target)
 
     def close(self) -> None:
         """Checkpoint everything, stop the checkpointer and release the slot (nothing is left to replay)."""
