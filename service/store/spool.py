@@ -172,6 +172,15 @@ class Spool:
         corrected re-send); the same SOP Instance UID in another series of the study is refused with
         :class:`ConflictingDuplicate`. Another study with the same SOP Instance UID is simply another file.
         """
+        if isinstance(encoded, Incoming):
+            try:
+                encoded.check()
+                return self._store(meta, encoded)
+            finally:
+                encoded.close()
+        return self._store(meta, encoded)
+
+    def _store(self, meta: InstanceMeta, encoded: bytes | Incoming) -> Path:
         for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
             if not PATH_SAFE_UID_RE.match(uid) or len(uid) > 64:
                 raise InvalidIdentifier("UID not usable as a spool path")
