@@ -7,6 +7,7 @@ import logging
 import re
 import struct
 import threading
+import time
 from io import BytesIO
 from typing import Any, cast
 
@@ -23,6 +24,8 @@ from pynetdicom.sop_class import uid_to_service_class
 from service.store.spool import Incoming
 
 LOG = logging.getLogger(__name__)
+
+_SPARE_MAX_AGE = 60.0  # seconds an idle association keeps its next temp file
 
 
 def guard_reactor(assoc: Association) -> None:
@@ -80,6 +83,9 @@ class FastDIMSE(DIMSEServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self._stream: Incoming | None = None
+        self._spare: Incoming | None = None  # the next data set's temp file, opened while idle
+        self._spare_at = 0.0
+        self._streamed = False  # a data set was streamed on this association: more are likely
         self._head_len = 0
 
     def receive_fragment(self, context_id: int, pdv: bytes) -> None:
@@ -125,10 +131,25 @@ class FastDIMSE(DIMSEServiceProvider):
                 and uid_to_service_class(uid) is StorageServiceClass)
 
     def discard_stream(self) -> None:
-        """The association ended mid-transfer: drop the temp file."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.close()
+        """The association ended (mid-transfer or not): drop the temp files."""
+        for stream in (self._stream, self._spare):
+            if stream is not None:
+                stream.close()
+        self._stream = self._spare = None
+
+    def prepare(self) -> None:
+        """Called by the DUL when it is about to wait for the peer: once this association has streamed a
+        data set, open the next one's temp file now, off the time between a request and its response."""
+        if not self._streamed or self._spare is not None or self._stream is not None:
+            return
+        factory = getattr(getattr(self.assoc, "_server", None), "incoming", None)
+        if factory is None:
+            return
+        try:
+            self._spare, self._spare_at = factory(b""), time.monotonic()
+        except OSError as exc:  # the spool is unavailable: the request will meet the same error
+            LOG.debug("no spare spool temp file: %s", exc)
+            self._streamed = False
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """pynetdicom's ``send_msg``; a successful C-STORE-RSP (one per received instance) has its command set
@@ -154,7 +175,15 @@ class FastDIMSE(DIMSEServiceProvider):
             cs = msg.command_set
             head = file_head(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID,
                              self.assoc._accepted_cx[msg.context_id].transfer_syntax[0])
-            self._stream = factory(head)
+            if self._spare is not None and time.monotonic() - self._spare_at < _SPARE_MAX_AGE:
+                self._stream, self._spare = self._spare, None
+                self._stream.write(head)
+            else:
+                if self._spare is not None:  # long idle: a fresh one (a start-up elsewhere may drop old ones)
+                    self._spare.close()
+                    self._spare = None
+                self._stream = factory(head)
+            self._streamed = True
         except Exception as exc:  # bad UIDs, no spool: the stock path assembles it and the handler refuses
             LOG.debug("C-STORE data set not streamed: %s: %s", type(exc).__name__, exc)
             return

@@ -239,6 +239,8 @@ class FastDUL(DULServiceProvider):
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
+        if isinstance(self.assoc.dimse, FastDIMSE):
+            self.assoc.dimse.prepare()  # idle: the peer is preparing its next request
         try:
             ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [], _IDLE_WAIT)
         except (OSError, ValueError):  # closed under us: the transport check reports it
