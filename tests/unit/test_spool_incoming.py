@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import errno
 import os
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 from test_spool import ct, encode
 
-from service.net._pynetdicom_fast.dimse import _store_success_command, file_head
+from service.net._pynetdicom_fast.dimse import _store_request_fields, _store_success_command, file_head
 from service.store import journal as journal_mod
 from service.store.header_scan import meta_from_bytes, meta_from_prefix
 from service.store.ingest_errors import SpoolFull, UndecodableDataset
@@ -197,3 +199,33 @@ def test_success_response_is_pynetdicoms_encoding() -> None:
         assert b"\x03" + (_store_success_command(rsp) or b"") == stock
     rsp.Status = 0xA700
     assert _store_success_command(rsp) is None  # anything but plain success: pynetdicom encodes it
+
+
+def _store_command(sop: str, msg_id: int, priority: int, move: bool = False) -> bytes:
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = sop
+    req.Priority = priority
+    if move:
+        req.MoveOriginatorApplicationEntityTitle = "MOVER"
+        req.MoveOriginatorMessageID = 3
+    req.DataSet = BytesIO(b"x")
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    return bytes(next(msg.encode_msg(1, 0)).presentation_data_value_list[0][1])[1:]
+
+
+def test_store_request_fields_match_pynetdicoms_decoding() -> None:
+    for sop, msg_id, priority in [("1.2.3.4", 1, 0), ("1.2.826.0.1.3680043.8.498.123", 65535, 2)]:
+        command = _store_command(sop, msg_id, priority)
+        msg = DIMSEMessage()
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[1, b"\x03" + command]]  # type: ignore[list-item]
+        msg.decode_msg(pdata)
+        stock = msg.message_to_primitive()
+        assert _store_request_fields(command) == (stock.AffectedSOPClassUID, stock.MessageID, stock.Priority,
+                                                  stock.AffectedSOPInstanceUID)
+    assert _store_request_fields(_store_command("1.2.3", 1, 0, move=True)) is None  # pynetdicom decodes it
+    assert _store_request_fields(_store_command("1.2.3", 1, 0)[:-2]) is None
+    assert _store_request_fields(b"") is None

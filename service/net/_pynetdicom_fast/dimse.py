@@ -85,6 +85,7 @@ class FastDIMSE(DIMSEServiceProvider):
         self._stream: Incoming | None = None
         self._spare: Incoming | None = None  # the next data set's temp file, opened while idle
         self._spare_at = 0.0
+        self._request: C_STORE | None = None  # the request whose data set is streaming (_lean_store)
         self._streamed = False  # a data set was streamed on this association: more are likely
         self._head_len = 0
 
@@ -92,6 +93,8 @@ class FastDIMSE(DIMSEServiceProvider):
         """One PDV (control header byte + fragment) that is not streamed, through the stock decoding."""
         if self._stream is not None:  # a command before the data set ended: pynetdicom's muddle from here on
             self.discard_stream()
+        if pdv[0] & 3 == 3 and self.message is None and self._lean_store(context_id, pdv):
+            return
         primitive = P_DATA()
         primitive.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
         self.receive_primitive(primitive)
@@ -103,16 +106,22 @@ class FastDIMSE(DIMSEServiceProvider):
         return None if control & 1 else self._stream
 
     def stream_done(self) -> None:
-        """The last data set fragment was written: deliver the request (the association thread files it)."""
-        msg, stream = self.message, self._stream
-        assert msg is not None and stream is not None
-        self._stream = None
-        msg.data_set = StreamedDataSet(stream, self._head_len)
-        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": msg})
-        # the tail of the stock receive_primitive, for a C-STORE-RQ
-        primitive = cast(C_STORE, msg.message_to_primitive())
-        context_id = cast(int, msg.context_id)
-        self.message = None
+        """The last data set fragment was written: serve the request (see :meth:`_serve_here`)."""
+        stream, self._stream = self._stream, None
+        assert stream is not None
+        if self._request is not None:  # decoded by _lean_store
+            primitive, self._request = self._request, None
+            primitive.DataSet = StreamedDataSet(stream, self._head_len)
+            context_id = cast(int, primitive._context_id)
+        else:
+            msg = self.message
+            assert msg is not None
+            msg.data_set = StreamedDataSet(stream, self._head_len)
+            evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": msg})
+            # the tail of the stock receive_primitive, for a C-STORE-RQ
+            primitive = cast(C_STORE, msg.message_to_primitive())
+            context_id = cast(int, msg.context_id)
+            self.message = None
         if self._serve_here(primitive, context_id):
             # pynetdicom's own dispatch, in this (the DUL) thread: no hand-off to the association thread and
             # back for every instance; the response is sent when this returns to the DUL loop
@@ -136,6 +145,30 @@ class FastDIMSE(DIMSEServiceProvider):
             if stream is not None:
                 stream.close()
         self._stream = self._spare = None
+        self._request = None
+
+    def _lean_store(self, context_id: int, pdv: bytes) -> bool:
+        """A C-STORE-RQ command in one fragment, in its usual form: build the request primitive from it with
+        ``struct`` (pydicom's decoding and ``message_to_primitive`` were ~0.25 ms a request) and open its
+        stream. False, with nothing changed, for anything else: pynetdicom decodes it."""
+        fields = _store_request_fields(pdv[1:])
+        factory = getattr(getattr(self.assoc, "_server", None), "incoming", None)
+        if (fields is None or factory is None or context_id not in self.assoc._accepted_cx
+                or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+            return False
+        try:
+            req = C_STORE()
+            req.MessageID, req.Priority = fields[1], fields[2]
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = fields[0], fields[3]
+            req._context_id = context_id
+        except (ValueError, TypeError):
+            return False
+        self._request = req
+        self._open_stream_for(fields[0], fields[3], context_id, factory)
+        if self._stream is None:
+            self._request = None
+            return False
+        return True
 
     def prepare(self) -> None:
         """Called by the DUL when it is about to wait for the peer: once this association has streamed a
@@ -171,10 +204,12 @@ class FastDIMSE(DIMSEServiceProvider):
         if (factory is None or not isinstance(msg, C_STORE_RQ) or msg.context_id is None
                 or msg._data_set_file is not None):
             return
+        cs = msg.command_set
+        self._open_stream_for(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, msg.context_id, factory)
+
+    def _open_stream_for(self, sop_class: Any, sop_instance: Any, context_id: int, factory: Any) -> None:
         try:
-            cs = msg.command_set
-            head = file_head(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID,
-                             self.assoc._accepted_cx[msg.context_id].transfer_syntax[0])
+            head = file_head(sop_class, sop_instance, self.assoc._accepted_cx[context_id].transfer_syntax[0])
             if self._spare is not None and time.monotonic() - self._spare_at < _SPARE_MAX_AGE:
                 self._stream, self._spare = self._spare, None
                 self._stream.write(head)
@@ -245,3 +280,38 @@ def file_head(sop_class: Any, sop_instance: Any, transfer_syntax: Any) -> bytes:
         _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "),
     ))
     return b"".join((b"\x00" * 128, b"DICM", struct.pack("<HH2sHL", 2, 0x0000, b"UL", 4, len(body)), body))
+
+
+_COMMAND_ELEMENT = struct.Struct("<HHL")
+#: (0000,xxxx) elements of a C-STORE-RQ with a data set, as storage SCUs send it (no C-MOVE originator)
+_STORE_RQ_ELEMENTS = (0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000)
+_PLAIN_UID = re.compile(rb"[0-9][0-9.]{0,63}\x00?")
+
+
+def _store_request_fields(command: bytes) -> tuple[str, int, int, str] | None:
+    """(Affected SOP Class UID, Message ID, Priority, Affected SOP Instance UID) of an Implicit VR Little
+    Endian C-STORE-RQ command set with exactly :data:`_STORE_RQ_ELEMENTS`, in order, a data set following
+    and plain UIDs; None for anything else."""
+    values: list[bytes] = []
+    pos, end = 0, len(command)
+    for tag in _STORE_RQ_ELEMENTS:
+        if pos + 8 > end:
+            return None
+        group, element, length = _COMMAND_ELEMENT.unpack_from(command, pos)
+        pos += 8
+        if group != 0 or element != tag or pos + length > end:
+            return None
+        values.append(command[pos:pos + length])
+        pos += length
+    if pos != end or values[0] != struct.pack("<L", end - 12):
+        return None
+    if any(len(values[i]) != 2 for i in (2, 3, 4, 5)):
+        return None
+    command_field, message_id, priority, data_set_type = (
+        struct.unpack("<H", values[i])[0] for i in (2, 3, 4, 5))
+    if command_field != 0x0001 or data_set_type == 0x0101:
+        return None
+    if not (_PLAIN_UID.fullmatch(values[1]) and _PLAIN_UID.fullmatch(values[6])):
+        return None
+    return (values[1].rstrip(b"\x00").decode("ascii"), message_id, priority,
+            values[6].rstrip(b"\x00").decode("ascii"))

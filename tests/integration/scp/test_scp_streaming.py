@@ -38,17 +38,16 @@ def test_streamed_files_are_the_assembled_ones(make_scp: Callable[..., RunningSC
     files = write_study(new_study([0.0, 50.0], seed="stream"), tmp_path / "in", size=128, n_slices=6)
     streamed = make_scp()
     assert streamed.scp is not None
-    opened: list[int] = []
-    real = streamed.scp.spool.incoming
+    kinds: list[str] = []
+    real = streamed.scp.spool.store
 
-    def counting(head: bytes) -> object:
-        opened.append(len(head))
-        return real(head)
+    def recording(meta: object, encoded: object) -> Path:
+        kinds.append(type(encoded).__name__)
+        return real(meta, encoded)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(streamed.scp.spool, "incoming", counting)
-    streamed.scp._server.incoming = streamed.scp.spool.incoming  # type: ignore[union-attr]
+    monkeypatch.setattr(streamed.scp.spool, "store", recording)
     assert storescu(streamed.port, files).returncode == 0
-    assert len(opened) == len(files)  # every data set went through the stream
+    assert kinds == ["Incoming"] * len(files)  # every data set went through the stream
     monkeypatch.setattr(service.net._pynetdicom_fast, "FAST_REACTOR", False)
     stock = make_scp()
     assert storescu(stock.port, files).returncode == 0
