@@ -202,6 +202,16 @@ def fsync_latency_ms(work: Path, n: int = 20) -> tuple[float, float]:
     return statistics.median(f_ms), statistics.median(d_ms)
 
 
+def io_pressure() -> str:
+    """The disk's contention from other processes (Linux PSI: share of time some task waited on I/O)."""
+    try:
+        some = Path("/proc/pressure/io").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return "io pressure: n/a"
+    fields = dict(f.split("=") for f in some[1:])
+    return f"io pressure (some) avg10 {fields.get('avg10')} % avg60 {fields.get('avg60')} %"
+
+
 def summarise_profile(path: Path, top: int = 15) -> None:
     """py-spy raw (collapsed) stacks -> share of samples by leaf function and by selected subsystems."""
     leaf: Counter[str] = Counter()
@@ -253,6 +263,7 @@ def main() -> int:
     fsync_ms = fsync_latency_ms(work)
     print(f"this disk: fsync of a new 0.5 MB file {fsync_ms[0]:.1f} ms, of its directory {fsync_ms[1]:.1f} ms"
           f" -> durable ingest cannot exceed ~{1000 / sum(fsync_ms):.0f} files/s per association")
+    print(f"before the rounds: {io_pressure()}; load average {os.getloadavg()[0]:.1f}")
     runners: dict[str, Callable[[], float]] = {
         "itvnode": lambda: round_itvnode(folder, work, n_files, None, fsync=True),
         "itvnode-nofsync": lambda: round_itvnode(folder, work, n_files, None, fsync=False),
@@ -270,7 +281,7 @@ def main() -> int:
                 print(f"round {r + 1} {name:17s} {dt:6.2f} s  {mb / dt:7.1f} MB/s  "
                       f"{n_files / dt:7.1f} files/s", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print("\nmedian:")
+        print(f"\nmedian ({io_pressure()}; load average {os.getloadavg()[0]:.1f}):")
         for name, dt in med.items():
             print(f"  {name:17s} {dt:6.2f} s  {mb / dt:7.1f} MB/s  {n_files / dt:7.1f} files/s")
         print(f"ratio itvnode/storescp (throughput, fsync on):  {med['storescp'] / med['itvnode']:.2f}")

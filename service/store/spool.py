@@ -66,8 +66,9 @@ class Incoming:
 
     PREFIX = 256 * 1024
 
-    def __init__(self, path: Path, head: bytes, limit: int) -> None:
+    def __init__(self, path: Path, head: bytes, limit: int, *, crc: bool = True) -> None:
         self.path = path
+        self._crc = crc  # only the journal needs it
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._closer = weakref.finalize(self, _discard, self.fd, str(path))
         self.limit = limit
@@ -87,7 +88,8 @@ class Incoming:
             return
         if len(self.prefix) < self.PREFIX:
             self.prefix += data[: self.PREFIX - len(self.prefix)]
-        self.crc = zlib.crc32(data, self.crc)
+        if self._crc:
+            self.crc = zlib.crc32(data, self.crc)
         view = memoryview(data)
         try:
             while view:
@@ -159,7 +161,8 @@ class Spool:
             self._incoming_seq += 1
             seq = self._incoming_seq
         name = f"{_INCOMING_PREFIX}{os.getpid()}-{threading.get_ident()}-{seq}{_TMP_SUFFIX}"
-        return Incoming(self.root / name, head, shutil.disk_usage(self.root).free)
+        return Incoming(self.root / name, head, shutil.disk_usage(self.root).free,
+                        crc=self._journal is not None)
 
     # -- writing
 
