@@ -3,7 +3,8 @@
 Making a new spool file durable costs two fsyncs (the file, then its directory after the rename): each a
 file-system journal commit plus a disk cache flush. Appending to a file whose blocks already exist and
 ``fdatasync``-ing it needs no metadata commit: measured here ~0.4 ms against ~4-11 ms (bench/ingest.py).
-So :class:`service.store.spool.Spool` writes the spool file without fsync, appends the same bytes here,
+So :class:`service.store.spool.Spool` writes the spool file without fsync, appends the same bytes here
+(:meth:`Journal.append`, or :meth:`Journal.append_file` copying them from the file in the kernel),
 and acknowledges once :meth:`Journal.append` returns; a background checkpoint fsyncs the spool files and
 only then recycles the journal. After a crash, :meth:`Journal.orphans` yields what may not have reached the
 spool durably, and the spool writes it again (``Spool.reconcile``).

@@ -5,6 +5,10 @@ the data set bytes the peer sent, no transcoding, no pixel decoding). :meth:`Spo
 the file and its directory entry are on disk (temp file in the same directory, fsync, atomic rename, fsync
 of the directory) and the index row is committed; a C-STORE is acknowledged only after that.
 
+The SCP streams a C-STORE data set into a temp file in the spool root as it arrives (:meth:`Spool.incoming`,
+:class:`Incoming`) and :meth:`Spool.store` files that the same way (rename into place, then the journal or
+the fsyncs), with the same checks as for bytes.
+
 The files are the durable truth; the index is derived from them: :meth:`Spool.reconcile` re-indexes any
 durable file the index lacks — ``itvnode serve`` calls it at start-up. A third fsync per instance (the WAL)
 would cost ~25 % of ingest throughput for no durability gain. What an acceptable instance is lives in
