@@ -106,6 +106,7 @@ class StorageSCP:
         assert isinstance(server, SCPServer)
         server.policy = self.policy
         server.gate = self.gate
+        server.incoming = self.spool.incoming
         unbind_standard_log_handlers(server)
         register_server(self.ae, server)
         self._server = server

@@ -1,6 +1,7 @@
 """The Storage SCP's event handlers: C-STORE into the durable spool, C-ECHO, one summary line per association.
 
-Each C-STORE is written as received (``event.encoded_dataset()``: no transcoding, no pixel decoding), made
+Each C-STORE is written as received (no transcoding, no pixel decoding: streamed to a spool temp file as it
+arrived, see :class:`service.net._pynetdicom_fast.dimse.FastDIMSE`, or ``event.encoded_dataset()``), made
 durable and indexed by :class:`service.store.spool.Spool` before the success status goes back. Every failure
 maps to a DIMSE status through :mod:`service.net.dimse_status`; the server keeps serving whatever a peer
 sends.
@@ -20,10 +21,11 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 
 from service.net import dimse_status
+from service.net._pynetdicom_fast.dimse import StreamedDataSet
 from service.net.admission import ConnectionGate
-from service.store.header_scan import meta_from_bytes
+from service.store.header_scan import meta_from_bytes, meta_from_prefix
 from service.store.instance_meta import InstanceMeta
-from service.store.spool import Spool
+from service.store.spool import Incoming, Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -94,10 +96,25 @@ class SCPHandlers:
         req = event.request
         affected = str(getattr(req, "AffectedSOPInstanceUID", "") or "")
         stats = self._assoc_stats(event.assoc)
+        data_set = getattr(req, "DataSet", None)
+        encoded: bytes | Incoming
         try:
-            encoded = event.encoded_dataset()
-            meta = meta_from_bytes(encoded, negotiated_sop_class=event.context.abstract_syntax,
-                                   affected_sop_instance=affected)
+            checks = {"negotiated_sop_class": event.context.abstract_syntax,
+                      "affected_sop_instance": affected}
+            if isinstance(data_set, StreamedDataSet):  # already in a spool temp file
+                encoded = incoming = data_set.incoming
+                try:
+                    incoming.check()
+                    meta = meta_from_prefix(bytes(incoming.prefix), incoming.size, incoming.read_all,
+                                            **checks)
+                except BaseException:
+                    incoming.close()
+                    raise
+                nbytes = incoming.size
+            else:
+                encoded = event.encoded_dataset()
+                meta = meta_from_bytes(encoded, **checks)
+                nbytes = len(encoded)
             self.spool.store(meta, encoded)
         except Exception as exc:  # never die on input: every failure becomes a status
             status = dimse_status.status_for(exc)
@@ -114,7 +131,7 @@ class SCPHandlers:
             rsp.ErrorComment = comment
             return rsp
         stats.stored += 1
-        stats.nbytes += len(encoded)
+        stats.nbytes += nbytes
         stats.studies.add(meta.study_instance_uid)
         LOG.debug("stored %s study %s series %s", meta.sop_instance_uid, meta.study_instance_uid,
                   meta.series_instance_uid)

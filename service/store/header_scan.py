@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -46,8 +47,12 @@ def _parse_header(encoded: bytes) -> tuple[Dataset, int | None]:
 
 
 
-def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bool) -> int | None:
-    """Check that Pixel Data starts at ``pos`` and is complete; its value length (None: encapsulated)."""
+def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bool,
+                          total: int | None = None) -> int | None:
+    """Check that Pixel Data starts at ``pos`` and is complete; its value length (None: encapsulated).
+
+    ``total``: the length of the whole byte string when ``encoded`` is only its beginning (the rest was
+    streamed to disk); an encapsulated Pixel Data cannot be checked from a prefix (:class:`_NotFast`)."""
     end = "<" if little else ">"
     if pos + 8 > len(encoded):
         raise UndecodableDataset("PixelData missing (data set empty or truncated)")
@@ -63,11 +68,14 @@ def _check_pixel_element(encoded: bytes, pos: int, *, implicit: bool, little: bo
     else:
         (length,), start = struct.unpack(end + "H", encoded[pos + 6:pos + 8]), pos + 8
     if length == 0xFFFFFFFF:  # encapsulated: fragments end with a Sequence Delimitation Item
+        if total is not None and total > len(encoded):
+            raise Unsupported
         if encoded.rfind(struct.pack(end + "HHL", 0xFFFE, 0xE0DD, 0), start) < 0:
             raise UndecodableDataset("encapsulated PixelData truncated (no sequence delimiter)")
         return None
-    if start + length > len(encoded):
-        raise UndecodableDataset(f"PixelData truncated ({len(encoded) - start} of {length} bytes)")
+    have = len(encoded) if total is None else total
+    if start + length > have:
+        raise UndecodableDataset(f"PixelData truncated ({have - start} of {length} bytes)")
     return int(length)
 
 
@@ -131,13 +139,14 @@ def _fast_value(vr: bytes, raw: bytes, encoding: str) -> Any:
     return values
 
 
-def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str, int | None] | None:
+def _fast_header(encoded: bytes, total: int | None = None) -> tuple[dict[str, Any], str, int | None] | None:
     """Header fields of a classic CT instance in Explicit/Implicit VR Little Endian, or None.
 
     Scans element headers with ``struct`` instead of building a pydicom Dataset (the largest per-instance
     CPU cost of ingest), checks that Pixel Data is complete like :func:`_parse_header`, and gives up (None)
     on anything unusual: other transfer syntaxes or SOP classes, unexpected VRs, character sets other
-    than ASCII / Latin-1 / UTF-8, out-of-order tags, malformed values.
+    than ASCII / Latin-1 / UTF-8, out-of-order tags, malformed values. ``total``: see
+    :func:`_check_pixel_element` (the header must then lie within ``encoded``).
     """
     try:
         if encoded[128:132] != b"DICM":
@@ -179,7 +188,7 @@ def _fast_header(encoded: bytes) -> tuple[dict[str, Any], str, int | None] | Non
                 pos += hdr + length
             if pos > end:
                 return None
-        pixel_length = _check_pixel_element(encoded, pos, implicit=not explicit, little=True)
+        pixel_length = _check_pixel_element(encoded, pos, implicit=not explicit, little=True, total=total)
         charset = raw.pop(0x00080005, (b"", b""))[1].decode("ascii").strip(" \0")
         if charset not in ("", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"):
             return None
@@ -202,6 +211,15 @@ def meta_from_bytes(encoded: bytes, **kwargs: Any) -> InstanceMeta:
     if fast is not None:
         return instance_meta(fast[0], fast[1], pixel_length=fast[2], **kwargs)
     return meta_via_pydicom(encoded, **kwargs)
+
+
+def meta_from_prefix(prefix: bytes, total: int, read_all: Callable[[], bytes], **kwargs: Any) -> InstanceMeta:
+    """:func:`meta_from_bytes` for an instance streamed to disk: the fast scan on its first bytes
+    (``prefix``, of ``total``), else ``read_all()`` and :func:`meta_from_bytes` on the whole."""
+    fast = _fast_header(prefix, total=total)
+    if fast is not None:
+        return instance_meta(fast[0], fast[1], pixel_length=fast[2], **kwargs)
+    return meta_from_bytes(prefix if len(prefix) >= total else read_all(), **kwargs)
 
 
 def meta_via_pydicom(encoded: bytes, **kwargs: Any) -> InstanceMeta:

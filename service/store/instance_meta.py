@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pydicom import Dataset
@@ -69,7 +69,9 @@ class InstanceMeta:
     number_of_frames: int | None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # asdict()'s deep copy was ~40 % of the index insert per instance; the fields are flat (str, int,
+        # float, None and tuples of them), so a shallow dict gives the same JSON
+        return json.dumps({name: getattr(self, name) for name in _FIELD_NAMES}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> InstanceMeta:
@@ -78,6 +80,9 @@ class InstanceMeta:
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(InstanceMeta))
 
 
 # The validation below reads either a pydicom Dataset or the plain dict of the fast header scan: both

@@ -5,6 +5,10 @@ the data set bytes the peer sent, no transcoding, no pixel decoding). :meth:`Spo
 the file and its directory entry are on disk (temp file in the same directory, fsync, atomic rename, fsync
 of the directory) and the index row is committed; a C-STORE is acknowledged only after that.
 
+The SCP streams a C-STORE data set into a temp file in the spool root as it arrives (:meth:`Spool.incoming`,
+:class:`Incoming`) and :meth:`Spool.store` files that the same way (rename into place, then the journal or
+the fsyncs), with the same checks as for bytes.
+
 The files are the durable truth; the index is derived from them: :meth:`Spool.reconcile` re-indexes any
 durable file the index lacks — ``itvnode serve`` calls it at start-up. A third fsync per instance (the WAL)
 would cost ~25 % of ingest throughput for no durability gain. What an acceptable instance is lives in
@@ -15,14 +19,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import threading
 import time
+import weakref
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 from service.store import spool_index
-from service.store.durable import DIR_MODE, fsync_dir, fsync_file, private_dir, write_atomic
+from service.store.durable import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, private_dir, write_atomic
 from service.store.header_scan import meta_from_bytes
 from service.store.ingest_errors import (
     ConflictingDuplicate,
@@ -39,6 +46,86 @@ LOG = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".part"
 _STALE_TMP_SECONDS = 3600.0
+_INCOMING_PREFIX = ".incoming-"
+
+
+def _discard(fd: int, path: str) -> None:
+    for step in (lambda: os.close(fd), lambda: os.unlink(path)):
+        try:
+            step()
+        except OSError:
+            pass
+
+
+class Incoming:
+    """An instance written to a temp file in the spool as its fragments arrive (no copy of it is assembled
+    in memory); :meth:`Spool.store` then files it where it belongs.
+
+    Keeps the first :data:`PREFIX` bytes for the header scan and the CRC-32 of everything for the journal.
+    Past ``limit`` bytes (what the file system had free) or after a write error it stops writing, so that a
+    peer cannot fill the disk, and :meth:`check` raises the refusal; the free-space watermark is
+    :meth:`Spool.store`'s, as for bytes. Closed (and its temp file removed, unless filed) by :meth:`close`, or
+    when garbage-collected.
+    """
+
+    PREFIX = 256 * 1024
+
+    def __init__(self, path: Path, head: bytes, limit: int, *, crc: bool = True) -> None:
+        self.path = path
+        self._crc = crc  # only the journal needs it
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._closer = weakref.finalize(self, _discard, self.fd, str(path))
+        self.limit = limit
+        self.size = 0
+        self.crc = 0
+        self.prefix = bytearray()
+        self.error: OSError | None = None
+        self.write(head)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.error is not None:
+            return
+        n = len(data)
+        if self.size + n > self.limit:
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            os.ftruncate(self.fd, 0)
+            return
+        if len(self.prefix) < self.PREFIX:
+            self.prefix += data[: self.PREFIX - len(self.prefix)]
+        if self._crc:
+            self.crc = zlib.crc32(data, self.crc)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self.error = exc
+            os.ftruncate(self.fd, 0)
+            return
+        self.size += n
+
+    def check(self) -> None:
+        """Raise what made :meth:`write` stop, as the spool's refusal."""
+        if self.error is None:
+            return
+        if self.error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFull("spool file system is full")
+        name = errno.errorcode.get(self.error.errno or 0, type(self.error).__name__)
+        raise SpoolUnavailable(f"spool write failed: {name}")
+
+    def read_all(self) -> bytes:
+        """The whole instance (a re-send to compare, or a header the fast scan does not handle)."""
+        parts, pos = [], 0
+        while pos < self.size:
+            chunk = os.pread(self.fd, self.size - pos, pos)
+            if not chunk:
+                raise SpoolUnavailable("spool temp file shrank")
+            parts.append(chunk)
+            pos += len(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._closer()
 
 
 class Spool:
@@ -69,17 +156,38 @@ class Spool:
         self._remove_stale_parts()
         self._journal = (Journal(self.root / SPOOL_JOURNAL, self.root, journal_checkpoint_s)
                          if journal and fsync else None)
+        self._incoming_seq = 0
+
+    def incoming(self, head: bytes) -> Incoming:
+        """A temp file for an instance that arrives in fragments, starting with ``head`` (preamble and file
+        meta); :meth:`store` it, or :meth:`Incoming.close` it to drop it."""
+        with self._lock:
+            self._incoming_seq += 1
+            seq = self._incoming_seq
+        name = f"{_INCOMING_PREFIX}{os.getpid()}-{threading.get_ident()}-{seq}{_TMP_SUFFIX}"
+        return Incoming(self.root / name, head, shutil.disk_usage(self.root).free,
+                        crc=self._journal is not None)
 
     # -- writing
 
-    def store(self, meta: InstanceMeta, encoded: bytes) -> Path:
-        """Write ``encoded`` durably then index it. Returns the file path.
+    def store(self, meta: InstanceMeta, encoded: bytes | Incoming) -> Path:
+        """Write ``encoded`` (or file an :class:`Incoming`, which is closed in any case) durably then index
+        it. Returns the file path.
 
         Per study and SOP Instance UID: an identical re-send changes nothing but the received time (no
         write); changed content in the same series replaces the file and bumps the instance's revision (a
         corrected re-send); the same SOP Instance UID in another series of the study is refused with
         :class:`ConflictingDuplicate`. Another study with the same SOP Instance UID is simply another file.
         """
+        if isinstance(encoded, Incoming):
+            try:
+                encoded.check()
+                return self._store(meta, encoded)
+            finally:
+                encoded.close()
+        return self._store(meta, encoded)
+
+    def _store(self, meta: InstanceMeta, encoded: bytes | Incoming) -> Path:
         for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
             if not PATH_SAFE_UID_RE.match(uid) or len(uid) > 64:
                 raise InvalidIdentifier("UID not usable as a spool path")
@@ -92,6 +200,8 @@ class Spool:
         if row is not None:
             if row[0] != meta.series_instance_uid:
                 raise ConflictingDuplicate("SOP Instance UID already stored in another series")
+            if isinstance(encoded, Incoming):
+                encoded = encoded.read_all()  # compared, and written again if changed: a rare path
             if self._same_bytes(self.root / row[1], encoded):
                 with self._lock:
                     cur = self._db.execute(
@@ -105,13 +215,17 @@ class Spool:
             revision = int(row[2]) + 1
             LOG.warning("study %s: instance %s re-sent with changed content; replacing it (revision %d)",
                         meta.study_instance_uid, meta.sop_instance_uid, revision)
-        if self.free_bytes() - len(encoded) < self.min_free_bytes:
-            self._make_room(len(encoded))
+        size, pending = (encoded.size, encoded.size) if isinstance(encoded, Incoming) else (len(encoded), 0)
+        if self.free_bytes(pending) - size < self.min_free_bytes:
+            self._make_room(size, pending)
         tmp = series_dir / f".{meta.sop_instance_uid}.{threading.get_ident()}{_TMP_SUFFIX}"
         for attempt in (1, 2):
             try:
                 self._ensure_dir(series_dir)
-                self._write_durably(tmp, final, encoded)
+                if isinstance(encoded, Incoming):
+                    self._file_durably(encoded, final)
+                else:
+                    self._write_durably(tmp, final, encoded)
                 break
             except FileNotFoundError:
                 if attempt == 2:
@@ -123,7 +237,7 @@ class Spool:
                     raise SpoolFull("spool file system is full") from None
                 name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
                 raise SpoolUnavailable(f"spool write failed: {name}") from None
-        self._index(meta, final, len(encoded), revision=revision)
+        self._index(meta, final, size, revision=revision)
         return final
 
     @staticmethod
@@ -148,6 +262,27 @@ class Spool:
             fsync_file(final)
             fsync_dir(final.parent)
 
+    def _file_durably(self, incoming: Incoming, final: Path) -> None:
+        """:meth:`_write_durably` for bytes already in a temp file: rename it into place, then the journal
+        (copied from the file by the kernel) or fsyncs."""
+        if self._journal is not None and self._journal.fits(incoming.size):
+            os.replace(incoming.path, final)
+            incoming.path = final  # filed: closing it must not unlink anything
+            try:
+                self._journal.append_file(final.relative_to(self.root).as_posix(), incoming.fd, incoming.size,
+                                          incoming.crc)
+            except OSError:
+                LOG.exception("spool journal append failed; fsyncing %s in place", final.name)
+                os.fsync(incoming.fd)
+                fsync_dir(final.parent)
+            return
+        if self.fsync:
+            os.fsync(incoming.fd)
+        os.replace(incoming.path, final)
+        incoming.path = final
+        if self.fsync:
+            fsync_dir(final.parent)
+
     def _ensure_dir(self, series_dir: Path) -> None:
         if series_dir in self._known_dirs:
             return
@@ -162,18 +297,18 @@ class Spool:
                     fsync_dir(d.parent)
             self._known_dirs.add(series_dir)
 
-    def _make_room(self, needed: int) -> None:
+    def _make_room(self, needed: int, pending: int = 0) -> None:
         """Below the watermark: let retention purge finished work (one store at a time), then check again;
         :class:`SpoolFull` (0xA700) only when that did not free enough."""
         with self._low_space_lock:
             self._used = None
-            if self.on_low_space is not None and self.free_bytes() - needed < self.min_free_bytes:
+            if self.on_low_space is not None and self.free_bytes(pending) - needed < self.min_free_bytes:
                 try:
                     self.on_low_space(needed)
                 except Exception:
                     LOG.exception("retention purge for space failed")
                 self._used = None
-            if self.free_bytes() - needed < self.min_free_bytes:
+            if self.free_bytes(pending) - needed < self.min_free_bytes:
                 raise SpoolFull("spool below its free-space watermark")
 
     def _index(self, meta: InstanceMeta, path: Path, size: int, received_at: float | None = None,
@@ -273,9 +408,10 @@ class Spool:
         with self._lock:
             return spool_index.count(self._db)
 
-    def free_bytes(self) -> int:
-        """Free space for new instances: the file system's, or what ``max_bytes`` leaves if that is less."""
-        free = shutil.disk_usage(self.root).free
+    def free_bytes(self, pending: int = 0) -> int:
+        """Free space for new instances: the file system's, or what ``max_bytes`` leaves if that is less.
+        ``pending``: bytes of an :class:`Incoming` already written, counted as still free."""
+        free = shutil.disk_usage(self.root).free + pending
         if self.max_bytes is not None:
             free = min(free, self.max_bytes - self.used_bytes())
         return free
@@ -365,7 +501,9 @@ class Spool:
     def _remove_stale_parts(self) -> None:
         """Drop temp files left by a crash mid-write (old enough not to belong to a live writer)."""
         cutoff = time.time() - _STALE_TMP_SECONDS
-        for part in self.root.glob(f"*/*/.*{_TMP_SUFFIX}"):
+        parts = [*self.root.glob(f"*/*/.*{_TMP_SUFFIX}"),
+                 *self.root.glob(f"{_INCOMING_PREFIX}*{_TMP_SUFFIX}")]
+        for part in parts:
             try:
                 if part.stat().st_mtime < cutoff:
                     part.unlink()

@@ -49,6 +49,23 @@ MIRRORED: dict[str, tuple[str, str]] = {
         "ca3acbb824fbca27", "association.py FastAssociation._run_reactor (a copy blocking on DIMSE)"),
     "dimse.DIMSEServiceProvider.get_msg": (
         "c212cbcab6189184", "dimse.py guard_reactor (wraps it)"),
+    "association.Association._serve_request": (
+        "7718713783b27256", "dimse.py FastDIMSE._serve_here (which requests it may serve in the DUL thread: "
+        "its aborting branches wait for that thread)"),
+    "service_class.StorageServiceClass.SCP": (
+        "43ee94934c94e0df", "dimse.py FastDIMSE._serve_here (run in the DUL thread; must not block on it)"),
+    "dimse.DIMSEServiceProvider.receive_primitive": (
+        "ce54996cc62896fa", "dimse.py FastDIMSE.stream_done (a copy of its tail for a C-STORE-RQ)"),
+    "dimse_messages.DIMSEMessage.decode_msg": (
+        "df7467ef19607cff", "dimse.py FastDIMSE (streams the data set fragments it would assemble)"),
+    "events.Event.encoded_dataset": (
+        "d3eb56bceaf780b7", "dimse.py FastDIMSE._open_stream (the same file meta, then the data set)"),
+    "events.Event.file_meta.fget": (
+        "d862fd34e520ba3e", "dimse.py FastDIMSE._open_stream (the same file meta elements)"),
+    "fsm.DT_2": (
+        "b2cf0649ade29e42", "dul.py FastDUL._read_pdata (P-DATA-TF in Sta6 goes straight to DIMSE)"),
+    "pdu.P_DATA_TF._generate_items": (
+        "d4bfbc773c1f4f23", "dul.py FastDUL._read_pdata (reads the PDV items itself)"),
     "dul.DULServiceProvider.__init__": (
         "bfebea18107e93cc", "dul.py FastDUL.__init__ (extends it)"),
     "dul.DULServiceProvider._read_pdu_data": (
@@ -95,14 +112,22 @@ NAMES: dict[str, str] = {
     "transport.ThreadedAssociationServer.get_request":
         "transport.py SCPServer (TLS handshake per thread)",
     "events.NotificationEvent": "transport.py SCPRequestHandler._create_association",
+    "dimse_messages.C_STORE_RQ": "dimse.py FastDIMSE._open_stream",
+    "dimse_messages.DIMSEMessage.message_to_primitive": "dimse.py FastDIMSE.stream_done",
+    "dsutils.create_file_meta": "dimse.py FastDIMSE._open_stream",
+    "dsutils.encode_file_meta": "dimse.py FastDIMSE._open_stream",
+    "pdu_primitives.P_DATA": "dimse.py FastDIMSE.receive_fragment",
+    "association.Association.get_handlers": "dul.py FastDUL._fast_pdata",
+    "sop_class.uid_to_service_class": "dimse.py FastDIMSE._serve_here",
+    "events.EVT_DATA_RECV": "dul.py FastDUL._fast_pdata (raw PDU listeners: the stock path)",
 }
 
 #: Instance attributes (set in ``__init__``, so not on the classes) that our overrides read or write.
 DUL_ATTRIBUTES = ("event_queue", "to_user_queue", "to_provider_queue", "_recv_pdu", "_kill_thread",
                   "_idle_timer", "artim_timer", "state_machine", "_run_loop_delay", "socket")
-ASSOCIATION_ATTRIBUTES = ("_dul_ready", "_kill", "_reactor_checkpoint", "_is_paused", "_server", "dul",
-                          "dimse", "acse", "acceptor", "requestor", "is_established", "is_released",
-                          "is_aborted")
+ASSOCIATION_ATTRIBUTES = ("_accepted_cx", "_sent_release", "_dul_ready", "_kill", "_reactor_checkpoint",
+                          "_is_paused", "_server", "dul", "dimse", "acse", "acceptor", "requestor",
+                          "is_established", "is_released", "is_aborted")
 SERVER_ATTRIBUTES = ("_handlers", "contexts", "ae_title", "ae", "ssl_context", "active_associations")
 
 
@@ -166,7 +191,8 @@ def test_instance_attributes_that_the_overrides_use() -> None:
     assoc = Association(AE(), MODE_ACCEPTOR)  # builds the DUL and ACSE; starts no thread
     missing = [f"DULServiceProvider().{a}" for a in DUL_ATTRIBUTES if not hasattr(assoc.dul, a)]
     missing += [f"Association().{a}" for a in ASSOCIATION_ATTRIBUTES if not hasattr(assoc, a)]
-    missing += [f"Association().dimse.{a}" for a in ("msg_queue", "get_msg") if not hasattr(assoc.dimse, a)]
+    missing += [f"Association().dimse.{a}" for a in ("msg_queue", "get_msg", "message")
+                if not hasattr(assoc.dimse, a)]
     missing += [f"Association().dul.state_machine.{a}" for a in ("current_state", "do_action")
                 if not hasattr(assoc.dul.state_machine, a)]
     if not hasattr(assoc.requestor, "primitive"):

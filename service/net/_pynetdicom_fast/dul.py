@@ -19,18 +19,22 @@ import ssl
 import struct
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT
 
+from service.net._pynetdicom_fast.dimse import FastDIMSE
 from service.net.pdu_bounds import pdu_length_limit
 
 LOG = logging.getLogger(__name__)
 
 _IDLE_WAIT = 0.02  # seconds: upper bound on timer / kill-flag latency while idle
+_PDV_HEAD = struct.Struct(">LBB")  # PDV item length, presentation context ID, message control header
+_STREAM_CHUNK = 256 * 1024  # the one receive buffer per association for streamed data sets
 
 
 def _close_fds(*fds: int) -> None:
@@ -41,9 +45,22 @@ def _close_fds(*fds: int) -> None:
             pass
 
 
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's ``to_user_queue``: each primitive for the association thread also wakes it."""
+
+    def __init__(self, wake: Any) -> None:
+        super().__init__()
+        self._wake_user = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake_user()
+
+
 class FastDUL(DULServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self.to_user_queue = _WakingQueue(self._wake_association)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -51,12 +68,20 @@ class FastDUL(DULServiceProvider):
         self._invalid_pdus = 0
         self._connected = False  # the state machine left Sta1: a transport connection exists
         self._got_request = False  # an A-ASSOCIATE-RQ PDU arrived
+        self._rbuf: bytearray | None = None  # reused receive buffer of the streamed C-STORE data sets
 
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):  # pipe full (a wake-up is pending anyway) or closed
             pass
+
+    def _wake_association(self) -> None:
+        """Wake the association thread blocked on the DIMSE queue (:class:`FastAssociation`): a primitive
+        for it, or this reactor ending. ``(None, None)`` is what an empty queue reads as anyway."""
+        dimse = getattr(self.assoc, "dimse", None)
+        if dimse is not None:
+            dimse.msg_queue.put((None, None))
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -86,6 +111,12 @@ class FastDUL(DULServiceProvider):
         if length > limit:
             self._refuse_oversized(pdu_type, length, limit)
             return
+        if pdu_type == 0x04 and self._fast_pdata():
+            try:
+                self._read_pdata(wrapper, length)
+            except (OSError, TimeoutError):
+                self.event_queue.put("Evt17")
+            return
         try:
             body = wrapper.recv(length)
         except (OSError, TimeoutError):
@@ -104,6 +135,72 @@ class FastDUL(DULServiceProvider):
         self._got_request |= pdu_type == 0x01
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _fast_pdata(self) -> bool:
+        """P-DATA-TF in Sta6 (where pynetdicom's state machine only passes it to DIMSE: Evt10, DT-2) with
+        nobody listening for raw PDUs: read by :meth:`_read_pdata`."""
+        assoc = self.assoc
+        return (isinstance(assoc.dimse, FastDIMSE) and self.state_machine.current_state == "Sta6"
+                and not assoc.get_handlers(evt.EVT_DATA_RECV) and not assoc.get_handlers(evt.EVT_PDU_RECV))
+
+    def _read_pdata(self, wrapper: Any, length: int) -> None:
+        """Read a P-DATA-TF body PDV by PDV (PS3.8 9.3.5) and hand each to :class:`FastDIMSE`: a C-STORE data
+        set fragment goes in bounded chunks from the socket to its spool temp file, the rest through
+        pynetdicom's decoding. What pynetdicom's PDU decoding would refuse ends the association the same way.
+        """
+        dimse = cast(FastDIMSE, self.assoc.dimse)
+        left = length
+        while left:
+            if left < _PDV_HEAD.size:
+                self._invalid_pdu("P-DATA-TF item header truncated")
+                return
+            head = wrapper.recv(_PDV_HEAD.size)
+            if len(head) < _PDV_HEAD.size:
+                self._closed_mid_pdu(length)
+                return
+            item_length, context_id, control = _PDV_HEAD.unpack(head)
+            if item_length < 2 or item_length + 4 > left:
+                self._invalid_pdu(f"P-DATA-TF item of {item_length} bytes in {left}")
+                return
+            left -= 4 + item_length
+            n = item_length - 2
+            stream = dimse.stream_for(context_id, control)
+            if stream is None:
+                data = wrapper.recv(n) if n else b""
+                if len(data) < n:
+                    self._closed_mid_pdu(length)
+                    return
+                dimse.receive_fragment(context_id, bytes((control,)) + bytes(data))
+                continue
+            if not self._recv_into_stream(wrapper, stream, n):
+                self._closed_mid_pdu(length)
+                return
+            if control & 2:
+                dimse.stream_done()
+
+    def _recv_into_stream(self, wrapper: Any, stream: Any, n: int) -> bool:
+        """Copy ``n`` bytes from the socket to ``stream`` through one reused buffer; False if the peer
+        closed first."""
+        if self._rbuf is None:
+            self._rbuf = bytearray(_STREAM_CHUNK)
+        buf = memoryview(self._rbuf)
+        sock = wrapper.socket
+        while n:
+            want = min(n, _STREAM_CHUNK)
+            filled = 0
+            while filled < want:
+                got = sock.recv_into(buf[filled:want], want - filled)
+                if not got:
+                    return False
+                filled += got
+            stream.write(buf[:want])
+            n -= want
+        return True
+
+    def _closed_mid_pdu(self, length: int) -> None:
+        LOG.warning("peer %s closed the connection inside a %d-byte PDU", self.assoc.requestor.address,
+                    length)
+        self.event_queue.put("Evt17")
 
     def _invalid_pdu(self, why: str) -> None:
         """Evt19: the state machine answers with an A-ABORT. pynetdicom answers each further 6 bytes of noise
@@ -142,6 +239,8 @@ class FastDUL(DULServiceProvider):
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
+        if isinstance(self.assoc.dimse, FastDIMSE):
+            self.assoc.dimse.prepare()  # idle: the peer is preparing its next request
         try:
             ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [], _IDLE_WAIT)
         except (OSError, ValueError):  # closed under us: the transport check reports it
@@ -190,7 +289,10 @@ class FastDUL(DULServiceProvider):
                 if self._connection_ended_before_request():
                     return
         finally:
+            if isinstance(self.assoc.dimse, FastDIMSE):
+                self.assoc.dimse.discard_stream()
             self._close_pipe()
+            self._wake_association()
 
     def _fail(self, exc: Exception) -> None:
         """Anything the state machine cannot handle ends the association: A-ABORT, close, end it."""

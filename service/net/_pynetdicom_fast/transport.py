@@ -32,6 +32,7 @@ from service.net._pynetdicom_fast.association import FastAssociation
 from service.net.admission import ConnectionGate
 from service.net.connect_errors import RecordingSocket
 from service.net.negotiation import CallerPolicy
+from service.store.spool import Incoming
 
 LOG = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class SCPServer(ThreadedAssociationServer):
     daemon_threads = True
     policy: CallerPolicy
     gate: ConnectionGate
+    #: where C-STORE data sets are streamed as they arrive (``Spool.incoming``; None: assembled in memory)
+    incoming: Callable[[bytes], Incoming] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
