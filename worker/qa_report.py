@@ -80,11 +80,26 @@ def _nearest(percents: Sequence[float], want: float) -> int:
     return int(np.argmin(d))
 
 
+def _profiles(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel counts of a (Z, Y, X) mask per z, y and x index (int64): its projections on the three axes,
+    without listing its voxels (``np.nonzero`` of a body-sized mask is ~100x slower)."""
+    m = np.asarray(mask, dtype=bool)
+    plane = m.sum(axis=0, dtype=np.int64)
+    per_z = np.array([np.count_nonzero(s) for s in m], dtype=np.int64)
+    return per_z, plane.sum(axis=1), plane.sum(axis=0)
+
+
 def _centroid_index(mask: np.ndarray) -> tuple[int, int, int] | None:
-    idx = np.nonzero(mask)
-    if not idx[0].size:
+    """The voxel nearest the centroid of a (Z, Y, X) mask, None when it is empty. Equals rounding the mean
+    of ``np.nonzero(mask)`` per axis: the index sums are exact integers (below 2**53) either way and the
+    division is the same one float division."""
+    profiles = _profiles(mask)
+    n = int(profiles[0].sum())
+    if not n:
         return None
-    return tuple(int(round(float(np.mean(a)))) for a in idx)  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]
+        int(round(int(np.dot(np.arange(c.size, dtype=np.int64), c)) / n)) for c in profiles
+    )
 
 
 def _coords(
@@ -137,11 +152,12 @@ def _body_crop(hu: np.ndarray, body: np.ndarray | None) -> tuple[slice, slice, s
 
 
 def _zoom_crop(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, slice, slice]:
-    idx = np.nonzero(mask)
+    """The bounding box of a non-empty (Z, Y, X) mask grown by ``margin_mm`` (clamped to the array)."""
     out = []
-    for axis in range(3):
+    for axis, counts in enumerate(_profiles(mask)):
+        idx = np.flatnonzero(counts)
         pad = int(np.ceil(margin_mm / spacing[axis]))
-        lo, hi = int(idx[axis].min()) - pad, int(idx[axis].max()) + pad + 1
+        lo, hi = int(idx[0]) - pad, int(idx[-1]) + pad + 1
         out.append(slice(max(0, lo), min(mask.shape[axis], hi)))
     return out[0], out[1], out[2]
 
