@@ -147,7 +147,9 @@ class PhaseSegmentation:
         whole: dict[str, np.ndarray] = {}
         for spec in self._thresholds:
             assert spec.hu_range is not None
-            whole[spec.name] = np.asarray(threshold_body(phase, self.spacing, spec.hu_range), dtype=bool)
+            # an unsplit structure is computed straight into its slot of the study's mask
+            into = None if spec.split_laterality else self.masks[spec.name][p]
+            whole[spec.name] = threshold_body(phase, self.spacing, spec.hu_range, out=into)
         default_body: list[np.ndarray] = []  # threshold_body at its defaults, computed at most once
 
         def midline(external: str | None) -> float:
@@ -166,8 +168,7 @@ class PhaseSegmentation:
             if spec.split_laterality:
                 left, right = split_sides(whole[spec.name], mid)
                 self.masks[f"{spec.name}_L"][p], self.masks[f"{spec.name}_R"][p] = left, right
-            else:
-                self.masks[spec.name][p] = whole[spec.name]
+            # else: already in self.masks[spec.name][p]
         if sam.masks is not None:
             if any(s.split_laterality for s in self._sam):  # an External that is split is not a midline
                 unsplit = [s.name for s in externals if not s.split_laterality]

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _CONN6 = ndimage.generate_binary_structure(3, 1)
 _FEW_CANDIDATES = 8  # body parts above the size floor tested for couch shape without find_objects
+_SIZES_CHUNK = 1 << 18  # labels per np.bincount call in _sizes
 _PLANE4 = np.zeros((3, 3, 3), dtype=bool)  # 4-connectivity within an axial slice, none across slices
 _PLANE4[1] = ndimage.generate_binary_structure(2, 1)
 
@@ -66,24 +67,34 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     each of its slices too, so this also fills every 3D hole.
     """
     background, n = ndimage.label(~mask, structure=_PLANE4)
-    outside = np.zeros(n + 1, dtype=bool)
+    filled = np.ones(n + 1, dtype=bool)  # per label: part of the result (label 0 is the foreground itself)
     for edge in (background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]):
-        outside[np.unique(edge)] = True
-    outside[0] = True  # label 0 is the foreground itself
-    return np.asarray(mask | ~outside[background], dtype=bool)
+        filled[edge] = False  # background reaching the slice border stays background
+    filled[0] = True
+    return filled[background]  # one pass: the foreground and every enclosed hole
 
 
 def _is_couch(comp: np.ndarray, dy: float, dx: float, max_thickness_mm: float, min_width_mm: float) -> bool:
     """A couch/table top is a slab: wide left-right, thin front-back on every slice it occupies."""
-    zs = np.flatnonzero(comp.any(axis=(1, 2)))
-    thick, wide = [], []
-    for k in zs:
-        sl = comp[k]
-        cols = np.flatnonzero(sl.any(axis=0))
-        width = (cols[-1] - cols[0] + 1) * dx
-        thick.append(sl.sum() * dy * dx / width)  # mean AP thickness across its width
-        wide.append(width)
+    occupied: np.ndarray = np.any(comp, axis=1)  # (Z, X): the columns each slice occupies
+    zs = np.flatnonzero(occupied.any(axis=1))
+    cols = occupied[zs]
+    first = np.argmax(cols, axis=1)
+    last = cols.shape[1] - 1 - np.argmax(cols[:, ::-1], axis=1)
+    wide = (last - first + 1) * dx
+    voxels = np.array([np.count_nonzero(comp[k]) for k in zs], dtype=np.int64)
+    thick = voxels * dy * dx / wide  # mean AP thickness across its width
     return bool(np.median(thick) < max_thickness_mm and np.median(wide) >= min_width_mm)
+
+
+def _sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per label 0..n: ``np.bincount`` over cache-sized chunks (it converts each chunk to intp; one
+    call over the whole array writes and reads that copy through memory)."""
+    flat = labels.reshape(-1)
+    counts = np.zeros(n + 1, dtype=np.int64)
+    for i in range(0, flat.size, _SIZES_CHUNK):
+        counts += np.bincount(flat[i : i + _SIZES_CHUNK], minlength=n + 1)
+    return counts
 
 
 def _in_range(hu: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
@@ -171,7 +182,7 @@ def _body_one_full(
     if n == 0:
         return np.zeros_like(raw)
     voxel_cc = dz * dy * dx / 1000.0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_cc
+    sizes = _sizes(labels, n)[1:] * voxel_cc
     floor = max(min_part_cc, min_part_fraction * float(sizes.max()))
     candidates = [int(i) + 1 for i in np.flatnonzero(sizes >= floor)]
     # _is_couch does not depend on the box it is given: whole-array masks for a few candidates are cheaper
@@ -215,8 +226,10 @@ def threshold_body(
     couch_thickness_mm: float = 20.0,
     couch_min_width_mm: float = 150.0,
     workers: int = 2,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Body outline: bool mask of the same shape as ``hu`` ((Z, Y, X) or (P, Z, Y, X), per phase).
+    """Body outline: bool mask of the same shape as ``hu`` ((Z, Y, X) or (P, Z, Y, X), per phase), written
+    into ``out`` when given (a bool array of that shape, e.g. the phase's slot of a study's mask).
 
     ``couch_thickness_mm=0`` disables couch removal; ``bridge_mm=0`` disables the opening. Phases run on
     ``workers`` threads (the array work releases the GIL).
@@ -226,7 +239,12 @@ def threshold_body(
     lo, hi = float(hu_range[0]), float(hu_range[1])
     if not lo < hi:
         raise ValueError(f"hu_range {hu_range} must be (low, high) with low < high")
-    out = np.empty(phases.shape, dtype=bool)
+    if out is None:
+        out = np.empty(phases.shape, dtype=bool)
+    elif out.shape != np.shape(hu) or out.dtype != bool:
+        raise ValueError(f"out must be bool of shape {np.shape(hu)}, got {out.dtype} {out.shape}")
+    else:
+        out = out if is4d else out[None]
     thread_map(
         lambda p: _body_one(phases[p], sp, (lo, hi), min_part_cc, min_part_fraction, bridge_mm,
                             couch_thickness_mm, couch_min_width_mm, out=out[p]),
