@@ -191,42 +191,45 @@ def scan_series(names: Sequence[str]) -> list[ScannedHeader] | None:
 
 
 def read_native(path: str, head: ScannedHeader, s: SliceRef, geom: Geometry, dst: np.ndarray) -> None:
-    """Decode one native slice into ``dst`` (Y, X) of the output volume, in canonical axes."""
-    rows, cols = geom.rows, geom.columns
-    raw = np.empty((rows, cols), dtype="<i2" if head.signed else "<u2")
-    with open(path, "rb", buffering=0) as fh:
-        fh.seek(head.pixel_offset)
-        view = raw.data.cast("B")
-        got = 0
-        while got < view.nbytes:
-            n = fh.readinto(view[got:])
-            if not n:
-                raise VolumeError(f"{path}: pixel data ends early")
-            got += n
+    """Decode one native slice into ``dst`` (Y, X) of the output volume, in canonical axes.
+
+    The usual case (int16 output, integral rescale exact in int16, no flip) reads the pixels straight into
+    ``dst`` and rescales them there: no buffer, one pass less.
+    """
     bits = head.bits_stored
-    if bits < 16:  # ignore the unused high bits like pydicom does
-        np.left_shift(raw, 16 - bits, out=raw)
-        np.right_shift(raw, 16 - bits, out=raw)
+    slope, intercept = s.slope, s.intercept
+    integral = dst.dtype == np.int16 and slope.is_integer() and intercept.is_integer()
+    m, c = (int(slope), int(intercept)) if integral else (1, 0)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if head.signed else (0, (1 << bits) - 1)
+    ends = (m * lo, m * hi, m * lo + c, m * hi + c, c)
+    exact16 = integral and (bits < 16 or head.signed) and min(ends) >= -32768 and max(ends) <= 32767
+    raw_dtype = np.dtype("<i2" if head.signed else "<u2")
+    in_place = (exact16 and not geom.flip_rows and not geom.flip_cols and dst.flags.c_contiguous
+                and dst.dtype == np.dtype("<i2"))  # a little-endian machine: the bytes are the values
+    raw = dst.view(raw_dtype) if in_place else np.empty((geom.rows, geom.columns), dtype=raw_dtype)
+    _read_into(path, head.pixel_offset, raw)
+    if bits < 16:  # ignore the unused high bits like pydicom does (signed: sign-extend from the top bit)
+        if head.signed:
+            np.left_shift(raw, 16 - bits, out=raw)
+            np.right_shift(raw, 16 - bits, out=raw)
+        else:
+            np.bitwise_and(raw, np.uint16((1 << bits) - 1), out=raw)
     src = raw
     if geom.flip_rows:
         src = src[::-1, :]
     if geom.flip_cols:
         src = src[:, ::-1]
-    slope, intercept = s.slope, s.intercept
-    if dst.dtype == np.int16 and slope.is_integer() and intercept.is_integer():
-        m, c = int(slope), int(intercept)
-        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if head.signed else (0, (1 << bits) - 1)
-        ends = (m * lo, m * hi, m * lo + c, m * hi + c, c)
-        if bits < 16 or head.signed:
-            if min(ends) >= -32768 and max(ends) <= 32767:  # exact in int16: one or two passes
-                s16 = src.view(np.int16)
-                if m == 1:
-                    np.add(s16, np.int16(c), out=dst)
-                else:
-                    np.multiply(s16, np.int16(m), out=dst)
-                    if c:
-                        np.add(dst, np.int16(c), out=dst)
-                return
+    if exact16:  # exact in int16: one or two passes (none for the identity read in place)
+        s16 = src.view(np.int16)
+        if m == 1:
+            if c or not in_place:
+                np.add(s16, np.int16(c), out=dst)
+        else:
+            np.multiply(s16, np.int16(m), out=dst)
+            if c:
+                np.add(dst, np.int16(c), out=dst)
+        return
+    if integral:
         wide = src.astype(np.int64 if max(abs(e) for e in ends) >= 2**31 else np.int32)
         if m != 1:
             np.multiply(wide, m, out=wide)
@@ -236,6 +239,22 @@ def read_native(path: str, head: ScannedHeader, s: SliceRef, geom: Geometry, dst
         dst[...] = wide
         return
     store_hu(src, slope, intercept, dst)
+
+
+def _read_into(path: str, offset: int, out: np.ndarray) -> None:
+    """Fill the contiguous array ``out`` with the file's bytes from ``offset`` (positioned reads: no file
+    object, no seek; the read releases the GIL)."""
+    view = memoryview(out.data).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < view.nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if not n:
+                raise VolumeError(f"{path}: pixel data ends early")
+            got += n
+    finally:
+        os.close(fd)
 
 
 def store_hu(frame: np.ndarray, slope: float, intercept: float, dst: np.ndarray) -> None:
