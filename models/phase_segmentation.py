@@ -41,7 +41,7 @@ from models.engine import (
 from models.post.qa import QAParams
 from models.post.temporal import TemporalParams
 from models.structures import StructureSpec
-from models.threshold import threshold_body
+from models.threshold import ScratchPool, threshold_body
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class PhaseSegmentation:
             raise ValueError("slices_per_call must be >= 1")
         self.spacing = (float(self.spacing[0]), float(self.spacing[1]), float(self.spacing[2]))
         self._lock = threading.Lock()  # busy-time sums from several threads
+        self._scratch = ScratchPool()  # the thresholds' temporaries, reused from phase to phase
         self._sam = [s for s in self.structures if s.method == "sam3"]
         self._thresholds = [s for s in self.structures if s.method == "threshold"]
         self._prompts = _prompt_thresholds(self._sam)
@@ -149,7 +150,8 @@ class PhaseSegmentation:
             assert spec.hu_range is not None
             # an unsplit structure is computed straight into its slot of the study's mask
             into = None if spec.split_laterality else self.masks[spec.name][p]
-            whole[spec.name] = threshold_body(phase, self.spacing, spec.hu_range, out=into)
+            whole[spec.name] = threshold_body(phase, self.spacing, spec.hu_range, out=into,
+                                              scratch=self._scratch)
         default_body: list[np.ndarray] = []  # threshold_body at its defaults, computed at most once
 
         def midline(external: str | None) -> float:
@@ -157,7 +159,7 @@ class PhaseSegmentation:
                 body = whole[external]
             else:
                 if not default_body:
-                    default_body.append(np.asarray(threshold_body(phase, self.spacing), dtype=bool))
+                    default_body.append(threshold_body(phase, self.spacing, scratch=self._scratch))
                 body = default_body[0]
             return float(body_midlines(body[None])[0])
 
