@@ -5,7 +5,7 @@ Per phase, in this order (:func:`models.phase_overlap.run_phases` drives it, thr
 1. :meth:`PhaseSegmentation.segment` (the segmenter's thread): the slices SAM 3 should see
    (:func:`models.engine.prompt_slices`), then ``segmenter.predict`` chunk by chunk, binarised at 0.5 into
    one unsplit bool (Z, Y, X) mask per prompt. Only the ``predict`` calls count as the segmenter's busy time.
-2. :meth:`PhaseSegmentation.settle` (a CPU thread): threshold structures
+2. :meth:`PhaseSegmentation.settle` (CPU threads, one phase each): threshold structures
    (:func:`models.threshold.threshold_body`), the body midline, the laterality split of threshold and SAM 3
    masks, all written into the study's preallocated (P, Z, Y, X) masks.
 3. After the last phase, :meth:`PhaseSegmentation.finish`: the cross-phase work (temporal filter,
