@@ -27,8 +27,15 @@ Measured 2026-11-30 on the shared 2-core machine (load average 4-6 from other en
   the External by threshold still runs): peak RSS of the inference worker 2,178 MiB (the int16 volume is
   750 MiB); processing 9.47 s, overlap wall 6.14 s ~= phase CPU 6.05 s (the thresholds are the slowest stage
   without a model; the reads, 1.56 s, hide behind them), filter 0.33 s, RTSTRUCT 0.63 s; naive read 2.89 s;
-  overhead ratio 3.28. Two settling threads gave the same wall time (9.90 s, ratio 3.24): the two cores are
-  already busy.
+  overhead ratio 3.28. Two settling threads gave the same wall time then (9.90 s, ratio 3.24); they are the
+  default since issue 14 (below: back-to-back runs, overlap wall 2.99 s with two vs 5.37 s with one).
+* ``--rows 512 --slices 120 --sam3 none``, issue 14 (threshold temporaries reused, two settling threads,
+  pixels read in place, QA report slices from projections), alternated with the code before it, 8 runs each
+  (load average 1.3-4.5 from other work): processing median 3.40 s (3.09-5.60) vs 6.08 s (4.63-10.08);
+  overlap wall 2.52 s vs 4.25 s; rest (header scan, report slices) 0.41 s vs 1.35 s; filter 0.13 s and
+  RTSTRUCT 0.30 s unchanged. The naive read of the same run varied from 0.79 to 2.24 s, and the ratio with
+  it: median 3.72 (2.35-4.12) vs 5.21 (3.45-6.11). The threshold is ~0.14 s of CPU per phase on a quiet
+  machine (two ndimage.label passes are most of it), so the overlap needs ~0.7 s of two free cores.
 
     .venv/bin/python -m bench.e2e [--rows 256] [--slices 100] [--phases 10] [--sam3 tiny|none|DIR]
 """
@@ -325,6 +332,11 @@ def main() -> int:
         for s in WORK_STAGES:
             if s in timings:
                 print(f"  {s:<16}{float(timings[s]):>10.2f}")
+        parts = ("overlap_wall", "filter", "rtstruct")
+        if "processing" in timings and all(k in timings for k in parts):
+            rest = float(timings["processing"]) - sum(float(timings[k]) for k in parts)
+            print(f"  {'rest':<16}{rest:>10.2f}  (processing - {' - '.join(parts)}: header scan, "
+                  "QA report slices)")
         naive = naive_read(series.all_files())
         ratio = overhead_ratio(timings, naive) if "processing" in timings else float("nan")
         print(f"naive pydicom read + decode of the {n_files} files: {naive:.2f} s (this process, one thread)")

@@ -1,11 +1,11 @@
 """Drive a :class:`models.phase_segmentation.PhaseSegmentation` so that its stages overlap across phases.
 
-Three threads, joined by queues of one item: a feeder pulls phases from the caller's iterator (the worker's
+Threads joined by queues of one item: a feeder pulls phases from the caller's iterator (the worker's
 reads a phase from DICOM into its slot of the 4D array when asked), this thread runs the segmenter (the GPU
-in production), and a CPU thread settles the phase before (thresholds, midline, side split). While the
-segmenter works on phase k, phase k+1 is being read and phase k-1 settled. At most one phase waits between
-two stages, so SAM 3's unsplit masks of at most three phases exist at once beside the study's arrays. The
-heavy parts (file reads, numpy, scipy, torch) release the GIL.
+in production), and two CPU threads settle the phases before (thresholds, midline, side split). While the
+segmenter works on phase k, phase k+1 is being read and phases k-1 and k-2 settled. At most one phase waits
+between two stages, so SAM 3's unsplit masks of at most four phases exist at once beside the study's arrays.
+The heavy parts (file reads, numpy, scipy, torch) release the GIL.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import numpy as np
 from models.phase_segmentation import PhaseSegmentation, SamPhase
 
 _POLL_S = 0.2  # how often a blocked thread looks whether another one failed
+#: threads settling phases (PhaseSegmentation.settle writes only its own phase's slots): without a model,
+#: or with a fast one, the External threshold is the slowest stage and one thread of it leaves a core idle
+SETTLERS = 2
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,14 @@ class _Failed(Exception):
 
 
 def run_phases(seg: PhaseSegmentation, phases: Iterable[tuple[int, np.ndarray]], *,
-               overlap: bool = True) -> OverlapTimes:
-    """Segment and settle every ``(phase index, (Z, Y, X) HU)`` that ``phases`` yields.
+               overlap: bool = True, settlers: int = SETTLERS) -> OverlapTimes:
+    """Segment and settle every ``(phase index, (Z, Y, X) HU)`` that ``phases`` yields, phases settled on
+    ``settlers`` threads.
 
     ``overlap=False`` runs the same calls one after the other (the reference the threaded run must equal).
     """
+    if settlers < 1:
+        raise ValueError(f"settlers must be >= 1, got {settlers}")
     t0 = time.perf_counter()
     feed = [0.0]
     it = iter(phases)
@@ -110,10 +116,11 @@ def run_phases(seg: PhaseSegmentation, phases: Iterable[tuple[int, np.ndarray]],
         while (item := get(to_segment)) is not None:
             p, phase = item
             put(to_settle, (phase, seg.segment(p, phase)))
-        put(to_settle, None)
+        for _ in range(settlers):
+            put(to_settle, None)
 
     threads = [threading.Thread(target=guarded(fn), name=f"phase-{name}", daemon=True)
-               for name, fn in (("feed", feeder), ("settle", settler))]
+               for name, fn in (("feed", feeder), *((f"settle-{i}", settler) for i in range(settlers)))]
     for t in threads:
         t.start()
     try:

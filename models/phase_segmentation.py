@@ -5,7 +5,7 @@ Per phase, in this order (:func:`models.phase_overlap.run_phases` drives it, thr
 1. :meth:`PhaseSegmentation.segment` (the segmenter's thread): the slices SAM 3 should see
    (:func:`models.engine.prompt_slices`), then ``segmenter.predict`` chunk by chunk, binarised at 0.5 into
    one unsplit bool (Z, Y, X) mask per prompt. Only the ``predict`` calls count as the segmenter's busy time.
-2. :meth:`PhaseSegmentation.settle` (a CPU thread): threshold structures
+2. :meth:`PhaseSegmentation.settle` (CPU threads, one phase each): threshold structures
    (:func:`models.threshold.threshold_body`), the body midline, the laterality split of threshold and SAM 3
    masks, all written into the study's preallocated (P, Z, Y, X) masks.
 3. After the last phase, :meth:`PhaseSegmentation.finish`: the cross-phase work (temporal filter,
@@ -41,7 +41,7 @@ from models.engine import (
 from models.post.qa import QAParams
 from models.post.temporal import TemporalParams
 from models.structures import StructureSpec
-from models.threshold import threshold_body
+from models.threshold import ScratchPool, threshold_body
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class PhaseSegmentation:
             raise ValueError("slices_per_call must be >= 1")
         self.spacing = (float(self.spacing[0]), float(self.spacing[1]), float(self.spacing[2]))
         self._lock = threading.Lock()  # busy-time sums from several threads
+        self._scratch = ScratchPool()  # the thresholds' temporaries, reused from phase to phase
         self._sam = [s for s in self.structures if s.method == "sam3"]
         self._thresholds = [s for s in self.structures if s.method == "threshold"]
         self._prompts = _prompt_thresholds(self._sam)
@@ -147,7 +148,10 @@ class PhaseSegmentation:
         whole: dict[str, np.ndarray] = {}
         for spec in self._thresholds:
             assert spec.hu_range is not None
-            whole[spec.name] = np.asarray(threshold_body(phase, self.spacing, spec.hu_range), dtype=bool)
+            # an unsplit structure is computed straight into its slot of the study's mask
+            into = None if spec.split_laterality else self.masks[spec.name][p]
+            whole[spec.name] = threshold_body(phase, self.spacing, spec.hu_range, out=into,
+                                              scratch=self._scratch)
         default_body: list[np.ndarray] = []  # threshold_body at its defaults, computed at most once
 
         def midline(external: str | None) -> float:
@@ -155,7 +159,7 @@ class PhaseSegmentation:
                 body = whole[external]
             else:
                 if not default_body:
-                    default_body.append(np.asarray(threshold_body(phase, self.spacing), dtype=bool))
+                    default_body.append(threshold_body(phase, self.spacing, scratch=self._scratch))
                 body = default_body[0]
             return float(body_midlines(body[None])[0])
 
@@ -166,8 +170,7 @@ class PhaseSegmentation:
             if spec.split_laterality:
                 left, right = split_sides(whole[spec.name], mid)
                 self.masks[f"{spec.name}_L"][p], self.masks[f"{spec.name}_R"][p] = left, right
-            else:
-                self.masks[spec.name][p] = whole[spec.name]
+            # else: already in self.masks[spec.name][p]
         if sam.masks is not None:
             if any(s.split_laterality for s in self._sam):  # an External that is split is not a midline
                 unsplit = [s.name for s in externals if not s.split_laterality]

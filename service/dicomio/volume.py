@@ -205,12 +205,18 @@ class PhaseReader:
         geom, slices = self._plans[p]
         hdrs = self._heads[p]
         assert hdrs is not None
-        jobs: list[Callable[[], None]] = [
-            functools.partial(read_native, names[s.file_index], hdrs[s.file_index], s, geom, self.hu[p, k])
-            for k, s in enumerate(slices)
-        ]
-        _run_parallel(jobs, self.workers)
-        return self.hu[p]
+        out = self.hu[p]
+
+        def read_slices(ks: range) -> None:
+            for k in ks:
+                s = slices[k]
+                read_native(names[s.file_index], hdrs[s.file_index], s, geom, out[k])
+
+        # one job per thread, each a contiguous run of slices: no future per slice
+        n = min(self.workers or default_workers(), len(slices))
+        runs = [range(len(slices) * i // n, len(slices) * (i + 1) // n) for i in range(n)]
+        _run_parallel([functools.partial(read_slices, ks) for ks in runs], self.workers)
+        return out
 
 
 def _plan_pydicom(names: Sequence[str]) -> tuple[Geometry, list[SliceRef]]:

@@ -88,3 +88,21 @@ def test_the_first_error_reaches_the_caller(where: str, overlap: bool) -> None:
         run_phases(rec, phases(), overlap=overlap)  # type: ignore[arg-type]
     assert threading.active_count() == before
     assert ("segment", 5) not in rec.calls
+
+
+def test_two_phases_settle_at_the_same_time() -> None:
+    rec = Recorder()
+    started = [threading.Event() for _ in range(4)]
+    overlapped: list[int] = []
+
+    def on_settle(p: int) -> None:  # phase 0's settle waits for phase 1's to start: one settler would hang
+        started[p].set()
+        if p == 0 and started[1].wait(WAIT_S):
+            overlapped.append(p)
+
+    rec.on_settle = on_settle
+    run_phases(rec, array_phases(np.zeros((4, 2, 2, 2))))  # type: ignore[arg-type]
+    assert overlapped == [0]
+    assert sorted(c for c in rec.calls if c[0] == "settle") == [("settle", p) for p in range(4)]
+    with pytest.raises(ValueError, match="settlers"):
+        run_phases(rec, array_phases(np.zeros((1, 2, 2, 2))), settlers=0)  # type: ignore[arg-type]
