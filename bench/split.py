@@ -145,15 +145,13 @@ def main() -> int:
     from itvnode.commands.phantom import write_phantom
     from models.phantom_spec import PhantomSpec
     from models.sam3.tiny import write_tiny_model
-    from service.structure_settings import default_structures
+    from tests.support.tiny_runs import every_score_structures
 
     work = Path(tempfile.mkdtemp(prefix="itvnode-bench-split-"))
     series = write_phantom(work / "phantom", PhantomSpec.sized(args.rows, args.slices, n_phases=args.phases))
     sam3_dir = write_tiny_model(work / "tiny-sam3", image_size=args.image_size)
     config = work / "itvnode.yaml"
-    keep_all = [s.model_dump() | ({"score_threshold": 0.0} if s.method == "sam3" else {})
-                for s in default_structures()]
-    config.write_text(json.dumps({"structures": keep_all}))
+    config.write_text(json.dumps({"structures": every_score_structures()}))
     broker = _redis_url()
     print(f"phantom: {args.phases} phases x {args.slices} slices x {args.rows}^2 px; tiny SAM 3 on the CPU, "
           f"one thread per worker; broker: {broker or 'embedded (SQLite)'}; {os.cpu_count()} cores, load "

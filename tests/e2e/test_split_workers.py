@@ -37,12 +37,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 def _config_file(tmp: Path) -> Path:
     """The default structures with every SAM 3 score kept."""
-    from service.structure_settings import default_structures
+    from tests.support.tiny_runs import every_score_structures
 
-    structures = [s.model_dump() | ({"score_threshold": 0.0} if s.method == "sam3" else {})
-                  for s in default_structures()]
     path = tmp / "itvnode.yaml"
-    path.write_text(json.dumps({"structures": structures}))  # JSON is YAML
+    path.write_text(json.dumps({"structures": every_score_structures()}))  # JSON is YAML
     return path
 
 

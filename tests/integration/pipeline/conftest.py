@@ -38,3 +38,11 @@ def assembled(tmp_path: Path, phantom_dicom_factory: Callable[..., Any]) -> tupl
     data_dir = tmp_path / "data"
     key = assemble(data_dir, series.all_files(), expected_phases=len(series.phases))
     return data_dir, key, series
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    """The random-init tiny SAM 3 as the worker holds it (tests.support.tiny_runs)."""
+    from tests.support.tiny_runs import tiny_segmenter
+
+    return tiny_segmenter()

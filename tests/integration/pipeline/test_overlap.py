@@ -4,8 +4,6 @@ the phantom with the tiny random SAM 3 and with threshold-only structures; and r
 
 from __future__ import annotations
 
-import dataclasses
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +11,9 @@ import numpy as np
 import pytest
 
 from service.dicomio import rtstruct
-from service.settings import load_settings
 from service.store.manifest import load_manifest, manifest_path
-from worker.engine_settings import EngineConfig, LoadedSegmenter, engine_config
+from tests.support.tiny_runs import FixedNow, tiny_config
+from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.result_files import write_results
 from worker.segmentation import rtstruct_algorithm, segment_overlapped, segment_sequential
 from worker.stages import Stages
@@ -24,25 +22,10 @@ NO_SAM3 = LoadedSegmenter(None, "SAM 3 unavailable: no SAM 3 model directory con
 BUSY = {"load", "phase_cpu", "segmenter", "inference", "filter", "overlap_wall", "segmenter_idle"}
 
 
-def _config() -> EngineConfig:
-    config = engine_config(load_settings(sam3_dir=None, adapter_dir=None))
-    # every score kept: the random tiny model then paints masks, so that the comparison means something
-    structures = tuple(dataclasses.replace(s, score_threshold=0.0) if s.method == "sam3" else s
-                       for s in config.structures)
-    return dataclasses.replace(config, structures=structures)
 
 
-@pytest.fixture(scope="module")
-def tiny() -> LoadedSegmenter:
-    from models.sam3.tiny import build_tiny_segmenter
-
-    return LoadedSegmenter(build_tiny_segmenter(seed=0), version_info={"model": "SAM 3 tiny", "version": "0"})
 
 
-class _FixedNow(datetime):
-    @classmethod
-    def now(cls, tz: Any = None) -> _FixedNow:  # type: ignore[override]
-        return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
 
 
 def _rtstruct_bytes(data_dir: Path, key: str, m: Any, config: EngineConfig, seg: LoadedSegmenter,
@@ -60,7 +43,7 @@ def test_overlapped_equals_sequential(assembled: tuple[Path, str, Any], which: s
     data_dir, key, _ = assembled
     seg = request.getfixturevalue("tiny") if which == "tiny" else NO_SAM3
     m = load_manifest(manifest_path(data_dir, key))
-    config = _config()
+    config = tiny_config()
     stages = Stages(key)
     over = segment_overlapped(key, data_dir, m, config, seg, stages)
     seq = segment_sequential(key, data_dir, m, config, seg, Stages(key))
@@ -81,7 +64,7 @@ def test_overlapped_equals_sequential(assembled: tuple[Path, str, Any], which: s
     if over[4] is not None:
         assert np.array_equal(over[4][1], seq[4][1])
 
-    monkeypatch.setattr(rtstruct, "datetime", _FixedNow)  # creation date and time: the only clock read
+    monkeypatch.setattr(rtstruct, "datetime", FixedNow)  # creation date and time: the only clock read
     files_o = _rtstruct_bytes(data_dir, key, m, config, seg, over)
     files_s = _rtstruct_bytes(data_dir, key, m, config, seg, seq)
     assert files_o and files_o == files_s  # byte-identical RTSTRUCT

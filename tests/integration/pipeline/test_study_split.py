@@ -6,9 +6,7 @@ workers, is in tests/e2e/test_split_workers.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +14,10 @@ import pytest
 
 from service.dicomio import rtstruct
 from service.ops.status import format_detail, study_detail
-from service.settings import load_settings
 from service.store.layout import DataLayout
 from service.store.manifest import load_manifest, manifest_path
-from worker.engine_settings import EngineConfig, LoadedSegmenter, engine_config
+from tests.support.tiny_runs import FixedNow, tiny_config
+from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.pipeline import process_study
 from worker.split_plan import Split, plan_groups
 from worker.study_split import SUPERSEDED, finish_study, segment_group
@@ -27,24 +25,10 @@ from worker.study_split import SUPERSEDED, finish_study, segment_group
 pytestmark = pytest.mark.timeout(300)
 
 
-def _config() -> EngineConfig:
-    config = engine_config(load_settings(sam3_dir=None, adapter_dir=None))
-    structures = tuple(dataclasses.replace(s, score_threshold=0.0) if s.method == "sam3" else s
-                       for s in config.structures)
-    return dataclasses.replace(config, structures=structures)
 
 
-@pytest.fixture(scope="module")
-def tiny() -> LoadedSegmenter:
-    from models.sam3.tiny import build_tiny_segmenter
-
-    return LoadedSegmenter(build_tiny_segmenter(seed=0), version_info={"model": "SAM 3 tiny", "version": "0"})
 
 
-class _FixedNow(datetime):
-    @classmethod
-    def now(cls, tz: Any = None) -> _FixedNow:  # type: ignore[override]
-        return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
 
 
 def _results(data_dir: Path, key: str) -> dict[str, bytes]:
@@ -75,10 +59,10 @@ def unsplit(assembled: tuple[Path, str, Any], tiny: LoadedSegmenter, tmp_path: P
             monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, dict[str, bytes]]:
     """A copy of the assembled study to split, and the unsplit run's result files (creation time fixed)."""
     data_dir, key, _ = assembled
-    monkeypatch.setattr(rtstruct, "datetime", _FixedNow)
+    monkeypatch.setattr(rtstruct, "datetime", FixedNow)
     copy = tmp_path / "split"
     shutil.copytree(data_dir, copy)
-    out = process_study(key, data_dir, _config(), tiny, [], task_id="unsplit")
+    out = process_study(key, data_dir, tiny_config(), tiny, [], task_id="unsplit")
     assert out.state == "done"
     return copy, key, _results(data_dir, key)
 
@@ -96,7 +80,7 @@ def test_plan_groups_is_contiguous_and_balanced() -> None:
 def test_split_equals_unsplit_in_any_order_and_redelivery_is_free(
         unsplit: tuple[Path, str, dict[str, bytes]], tiny: LoadedSegmenter) -> None:
     data_dir, key, expected = unsplit
-    config = _config()
+    config = tiny_config()
     run, groups = _start_split(data_dir, key, config, tiny, 2)
     assert groups == [[0, 1], [2, 3]]
     records = [segment_group(key, data_dir, config, lambda: tiny, run, g) for g in reversed(groups)]
@@ -125,7 +109,7 @@ def test_split_equals_unsplit_in_any_order_and_redelivery_is_free(
 def test_finish_computes_lost_groups_and_damaged_files(
         unsplit: tuple[Path, str, dict[str, bytes]], tiny: LoadedSegmenter) -> None:
     data_dir, key, expected = unsplit
-    config = _config()
+    config = tiny_config()
     run, groups = _start_split(data_dir, key, config, tiny, 4)
     assert groups == [[0], [1], [2], [3]]
     records = [segment_group(key, data_dir, config, lambda: tiny, run, g) for g in groups[:3]]  # 3 lost
@@ -146,7 +130,7 @@ def test_a_group_that_keeps_dying_fails_the_study_instead_of_looping(
     from worker.pipeline import MAX_INTERRUPTED
 
     data_dir, key, _ = unsplit
-    config = _config()
+    config = tiny_config()
     run, groups = _start_split(data_dir, key, config, tiny, 2)
     for _ in range(MAX_INTERRUPTED):
         assert "skipped" not in segment_group(key, data_dir, config, lambda: tiny, run, groups[0])
