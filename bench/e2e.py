@@ -36,6 +36,15 @@ Measured 2026-11-30 on the shared 2-core machine (load average 4-6 from other en
   RTSTRUCT 0.30 s unchanged. The naive read of the same run varied from 0.79 to 2.24 s, and the ratio with
   it: median 3.72 (2.35-4.12) vs 5.21 (3.45-6.11). The threshold is ~0.14 s of CPU per phase on a quiet
   machine (two ndimage.label passes are most of it), so the overlap needs ~0.7 s of two free cores.
+* Huge pages (issue 14, quiet machine, load average 0.3-1.3): numpy madvises every large array for
+  transparent huge pages, and with THP defrag at ``madvise`` first touches stalled on memory compaction.
+  Alternated, ``NUMPY_MADVISE_HUGEPAGE=1`` vs ``0``: overlap wall 2.37 / 2.22 s vs 1.29 / 1.26 s, processing
+  3.13 / 3.01 s vs 2.15 / 2.03 s, ratio 3.99 / 3.86 vs 2.80 / 2.63. ``itvnode`` now sets 0 unless the
+  environment says otherwise (itvnode/cli.py). Then, ``--slices 120``: processing 2.14 / 2.11 s (load 0.74 /
+  0.70, phase CPU 2.47 / 2.45, overlap wall 1.33 / 1.29, filter 0.11, RTSTRUCT 0.29 / 0.30, rest 0.41),
+  naive read 0.82 / 0.78 s: **overhead ratio 2.61 / 2.69**; inference worker peak RSS 1,912 / 1,917 MiB.
+  ``--slices 150`` (1,500 slices): ratio 3.61 / 2.93 (processing 3.63 / 3.03 s, naive 1.00 / 1.03 s), peak
+  RSS 2,221 / 2,219 MiB.
 
     .venv/bin/python -m bench.e2e [--rows 256] [--slices 100] [--phases 10] [--sam3 tiny|none|DIR]
 """

@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# numpy asks the kernel for transparent huge pages on every large array (MADV_HUGEPAGE). With THP defrag at
+# "madvise" (the kernel's default) the first touch of such memory may compact memory synchronously: a
+# study's 4D volume, masks and scratch arrays then stall for about a second (bench/e2e.py: the per-phase
+# section 2.2-2.4 s -> 1.3 s, docs/deploy.md). Set before anything imports numpy; an admin's value wins.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 from itvnode import __version__
 
@@ -70,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.config:
-        import os
-
         os.environ["ITVNODE_CONFIG"] = args.config
     from service.settings import SettingsError
 
