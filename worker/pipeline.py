@@ -48,15 +48,12 @@ from worker.delivery import EnqueueExport, enqueue_exports, skipped_note, to_out
 from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.report_output import write_report
 from worker.result_files import outcome_uids, results_dir
-from worker.segmentation import StudyOutcome, algorithm_record, model_record, run_engine
-from worker.split_plan import Split
+from worker.segmentation import Inputs, StudyOutcome, algorithm_record, model_record, run_engine
+from worker.split_plan import Split, current_run
 from worker.stages import PipelineError, Stages, is_transient
 from worker.study_inputs import change_manifest, not_runnable, open_study
 
 log = logging.getLogger(__name__)
-
-#: what computes a study's result (worker.segmentation.run_engine's signature)
-Engine = Callable[[str, Path, Manifest, EngineConfig, LoadedSegmenter, Stages, "str | None"], StudyOutcome]
 
 # Attempts that died mid-processing (pool process killed: OOM, segfault) before a study is failed instead of
 # being re-delivered forever (acks_late + reject_on_worker_lost re-queue the message of a lost worker).
@@ -156,7 +153,8 @@ def process_study(
 
     change_manifest(path, start)
     log.info("study %s: processing (task %s, %d phases)", study_key, task_id, len(m.phases))
-    if split is not None and groups is not None:
+    if groups is not None:
+        assert split is not None
         try:
             with stages.stage("dispatch"):
                 split.dispatch(study_key, str(task_id), groups)
@@ -166,8 +164,7 @@ def process_study(
         log.info("study %s: split into %d phase groups %s (chord run %s)", study_key, len(groups), groups,
                  task_id)
         return StudyOutcome(study_key, StudyState.PROCESSING, f"split into {len(groups)} phase groups")
-    run = Run(data_dir, study_key, path, handled, outbox, destinations, task_id, enqueue_export, uid_prefix,
-              retry)
+    run = Run(data_dir, study_key, handled, outbox, destinations, task_id, enqueue_export, uid_prefix, retry)
     return compute_and_hand_out(run, m, stages, config, segmenter)
 
 
@@ -177,7 +174,6 @@ class Run:
 
     data_dir: Path
     study_key: str
-    path: Path  # the manifest
     handled: list[str]  # task ids that already finished this study
     outbox: Outbox
     destinations: Sequence[Destination]
@@ -186,20 +182,25 @@ class Run:
     uid_prefix: str | None
     retry: ReconcilePolicy | None
 
+    @property
+    def path(self) -> Path:
+        """The study's manifest."""
+        return DataLayout(self.data_dir).manifest(self.study_key)
+
 
 def compute_and_hand_out(run: Run, m: Manifest, stages: Stages, config: EngineConfig,
                          segmenter: LoadedSegmenter | Callable[[], LoadedSegmenter], *,
-                         engine: Engine | None = None) -> StudyOutcome:
-    """The study (already ``processing``) computed by ``engine`` (default :func:`run_engine`; a split
-    study's finishing task passes its own), its result handed to the outbox, the manifest finished, the
-    exports queued and the QA report rendered. Failures are recorded (``failed``, or ``queued`` for a retry)
-    and re-raised."""
+                         inputs: Callable[..., Inputs] | None = None) -> StudyOutcome:
+    """The study (already ``processing``) computed by :func:`run_engine` (``inputs``: what reads and segments
+    its phases, see there; a split study's finishing task passes its own), its result handed to the outbox,
+    the manifest finished, the exports queued and the QA report rendered. Failures are recorded (``failed``,
+    or ``queued`` for a retry) and re-raised."""
     path, task_id, handled = run.path, run.task_id, run.handled
     data_dir, study_key = run.data_dir, run.study_key
     try:
         with stages.stage("model"):
             segmenter = segmenter() if callable(segmenter) else segmenter
-        outcome = (engine or run_engine)(study_key, data_dir, m, config, segmenter, stages, run.uid_prefix)
+        outcome = run_engine(study_key, data_dir, m, config, segmenter, stages, run.uid_prefix, inputs=inputs)
         with stages.stage("outbox"):
             item_ids = to_outbox(run.outbox, outcome.files, run.destinations, study_key)
     except BaseException as exc:  # SoftTimeLimitExceeded is a BaseException in some Celery versions
@@ -259,15 +260,18 @@ def compute_and_hand_out(run: Run, m: Manifest, stages: Stages, config: EngineCo
 
 
 def record_failure(path: Path, study_key: str, stages: Stages, exc: BaseException,
-                   retry: ReconcilePolicy | None) -> None:
+                   retry: ReconcilePolicy | None, *, run_id: str | None = None) -> None:
     """``exc`` ended the study's computation at ``stages.current``: ``failed`` with the reason, or, for a
-    transient failure with a retry policy, ``queued`` with backoff (``failed`` at the limit)."""
+    transient failure with a retry policy, ``queued`` with backoff (``failed`` at the limit). ``run_id``: a
+    split run's task (worker.study_split), which records nothing once the study has left that run."""
     reason = f"{stages.current or 'setup'}: {type(exc).__name__}: {exc}"
     if isinstance(exc, PipelineError | ValueError):
         reason = f"{stages.current or 'setup'}: {exc}"
     transient = retry is not None and is_transient(exc, stages.current)
 
     def failed(mm: Manifest) -> None:
+        if run_id is not None and current_run(mm) != run_id:
+            return
         if transient and retry is not None and mm.state == StudyState.PROCESSING:
             schedule_retry(mm, reason, retry, time.time())  # queued with backoff, or failed at the limit
         else:

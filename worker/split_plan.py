@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from service.store.state import StudyState
 
 
 def plan_groups(n_phases: int, n_groups: int) -> list[list[int]]:
@@ -41,3 +44,10 @@ class Split:
         if self.n_groups < 2 or n_phases < 2:
             return None
         return plan_groups(n_phases, self.n_groups)
+
+
+def current_run(m: Any) -> str | None:
+    """The run id of the split computation manifest ``m``'s study is in (``results.split.run``, the task id
+    of the ``itvnode.segment_study`` that split it), or None: not split, or no longer ``processing``."""
+    split = m.results.get("split") or {}
+    return str(split.get("run")) if m.state == StudyState.PROCESSING and split.get("run") else None

@@ -34,24 +34,18 @@ from service.store.layout import DataLayout
 from service.store.manifest import Manifest
 from service.store.outbox import Outbox, RetryPolicy
 from service.store.spool_index import SpoolIndexReader
-from service.store.state import StudyState
 from worker.delivery import EnqueueExport
 from worker.engine_settings import EngineConfig, LoadedSegmenter
 from worker.phase_masks import PhaseMaskStore, masks_key, remove_phase_masks
 from worker.pipeline import MAX_INTERRUPTED, Run, compute_and_hand_out, record_failure
-from worker.segmentation import Inputs, StudyOutcome, record_busy, rtstruct_algorithm, run_engine
+from worker.segmentation import Inputs, StudyOutcome, record_busy, rtstruct_algorithm
+from worker.split_plan import current_run
 from worker.stages import PipelineError, Stages
 from worker.study_inputs import change_manifest, open_phases, open_study, read_phase, read_references
 
 log = logging.getLogger(__name__)
 
 SUPERSEDED = "superseded"
-
-
-def current_run(m: Manifest) -> str | None:
-    """The run id of the split computation the study is in, or None (not split, or not ``processing``)."""
-    split = m.results.get("split") or {}
-    return str(split.get("run")) if m.state == StudyState.PROCESSING and split.get("run") else None
 
 
 def mask_store(data_dir: Path, m: Manifest, geoms: Sequence[Any], config: EngineConfig,
@@ -82,7 +76,7 @@ def segment_group(study_key: str, data_dir: Path, config: EngineConfig,
     if (started := count_start(path, run_id, f"phases {phases[0]}-{phases[-1]}")) > MAX_INTERRUPTED:
         reason = (f"phase group {list(phases)} was started {started} times without finishing (the "
                   "worker process died: out of memory?); not retried automatically")
-        record_failure(path, study_key, stages, PipelineError(reason), None)
+        record_failure(path, study_key, stages, PipelineError(reason), None, run_id=run_id)
         return {**record, "skipped": reason}
     try:
         with stages.stage("model"):
@@ -97,8 +91,7 @@ def segment_group(study_key: str, data_dir: Path, config: EngineConfig,
                 _run_local(seg, reader, todo, store)
             record["busy"] = {k: round(v, 4) for k, v in seg.busy.items()}
     except BaseException as exc:
-        if current_run(open_study(data_dir, study_key)[1]) == run_id:
-            record_failure(path, study_key, stages, exc, retry)
+        record_failure(path, study_key, stages, exc, retry, run_id=run_id)
         raise
     record.update(computed=todo, wall=round(time.perf_counter() - t0, 4), masks_key=store.key)
     log.info("study %s: phase group %s done in %.1f s (%d computed, %d found done)", study_key, list(phases),
@@ -161,37 +154,27 @@ def finish_study(study_key: str, data_dir: Path, config: EngineConfig,
     if (started := count_start(path, run_id, "finish")) > MAX_INTERRUPTED:
         reason = (f"the finishing task was started {started} times without finishing (the worker process "
                   "died: out of memory?); not retried automatically")
-        record_failure(path, study_key, Stages(study_key), PipelineError(reason), None)
+        record_failure(path, study_key, Stages(study_key), PipelineError(reason), None, run_id=run_id)
         raise PipelineError(reason)
-    done = [{k: g.get(k) for k in ("phases", "computed", "wall", "worker", "skipped")} for g in groups]
-
-    def record_groups(mm: Manifest) -> None:  # which worker did what: the dashboard and status show it
-        mm.results["split"] = {**(mm.results.get("split") or {}), "done": done}
-
-    change_manifest(path, record_groups)
     stages = Stages(study_key)
-    stages.timings.update({k: v for k, v in (m.results.get("timings") or {}).items()
-                           if k in ("receive", "quiet", "dispatch")})
+    received = m.results.get("timings") or {}
+    stages.timings.update({k: received[k] for k in ("receive", "quiet") if k in received})
     handled = list(m.results.get("task_ids") or [])
     outbox = Outbox(DataLayout(data_dir).outbox, retry_policy or RetryPolicy())
-    run = Run(data_dir, study_key, path, handled, outbox, destinations, task_id, enqueue_export, uid_prefix,
-              retry)
-
+    run = Run(data_dir, study_key, handled, outbox, destinations, task_id, enqueue_export, uid_prefix, retry)
     computed_here: list[int] = []
 
-    def record_here(mm: Manifest) -> None:
-        mm.results["split"] = {**(mm.results.get("split") or {}), "computed_here": computed_here}
+    def record_split(mm: Manifest) -> None:  # which worker did what (itvnode status KEY shows it)
+        done = [{k: g.get(k) for k in ("phases", "computed", "wall", "worker", "skipped")} for g in groups]
+        mm.results["split"] = {**(mm.results.get("split") or {}), "done": done,
+                               "computed_here": computed_here}
 
     def inputs(*args: Any) -> Inputs:
         out = _from_phase_files(*args, groups=groups, missing=computed_here)
-        change_manifest(path, record_here)  # before the result is handed out (and the study may be done)
+        change_manifest(path, record_split)  # before the result is handed out (the study may be done next)
         return out
 
-    def engine(key: str, dd: Path, mm: Manifest, cfg: EngineConfig, seg: LoadedSegmenter, st: Stages,
-               prefix: str | None) -> StudyOutcome:
-        return run_engine(key, dd, mm, cfg, seg, st, prefix, inputs=inputs)
-
-    outcome = compute_and_hand_out(run, m, stages, config, segmenter, engine=engine)
+    outcome = compute_and_hand_out(run, m, stages, config, segmenter, inputs=inputs)
     remove_phase_masks(data_dir, study_key)
     return outcome
 
@@ -221,10 +204,10 @@ def _from_phase_files(study_key: str, data_dir: Path, m: Manifest, config: Engin
     if missing:
         log.warning("study %s: phase(s) %s had no mask file from the phase groups: computed here", study_key,
                     missing)
-        from models.phase_overlap import array_phases, run_phases
+        from models.phase_overlap import run_phases
 
         with stages.stage("segment"):
-            run_phases(seg, ((p, hu) for p, hu in array_phases(reader.hu) if p in missing), overlap=True)
+            run_phases(seg, ((p, reader.hu[p]) for p in missing), overlap=True)
         del stages.timings["segment"]
     references, ref_volume = read_references(study_key, data_dir, m, geoms[0])
     with stages.stage("filter"):

@@ -69,8 +69,7 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
     log.info("task %s: segment study %s", task_id, study_key)
     cfg = engine_config(settings)
 
-    def enqueue_export(item_id: str) -> None:
-        self.app.send_task(TASK_EXPORT, args=[item_id], queue=QUEUE_EXPORT, serializer="json")
+    enqueue_export = export_enqueuer(self.app)
 
     os.environ.setdefault(BOOT_ENV, uuid.uuid4().hex)  # pool=solo/threads: no worker_init in this process
     worker_info = {"node": self.request.hostname or "", "boot": os.environ[BOOT_ENV], "pid": os.getpid()}
@@ -90,6 +89,15 @@ def segment_study(self: Any, study_key: str) -> dict[str, Any]:
         return {"study_key": study_key, "state": StudyState.FAILED, "reason": str(exc)}
     return {"study_key": study_key, "state": outcome.state, "items": outcome.item_ids,
             "skipped": outcome.skipped, "timings": outcome.timings}
+
+
+def export_enqueuer(app: Any) -> Any:
+    """``enqueue_export(item_id)``: queue ``itvnode.export_item`` for an outbox item."""
+
+    def enqueue_export(item_id: str) -> None:
+        app.send_task(TASK_EXPORT, args=[item_id], queue=QUEUE_EXPORT, serializer="json")
+
+    return enqueue_export
 
 
 def send_chord(app: Any, study_key: str, run_id: str, groups: list[list[int]]) -> None:
@@ -135,8 +143,7 @@ def finish_study(self: Any, groups: list[dict[str, Any]], study_key: str, run_id
     cfg = engine_config(settings)
     task_id = self.request.id
 
-    def enqueue_export(item_id: str) -> None:
-        self.app.send_task(TASK_EXPORT, args=[item_id], queue=QUEUE_EXPORT, serializer="json")
+    enqueue_export = export_enqueuer(self.app)
 
     log.info("task %s: finish study %s (run %s, %d groups)", task_id, study_key, run_id, len(groups))
     try:
