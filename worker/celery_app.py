@@ -17,6 +17,7 @@ Reliability settings and why:
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,28 @@ def worker_argv(app: Celery, queues: list[str], concurrency: int, *, loglevel: s
         # the SQLite transport cannot share fanout exchanges between processes (see service.intake.queue)
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     return argv
+
+
+def declare_embedded_queues(app: Celery, attempts: int = 5) -> None:
+    """Create the embedded broker's queue rows before a worker consumes.
+
+    kombu's SQLite transport creates a queue with a SELECT, then an INSERT: two workers starting at once on a
+    fresh data directory can both INSERT, and the loser dies at start-up on ``UNIQUE constraint failed:
+    kombu_queue.name``. Declaring here and retrying that race means the worker then finds the rows.
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for queue in app.conf.task_queues:
+                    queue.bind(channel).declare()
+            return
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)  # the other process's INSERT commits; the next SELECT finds its row
 
 
 def _settings_config() -> dict[str, Any]:

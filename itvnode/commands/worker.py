@@ -38,9 +38,9 @@ def model_refusal(settings: Any) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from service.intake.queue import QUEUES
+    from service.intake.queue import QUEUES, is_embedded
     from service.settings import load_settings
-    from worker.celery_app import app_from_settings, worker_argv
+    from worker.celery_app import app_from_settings, declare_embedded_queues, worker_argv
 
     settings = load_settings()
     if args.concurrency < 1:
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                            loglevel="DEBUG" if getattr(args, "verbose", False) else settings.log_level)
     except ValueError as exc:
         raise SystemExit(f"itvnode worker: {exc}") from None
+    if is_embedded(settings.broker_url):
+        declare_embedded_queues(app)
     logging.getLogger(__name__).info("starting worker: queues %s, concurrency %d, broker %s",
                                      ",".join(queues), args.concurrency,
                                      "embedded" if settings.broker_url is None else "external")
